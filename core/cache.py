@@ -1,0 +1,56 @@
+"""A bounded, thread-safe cache of engines, shared by every session of one server.
+
+Keyed by (checkpoint content digest, data set, layer, device): a replaced file gets a new digest and
+is never served stale. Bounded in entries and bytes; an evicted engine is simply rebuilt on demand.
+Engines are read-only once built, so sharing them across sessions is safe.
+"""
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from typing import Callable, Hashable
+
+from .engine import Engine
+
+
+class EngineCache:
+    def __init__(self, max_entries: int = 4, max_bytes: int = 2 * 2**30):
+        self.max_entries, self.max_bytes = max_entries, max_bytes
+        self._engines: OrderedDict[Hashable, Engine] = OrderedDict()
+        self._lock = threading.Lock()
+        self._building: dict[Hashable, threading.Lock] = {}
+
+    def get(self, key: Hashable, build: Callable[[], Engine]) -> Engine:
+        """The engine for `key`, built once even when several sessions ask at the same time."""
+        with self._lock:
+            if key in self._engines:
+                self._engines.move_to_end(key)
+                return self._engines[key]
+            key_lock = self._building.setdefault(key, threading.Lock())
+        with key_lock:
+            with self._lock:
+                if key in self._engines:
+                    return self._engines[key]
+            engine = build()
+            with self._lock:
+                self._engines[key] = engine
+                self._building.pop(key, None)
+                self._evict()
+            return engine
+
+    def lookup(self, key: Hashable) -> Engine | None:
+        """The engine if it is cached now, without building it."""
+        with self._lock:
+            if key in self._engines:
+                self._engines.move_to_end(key)
+            return self._engines.get(key)
+
+    def nbytes(self) -> int:
+        with self._lock:
+            return sum(e.cache_bytes() for e in self._engines.values())
+
+    def _evict(self) -> None:
+        # Least recently used first; the newest entry always stays, even if alone it is over budget.
+        while len(self._engines) > 1 and (len(self._engines) > self.max_entries
+                                          or sum(e.cache_bytes() for e in self._engines.values()) > self.max_bytes):
+            self._engines.popitem(last=False)

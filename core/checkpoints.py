@@ -1,0 +1,119 @@
+"""Checkpoints: load and save in safe formats only, with clear errors.
+
+Format (nanoGPT's `model_args` idea): a dict {"arch", "arch_kwargs", "state_dict", "meta"} saved by
+`torch.save` and read back with `torch.load(..., weights_only=True)`, so no file can run code.
+A plain state dict of a registered architecture is accepted too; its architecture is detected from
+the tensors' names and shapes.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import models
+
+
+class CheckpointError(ValueError):
+    """A file that cannot be used as a checkpoint; the message says why in one sentence."""
+
+
+@dataclass
+class Checkpoint:
+    arch: str
+    arch_kwargs: dict
+    state_dict: dict[str, torch.Tensor]
+    meta: dict = field(default_factory=dict)
+    digest: str = ""  # sha256 of the file's bytes: the cache key, so a replaced file is never stale
+    name: str = ""
+
+    @property
+    def spec(self) -> models.ArchSpec:
+        return models.REGISTRY[self.arch]
+
+    @property
+    def dataset(self) -> str:
+        return self.meta.get("dataset", "fashion_mnist")
+
+    def build_model(self) -> nn.Module:
+        """A fresh model in eval mode with the weights loaded; each call returns a new object."""
+        model = models.build(self.arch, **self.arch_kwargs)
+        try:
+            model.load_state_dict(self.state_dict, strict=True)
+        except RuntimeError as exc:
+            raise CheckpointError(f"The weights do not fit architecture '{self.arch}': {exc}") from None
+        return model.eval()
+
+
+def _unpickler_reason(exc: Exception) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines()]
+    return next((ln for ln in lines if "Unsupported" in ln or "WeightsUnpickler" in ln), lines[0] if lines else "")
+
+
+def _torch_load(data: bytes):
+    # torch.save writes a zip archive (or, before torch 1.6, a pickle stream starting with 0x80).
+    if not (data[:4] == b"PK\x03\x04" or data[:1] == b"\x80"):
+        raise CheckpointError("Not a PyTorch checkpoint: the file does not start like anything torch.save "
+                              "writes (is it an image, an archive or a text file?).")
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "Unsupported global" in str(exc) or "GLOBAL" in str(exc):
+            raise CheckpointError(
+                "Refused: this file holds pickled Python objects (e.g. a whole model saved with"
+                " torch.save(model)), which could run code when loaded. Save the weights instead:"
+                f" torch.save(model.state_dict(), 'model.pt'). ({_unpickler_reason(exc)})"
+            ) from None
+        raise CheckpointError(f"Not a readable PyTorch checkpoint (corrupt?): {_unpickler_reason(exc)}") from None
+    except Exception as exc:  # zip errors, truncated files
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise CheckpointError(
+            f"Not a readable PyTorch checkpoint (is it truncated?): {type(exc).__name__}: {first}".rstrip(": ")
+        ) from None
+
+
+def detect_arch(state_dict: dict[str, torch.Tensor]) -> str:
+    """The registered architecture whose default build has exactly these tensor names and shapes."""
+    shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
+    for name, spec in models.REGISTRY.items():
+        expected = {k: tuple(v.shape) for k, v in spec.builder().state_dict().items()}
+        if expected == shapes:
+            return name
+    raise CheckpointError(
+        "This state dict matches no registered architecture (registered: "
+        + ", ".join(sorted(models.REGISTRY)) + ")."
+    )
+
+
+def from_bytes(data: bytes, name: str = "") -> Checkpoint:
+    obj = _torch_load(data)
+    digest = hashlib.sha256(data).hexdigest()
+    if isinstance(obj, dict) and "state_dict" in obj and "arch" in obj:
+        arch = obj["arch"]
+        if arch not in models.REGISTRY:
+            raise CheckpointError(f"Unknown architecture '{arch}'. Registered: {', '.join(sorted(models.REGISTRY))}.")
+        ckpt = Checkpoint(arch, dict(obj.get("arch_kwargs", {})), obj["state_dict"], dict(obj.get("meta", {})),
+                          digest, name)
+    elif isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        ckpt = Checkpoint(detect_arch(obj), {}, obj, {}, digest, name)
+    else:
+        raise CheckpointError("This file holds no state dict: expected a dict of tensors or the bundled format.")
+    ckpt.build_model()  # fail now, with the shapes named, rather than later
+    return ckpt
+
+
+def load(path: str | Path) -> Checkpoint:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"No such checkpoint file: {path}")
+    return from_bytes(path.read_bytes(), name=path.stem)
+
+
+def save(path: str | Path, arch: str, arch_kwargs: dict, model: nn.Module, meta: dict) -> None:
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    torch.save({"arch": arch, "arch_kwargs": arch_kwargs, "state_dict": state, "meta": meta}, path)

@@ -1,0 +1,497 @@
+"""Activation capture, ranking, masks, exact fast evaluation, sweeps.
+
+The central idea (DESIGN.md): pruning channels of one conv changes nothing upstream of it, and
+zeroing a channel's weights and bias is the same as multiplying that output channel by 0. So the
+model is split at the conv (torch.fx), the part before it runs over the test set ONCE, and the
+accuracy for any set of pruned channels is `suffix(cached, mask)`. The loaded model is never
+mutated: the engine holds its own copy and only ever reads it.
+"""
+from __future__ import annotations
+
+import copy
+import threading
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from . import criteria
+from .readout import ReadoutCache, find_readout
+
+MODES = {
+    "zero": "Zero the conv's weights and bias of each pruned channel (what the lab reports did); "
+            "a BatchNorm after it still adds a constant.",
+    "remove": "Silence each pruned channel: the conv and its BatchNorm are zeroed, so the channel outputs 0 "
+              "(as seed 003 did).",
+}
+
+PATH_SPLIT = "fx split (prefix cached once)"
+PATH_FAST = "fx split + cumulative sum over the linear read-out (whole curve in one pass)"
+PATH_HOOK = "forward hook fallback (full pass per evaluation)"
+
+Progress = Callable[[int, int, str], None]
+
+_ACTIVATION_MODULES = (nn.ReLU, nn.LeakyReLU, nn.ReLU6, nn.ELU, nn.SELU, nn.GELU, nn.SiLU, nn.Mish,
+                       nn.Hardswish, nn.PReLU, nn.Sigmoid, nn.Tanh)
+_ACTIVATION_FUNCTIONS = {torch.relu, torch.nn.functional.relu, torch.nn.functional.leaky_relu,
+                         torch.nn.functional.relu6, torch.nn.functional.elu, torch.nn.functional.gelu,
+                         torch.nn.functional.silu, torch.sigmoid, torch.tanh}
+_ACTIVATION_METHODS = {"relu", "sigmoid", "tanh"}
+_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """`auto` takes CUDA when there is one; `cuda` without one is an error, not a silent CPU run."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for, but no CUDA device is available here.")
+    return torch.device(name)
+
+
+def predictions(logits: torch.Tensor, task: str) -> torch.Tensor:
+    if task == "binary":
+        return (logits.reshape(-1) > 0).long()
+    return logits.argmax(dim=1)
+
+
+@torch.no_grad()
+def count_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: str = "multiclass",
+                  device: torch.device | str = "cpu", batch_size: int = 1000) -> int:
+    """The plain evaluation: the whole split through the whole model."""
+    correct = 0
+    for i in range(0, len(y), batch_size):
+        logits = model(x[i:i + batch_size].to(device))
+        correct += int((predictions(logits, task).cpu() == y[i:i + batch_size]).sum())
+    return correct
+
+
+def conv_layer_names(model: nn.Module) -> list[str]:
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+
+
+def default_layer(model: nn.Module) -> str:
+    names = conv_layer_names(model)
+    if not names:
+        raise ValueError("This model has no Conv2d layer, so there are no channels to prune.")
+    return names[-1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Graph analysis: where the conv is, what follows it, where the mask goes.
+
+def _module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
+    return gm.get_submodule(node.target) if node.op == "call_module" else None
+
+
+def _is_activation(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_module":
+        return isinstance(_module(gm, node), _ACTIVATION_MODULES)
+    if node.op == "call_function":
+        return node.target in _ACTIVATION_FUNCTIONS
+    return node.op == "call_method" and node.target in _ACTIVATION_METHODS
+
+
+def _sole_user(node: fx.Node) -> fx.Node | None:
+    users = list(node.users)
+    return users[0] if len(users) == 1 else None
+
+
+@dataclass
+class ConvSite:
+    """One call of the pruned conv in the traced graph and what follows it."""
+
+    conv: fx.Node
+    batchnorm: fx.Node | None  # the BatchNorm right after it, zeroed too in `remove` mode
+    activation: fx.Node        # where the statistics are taken (the conv/BN output if no activation)
+
+
+def _conv_sites(gm: fx.GraphModule, layer: str) -> list[ConvSite]:
+    sites = []
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and node.target == layer:
+            bn = _sole_user(node)
+            if bn is None or not isinstance(_module(gm, bn), _BATCHNORMS):
+                bn = None
+            after = _sole_user(bn if bn is not None else node)
+            act = after if after is not None and _is_activation(gm, after) else (bn or node)
+            sites.append(ConvSite(node, bn, act))
+    return sites
+
+
+def _compact(root: fx.GraphModule, graph: fx.Graph) -> fx.GraphModule:
+    module = fx.GraphModule(root, graph)
+    module.graph.eliminate_dead_code()
+    module.recompile()
+    return module
+
+
+class _Split:
+    """The traced model cut at the conv: `prefix(x) -> boundary`, `suffix(*boundary, mask) -> (logits, acts)`."""
+
+    def __init__(self, model: nn.Module, layer: str):
+        gm = fx.symbolic_trace(model)
+        self.sites = _conv_sites(gm, layer)
+        if not self.sites:
+            raise ValueError(f"layer '{layer}' is not called in the traced forward pass")
+        nodes = list(gm.graph.nodes)
+        convs = {s.conv for s in self.sites}
+        affected: set[fx.Node] = set(convs)
+        for n in nodes:
+            if n.op != "output" and any(i in affected for i in n.all_input_nodes):
+                affected.add(n)
+        suffix_nodes = [n for n in nodes if n in affected and n not in convs]
+        # Everything the suffix reads from before the cut, computed once; the conv outputs first.
+        boundary = list(dict.fromkeys(
+            [s.conv for s in self.sites]
+            + [i for n in suffix_nodes + [nodes[-1]] for i in n.all_input_nodes
+               if i not in affected and i.op != "get_attr"]))
+        self.bn_name = self.sites[0].batchnorm.target if self.sites[0].batchnorm is not None else None
+        self.prefix = self._build_prefix(gm, nodes, boundary)
+        self.suffixes = {mode: self._build_suffix(gm, nodes, boundary, suffix_nodes, mode) for mode in MODES}
+
+    @staticmethod
+    def _build_prefix(gm, nodes, boundary) -> fx.GraphModule:
+        graph, env = fx.Graph(), {}
+        for n in nodes:
+            if n.op != "output":
+                env[n] = graph.node_copy(n, lambda a: env[a])
+        graph.output(tuple(env[b] for b in boundary))
+        return _compact(gm, graph)
+
+    def _build_suffix(self, gm, nodes, boundary, suffix_nodes, mode) -> fx.GraphModule:
+        graph, env = fx.Graph(), {}
+        for i, b in enumerate(boundary):
+            env[b] = graph.placeholder(f"boundary_{i}")
+        mask = graph.placeholder("mask")
+        mask_points = {(s.batchnorm if mode == "remove" and s.batchnorm is not None else s.conv) for s in self.sites}
+
+        def masked(node: fx.Node, value: fx.Node) -> fx.Node:
+            if node not in mask_points:
+                return value
+            view = graph.call_method("view", (mask, 1, -1, 1, 1))
+            return graph.call_function(torch.mul, (value, view))
+
+        for s in self.sites:
+            env[s.conv] = masked(s.conv, env[s.conv])
+        for n in nodes:
+            if n in env or n.op == "output":
+                continue
+            if n in suffix_nodes or n.op == "get_attr":
+                env[n] = masked(n, graph.node_copy(n, lambda a: env[a]))
+        logits = fx.map_arg(nodes[-1].args[0], lambda a: env[a])
+        graph.output((logits, tuple(env[s.activation] for s in self.sites)))
+        return _compact(gm, graph)
+
+
+# ---------------------------------------------------------------------------------------------
+# The engine
+
+@dataclass(frozen=True)
+class ChannelStats:
+    """Per-channel statistics of the layer's activation over the whole test set."""
+
+    mean_map: torch.Tensor      # (P, H, W) averaged feature maps
+    mean_abs_map: torch.Tensor  # (P, H, W) averaged absolute feature maps
+
+    @property
+    def channels(self) -> int:
+        return self.mean_map.shape[0]
+
+
+class Engine:
+    """Accuracies for any pruned set of one conv layer's channels, from one cached pass.
+
+    Shared read-only between sessions and threads: nothing here is mutated after `__init__`.
+    """
+
+    def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, layer: str | None = None,
+                 task: str = "multiclass", device: str | torch.device = "auto", batch_size: int = 1000,
+                 progress: Progress | None = None, fast: bool = True):
+        self.device = pick_device(device) if isinstance(device, str) else device
+        self.model = copy.deepcopy(model).eval().to(self.device)
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.layer = layer or default_layer(self.model)
+        if self.layer not in conv_layer_names(self.model):
+            raise ValueError(f"'{self.layer}' is not a Conv2d layer of this model. "
+                             f"Conv layers: {', '.join(conv_layer_names(self.model))}.")
+        self.conv: nn.Conv2d = self.model.get_submodule(self.layer)
+        self.task, self.batch_size = task, batch_size
+        self.x, self.y = x, y
+        self._hook_lock = threading.Lock()
+        self._memo_lock = threading.RLock()  # curve() calls ranking()
+        self.fast_reason = ""
+        self._readouts = {}
+        try:
+            self._split: _Split | None = _Split(self.model, self.layer)
+            self.bn_name = self._split.bn_name
+        except Exception as exc:  # data-dependent control flow etc.: fall back, and say so
+            self._split = None
+            self.fast_reason = f"torch.fx cannot trace this model ({type(exc).__name__}: {exc})"
+            self.bn_name = _following_batchnorm(self.model, self.layer)
+        if self._split is not None and fast:
+            for mode, suffix in self._split.suffixes.items():
+                readout, why = find_readout(suffix)
+                if readout is not None:
+                    self._readouts[mode] = ReadoutCache(readout, self.channels, task)
+                else:
+                    self.fast_reason = why
+        self.stats, self._cache = self._capture(progress)
+        self._rankings: dict[str, torch.Tensor] = {}
+        self._curves: dict[tuple[str, str], list[int]] = {}
+
+    @property
+    def path(self) -> str:
+        """Which evaluation path is in use, in words the UI shows."""
+        if self._split is None:
+            return PATH_HOOK
+        return PATH_FAST if len(self._readouts) == len(MODES) else PATH_SPLIT
+
+    def cache_bytes(self) -> int:
+        """Memory held by the cached pass (boundary tensors and read-out features)."""
+        held = [t for batch in self._cache for t in batch] + [t for r in self._readouts.values() for t in r.tensors()]
+        unique = {t.data_ptr(): t for t in held}  # the `on` features are shared between modes
+        return sum(t.numel() * t.element_size() for t in unique.values())
+
+    @property
+    def channels(self) -> int:
+        return self.conv.out_channels
+
+    @property
+    def total(self) -> int:
+        return len(self.y)
+
+    # -- the one pass -------------------------------------------------------------------------
+    @torch.no_grad()
+    def _capture(self, progress: Progress | None):
+        ones = torch.ones(self.channels, device=self.device)
+        sums = abs_sums = None
+        calls = 0
+        cache = []
+        batches = range(0, self.total, self.batch_size)
+        for step, i in enumerate(batches):
+            xb = self.x[i:i + self.batch_size].to(self.device)
+            if self._split is not None:
+                boundary = self._split.prefix(xb)
+                logits, acts = self._split.suffixes["zero"](*boundary, ones)
+                self._add_readout_batch(boundary, logits, self.y[i:i + self.batch_size], first=step == 0)
+                if len(self._readouts) < len(MODES):
+                    cache.append(boundary)
+            else:
+                acts = self._hooked_activations(xb)
+            for act in acts:
+                s, a = act.double().sum(0), act.double().abs().sum(0)
+                sums = s if sums is None else sums + s
+                abs_sums = a if abs_sums is None else abs_sums + a
+            calls = len(acts)
+            if progress:
+                progress(step + 1, len(batches), "capturing activations")
+        n = self.total * calls
+        stats = ChannelStats((sums / n).float().cpu(), (abs_sums / n).float().cpu())
+        return stats, cache
+
+    def _add_readout_batch(self, boundary, logits, labels, first: bool) -> None:
+        ones = torch.ones(self.channels, device=self.device)
+        zeros = torch.zeros(self.channels, device=self.device)
+        on = None  # with every channel kept the features are the same in every mode: keep one copy
+        for mode, cache in list(self._readouts.items()):
+            zone = cache.readout.zone
+            on = zone(*boundary, ones) if on is None else on
+            try:
+                cache.add_batch(on, zone(*boundary, zeros), labels)
+            except ValueError as exc:
+                del self._readouts[mode]
+                self.fast_reason = str(exc)
+                continue
+            if first and not self._readout_agrees(mode, boundary, logits):
+                del self._readouts[mode]
+                self.fast_reason = f"the read-out self-check failed for mode {mode}"
+
+    def _readout_agrees(self, mode: str, boundary, logits) -> bool:
+        """Belt and braces: on the first batch the fast path must give the suffix's own logits."""
+        cache = self._readouts[mode]
+        mask = (torch.arange(self.channels, device=self.device) % 3 != 0).float()
+        expected, _ = self._split.suffixes[mode](*boundary, mask)
+        got = cache._logits(torch.where(cache._feature_mask(mask), cache.on[0], cache.off[0]))
+        base = cache._logits(cache.on[0])
+        return torch.allclose(got, expected, rtol=1e-4, atol=1e-5) and torch.allclose(base, logits, rtol=1e-4,
+                                                                                       atol=1e-5)
+
+    # -- ranking ------------------------------------------------------------------------------
+    def ranking(self, criterion: str = "mean") -> torch.Tensor:
+        """Channel indices in pruning order (rank 0 = pruned first). Computed once per criterion."""
+        with self._memo_lock:
+            if criterion not in self._rankings:
+                self._rankings[criterion] = criteria.get(criterion).rank(self)
+            return self._rankings[criterion]
+
+    def scores(self, criterion: str = "mean") -> torch.Tensor:
+        return criteria.get(criterion).scores(self)
+
+    def mask_for(self, k: int, criterion: str = "mean") -> torch.Tensor:
+        if not 0 <= k <= self.channels:
+            raise ValueError(f"K must be between 0 and {self.channels}, got {k}.")
+        mask = torch.ones(self.channels)
+        mask[self.ranking(criterion)[:k]] = 0
+        return mask
+
+    # -- evaluation ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def correct_for_mask(self, mask: torch.Tensor, mode: str = "zero") -> int:
+        """Test images classified right with the channels where `mask == 0` pruned."""
+        if mode not in MODES:
+            raise ValueError(f"Unknown mode '{mode}'. Modes: {', '.join(MODES)}.")
+        mask = mask.to(self.device, torch.float32)
+        if mode in self._readouts:
+            return self._readouts[mode].correct(mask)
+        if self._split is None:
+            return self._hooked_correct(mask, mode)
+        suffix = self._split.suffixes[mode]
+        correct = 0
+        for boundary, i in zip(self._cache, range(0, self.total, self.batch_size)):
+            logits, _ = suffix(*boundary, mask)
+            correct += int((predictions(logits, self.task).cpu() == self.y[i:i + self.batch_size]).sum())
+        return correct
+
+    def correct(self, k: int, mode: str = "zero", criterion: str = "mean") -> int:
+        return self.correct_for_mask(self.mask_for(k, criterion), mode)
+
+    def sweep(self, ks: Iterable[int], mode: str = "zero", criterion: str = "mean",
+              progress: Progress | None = None) -> list[tuple[int, int]]:
+        """(K, correct) for each K, pruning the K lowest-ranked channels."""
+        ks = list(ks)
+        bad = [k for k in ks if not 0 <= k <= self.channels]
+        if bad:
+            raise ValueError(f"K must be between 0 and {self.channels}, got {bad[0]}.")
+        if mode in self._readouts:
+            counts = self._readouts[mode].sweep(self.ranking(criterion).to(self.device), ks)
+            if progress:
+                progress(len(ks), len(ks), f"{mode} sweep")
+            return list(zip(ks, counts))
+        out = []
+        for j, k in enumerate(ks):
+            out.append((k, self.correct(k, mode, criterion)))
+            if progress:
+                progress(j + 1, len(ks), f"{mode} sweep")
+        return out
+
+    def curve(self, mode: str = "zero", criterion: str = "mean", progress: Progress | None = None) -> list[int]:
+        """Correct counts for every K from 0 to P; computed once per (mode, criterion), then shared."""
+        key = (mode, criterion)
+        with self._memo_lock:
+            if key not in self._curves:
+                self._curves[key] = [c for _, c in self.sweep(range(self.channels + 1), mode, criterion, progress)]
+            return self._curves[key]
+
+    # -- fallback for models fx cannot trace: hooks on a private copy per call ----------------
+    def _hooked_activations(self, xb: torch.Tensor) -> list[torch.Tensor]:
+        acts: list[torch.Tensor] = []
+        model = self.model
+        target = _activation_after(model, self.layer, self.bn_name)
+        handle = target.register_forward_hook(lambda m, i, o: acts.append(o.detach()))
+        with self._hook_lock:  # the hook is on the engine's own model: one caller at a time
+            try:
+                model(xb)
+            finally:
+                handle.remove()
+        return acts
+
+    def _hooked_correct(self, mask: torch.Tensor, mode: str) -> int:
+        model = copy.deepcopy(self.model)  # hooks go on a private copy, never on the shared one
+        where = model.get_submodule(self.bn_name) if (mode == "remove" and self.bn_name) else \
+            model.get_submodule(self.layer)
+        where.register_forward_hook(lambda m, i, o: o * mask.view(1, -1, 1, 1))
+        return count_correct(model, self.x, self.y, self.task, self.device, self.batch_size)
+
+
+def _following_batchnorm(model: nn.Module, layer: str) -> str | None:
+    """Without a graph: the BatchNorm registered right after the conv, if its width matches."""
+    names = [n for n, _ in model.named_modules()]
+    mods = dict(model.named_modules())
+    i = names.index(layer)
+    nxt = names[i + 1] if i + 1 < len(names) else None
+    if nxt and isinstance(mods[nxt], _BATCHNORMS) and mods[nxt].num_features == mods[layer].out_channels:
+        return nxt
+    return None
+
+
+def _activation_after(model: nn.Module, layer: str, bn_name: str | None) -> nn.Module:
+    names = [n for n, _ in model.named_modules()]
+    mods = dict(model.named_modules())
+    anchor = bn_name or layer
+    i = names.index(anchor)
+    if i + 1 < len(names) and isinstance(mods[names[i + 1]], _ACTIVATION_MODULES):
+        return mods[names[i + 1]]
+    return mods[anchor]
+
+
+# ---------------------------------------------------------------------------------------------
+# The naive procedure of the lab reports: the reference every fast path must equal.
+
+@torch.no_grad()
+def prune_copy(model: nn.Module, layer: str, channels: Sequence[int], mode: str,
+               bn_name: str | None) -> nn.Module:
+    """A copy of the model with the channels' weights really zeroed, as the reports did."""
+    pruned = copy.deepcopy(model).eval()
+    idx = torch.as_tensor(list(channels), dtype=torch.long)
+    conv = pruned.get_submodule(layer)
+    conv.weight[idx] = 0
+    if conv.bias is not None:
+        conv.bias[idx] = 0
+    if mode == "remove" and bn_name is not None:
+        bn = pruned.get_submodule(bn_name)
+        bn.weight[idx], bn.bias[idx] = 0, 0
+        bn.running_mean[idx], bn.running_var[idx] = 0, 1
+    return pruned
+
+
+def naive_correct(engine: Engine, k: int, mode: str = "zero", criterion: str = "mean") -> int:
+    channels = engine.ranking(criterion)[:k].tolist()
+    pruned = prune_copy(engine.model, engine.layer, channels, mode, engine.bn_name)
+    return count_correct(pruned, engine.x, engine.y, engine.task, engine.device, engine.batch_size)
+
+
+def from_checkpoint(ckpt, layer: str | None = None, device: str = "auto", data_root: str | None = None,
+                    progress: Progress | None = None) -> Engine:
+    """The engine for a checkpoint on its data set's test split."""
+    from . import data
+
+    split = data.load(ckpt.dataset, train=False, data_root=data_root)
+    return Engine(ckpt.build_model(), split.x, split.y, layer=layer, task=ckpt.spec.task,
+                  device=device, progress=progress)
+
+
+@dataclass(frozen=True)
+class ConvInfo:
+    name: str
+    in_channels: int
+    out_channels: int
+    kernel_size: tuple[int, int]
+    out_shape: tuple[int, ...]  # (C, H, W) for one sample
+
+    def describe(self) -> str:
+        k = "x".join(map(str, self.kernel_size))
+        return f"{self.name}: {self.in_channels}->{self.out_channels}, {k} kernel, output {'x'.join(map(str, self.out_shape))}"
+
+
+@torch.no_grad()
+def conv_layers(model: nn.Module, input_shape: tuple[int, ...]) -> list[ConvInfo]:
+    """Every Conv2d with its output shape, from one zero sample through a private copy of the model."""
+    model = copy.deepcopy(model).eval()
+    shapes: dict[str, tuple[int, ...]] = {}
+    def record(name):
+        def hook(module, inputs, output):  # returns None, so the output is left as it is
+            shapes.setdefault(name, tuple(output.shape[1:]))
+        return hook
+
+    handles = [m.register_forward_hook(record(n)) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    try:
+        model(torch.zeros(1, *input_shape))
+    finally:
+        for h in handles:
+            h.remove()
+    return [ConvInfo(n, m.in_channels, m.out_channels, tuple(m.kernel_size), shapes.get(n, ()))
+            for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]

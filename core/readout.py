@@ -1,0 +1,225 @@
+"""The cumulative-sum fast path (DESIGN.md, point 4).
+
+When everything between the pruned conv and the first cross-channel layer works channel by
+channel (BatchNorm, activations, a residual add of the same channel, pooling, flatten) and that
+layer is linear, each feature reaching the linear layer depends on ONE channel's mask bit. It then
+takes one of two values: `on` (channel kept) or `off` (channel pruned), both computed once. The
+logits for any pruned set are `linear(where(kept, on, off))`, and for a ranked order they are a
+cumulative sum of per-channel contributions: the whole curve costs milliseconds.
+
+This module only decides whether a traced suffix has that shape and cuts it into
+`zone` (boundary, mask -> linear input), the linear layer, and `tail` (linear output -> logits).
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+_PER_CHANNEL_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.ReLU, nn.LeakyReLU, nn.ReLU6, nn.ELU,
+                        nn.SELU, nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish, nn.PReLU, nn.Sigmoid, nn.Tanh,
+                        nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d,
+                        nn.Dropout, nn.Dropout2d, nn.Identity)
+_ELEMENTWISE_FUNCTIONS = {operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub,
+                          torch.mul, torch.div, torch.relu, torch.sigmoid, torch.tanh, F.relu, F.leaky_relu,
+                          F.relu6, F.elu, F.gelu, F.silu, F.dropout, F.max_pool2d, F.avg_pool2d,
+                          F.adaptive_avg_pool2d, F.adaptive_max_pool2d}
+_ELEMENTWISE_METHODS = {"relu", "sigmoid", "tanh", "size", "contiguous", "add", "sub", "mul", "div"}
+
+
+@dataclass
+class Readout:
+    zone: fx.GraphModule           # (*boundary, mask) -> features (N, F) entering the linear layer
+    linear: nn.Linear
+    tail: fx.GraphModule | None    # linear output -> logits; None when they are the same
+
+
+def _spatial_dims(dims) -> bool:
+    dims = dims if isinstance(dims, (tuple, list)) else (dims,)
+    return all(isinstance(d, int) and (d >= 2 or d in (-1, -2)) for d in dims)
+
+
+def _flattens_channels_last(node: fx.Node) -> bool:
+    """flatten(x, 1) or x.view(x.size(0), -1): channel-major blocks of features, one block per channel."""
+    if node.op == "call_function" and node.target is torch.flatten:
+        return (node.args[1:2] or [node.kwargs.get("start_dim", 0)])[0] == 1
+    if node.op == "call_method" and node.target == "flatten":
+        return (node.args[1:2] or [node.kwargs.get("start_dim", 0)])[0] == 1
+    if node.op == "call_method" and node.target in ("view", "reshape"):
+        return len(node.args) == 3 and node.args[2] == -1
+    return False
+
+
+def _is_per_channel(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        if isinstance(module, nn.Flatten):
+            return module.start_dim == 1
+        return isinstance(module, _PER_CHANNEL_MODULES)
+    if node.op == "call_function":
+        return node.target in _ELEMENTWISE_FUNCTIONS or _flattens_channels_last(node)
+    if node.op == "call_method":
+        if node.target in ("mean", "amax", "sum"):
+            return _spatial_dims(node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0))
+        return node.target in _ELEMENTWISE_METHODS or _flattens_channels_last(node)
+    return False
+
+
+def _is_linear(gm: fx.GraphModule, node: fx.Node) -> bool:
+    return node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.Linear)
+
+
+def find_readout(suffix: fx.GraphModule) -> tuple[Readout | None, str]:
+    """The suffix cut at its first linear layer, or None and the reason the fast path does not apply."""
+    nodes = list(suffix.graph.nodes)
+    mask = next(n for n in nodes if n.op == "placeholder" and n.target == "mask")
+    output = nodes[-1]
+    affected = {mask}
+    for n in nodes:
+        if n.op != "output" and any(i in affected for i in n.all_input_nodes):
+            affected.add(n)
+    linear, zone, tail = None, set(), []
+    for n in nodes:
+        if n not in affected or n is mask or n.op == "output":
+            continue
+        if linear is None:
+            if _is_linear(suffix, n):
+                linear = n
+            elif _is_per_channel(suffix, n) or n.args[:1] == (mask,):  # the mask's own view
+                zone.add(n)
+            else:
+                return None, f"'{n.name}' ({n.op} {n.target}) mixes channels before any linear layer"
+        else:
+            if any(i in zone or (i.op == "placeholder") for i in n.all_input_nodes):
+                return None, f"'{n.name}' after the linear layer reads the pruned layer directly"
+            tail.append(n)
+    if linear is None:
+        return None, "no linear layer after the pruned conv"
+    if linear.args[0] not in zone:
+        return None, "the linear layer does not read the pruned channels"
+    logits = output.args[0][0]
+    if logits is not linear and logits not in tail:
+        return None, "the logits do not come from the linear layer"
+    return Readout(_zone(suffix, nodes, linear.args[0]), suffix.get_submodule(linear.target),
+                   _tail(suffix, linear, tail, logits)), ""
+
+
+def _zone(suffix: fx.GraphModule, nodes: list[fx.Node], features: fx.Node) -> fx.GraphModule:
+    graph, env = fx.Graph(), {}
+    for n in nodes:
+        if n.op == "output":
+            break
+        env[n] = graph.node_copy(n, lambda a: env[a])
+    graph.output(env[features])
+    module = fx.GraphModule(suffix, graph)
+    module.graph.eliminate_dead_code()
+    module.recompile()
+    return module
+
+
+def _tail(suffix: fx.GraphModule, linear: fx.Node, tail: list[fx.Node], logits: fx.Node) -> fx.GraphModule | None:
+    if logits is linear:
+        return None
+    graph = fx.Graph()
+    env = {linear: graph.placeholder("linear_out")}
+
+    def arg(a: fx.Node) -> fx.Node:
+        if a not in env:  # parameters and constants the tail reads
+            env[a] = graph.node_copy(a, arg)
+        return env[a]
+
+    for n in tail:
+        env[n] = graph.node_copy(n, arg)
+    graph.output(env[logits])
+    module = fx.GraphModule(suffix, graph)
+    module.graph.eliminate_dead_code()
+    module.recompile()
+    return module
+
+
+class ReadoutCache:
+    """The `on`/`off` features of every test image for one pruning mode, and exact answers from them.
+
+    `correct(mask)` computes `linear(where(kept, on, off))` batch by batch: the very numbers the
+    naive procedure computes. `sweep(order, ks)` adds per-channel contributions in float64 in ranked
+    order; any image whose top-two margin is within rounding distance is recomputed exactly, so the
+    counts equal the naive procedure's to the last image.
+    """
+
+    TIE_TOLERANCE = 1e-4  # relative to the logits' size; float32 rounding is ~1e-6
+
+    def __init__(self, readout: Readout, channels: int, task: str):
+        self.readout, self.channels, self.task = readout, channels, task
+        self.on: list[torch.Tensor] = []
+        self.off: list[torch.Tensor] = []
+        self.labels: list[torch.Tensor] = []
+
+    def add_batch(self, on: torch.Tensor, off: torch.Tensor, labels: torch.Tensor) -> None:
+        if on.dim() != 2 or on.shape[1] % self.channels:
+            raise ValueError(f"features of shape {tuple(on.shape)} do not split into {self.channels} channels")
+        self.on.append(on)
+        self.off.append(off)
+        self.labels.append(labels.to(on.device))
+
+    @property
+    def per_channel(self) -> int:
+        return self.on[0].shape[1] // self.channels
+
+    def tensors(self) -> list[torch.Tensor]:
+        return self.on + self.off + self.labels
+
+    def _logits(self, features: torch.Tensor) -> torch.Tensor:
+        out = self.readout.linear(features)
+        return self.readout.tail(out) if self.readout.tail is not None else out
+
+    def _predict(self, logits: torch.Tensor) -> torch.Tensor:
+        return (logits.reshape(-1) > 0).long() if self.task == "binary" else logits.argmax(1)
+
+    def _feature_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        return mask.to(self.on[0].device).bool().repeat_interleave(self.per_channel)
+
+    @torch.no_grad()
+    def correct(self, mask: torch.Tensor) -> int:
+        keep = self._feature_mask(mask)
+        return sum(int((self._predict(self._logits(torch.where(keep, on, off))) == y).sum())
+                   for on, off, y in zip(self.on, self.off, self.labels))
+
+    @torch.no_grad()
+    def sweep(self, order: torch.Tensor, ks: list[int]) -> list[int]:
+        """Correct counts for pruning the first K channels of `order`, for each K in `ks`."""
+        p, s = self.channels, self.per_channel
+        ks_t = torch.as_tensor(ks, device=self.on[0].device)
+        counts = torch.zeros(len(ks), dtype=torch.long)
+        weight = self.readout.linear.weight.double().view(-1, p, s)[:, order]           # (out, P, S)
+        for on, off, y in zip(self.on, self.off, self.labels):
+            base = self.readout.linear(on).double()                                      # K = 0, exactly
+            delta = (off - on).double().view(len(y), p, s)[:, order]                    # (n, P, S)
+            cum = torch.einsum("nps,ops->pno", delta, weight).cumsum(0)                 # (P, n, out)
+            out = base + torch.cat([torch.zeros_like(base)[None], cum])[ks_t]           # (len(ks), n, out)
+            if self.readout.tail is not None:
+                out = self.readout.tail(out.float().flatten(0, 1)).double().view(len(ks), len(y), -1)
+            right = self._predict(out.flatten(0, 1)).view(len(ks), len(y)) == y
+            for j, i in self._near_ties(out).tolist():
+                right[j, i] = self._exact_one(on[i:i + 1], off[i:i + 1], order[:ks[j]]) == y[i]
+            counts += right.sum(1).cpu()
+        return counts.tolist()
+
+    def _near_ties(self, logits: torch.Tensor) -> torch.Tensor:
+        """(k index, image) pairs whose prediction float rounding could flip."""
+        scale = 1 + logits.abs().amax(-1)
+        if self.task == "binary" or logits.shape[-1] == 1:
+            margin = logits.abs().amin(-1)
+        else:
+            top2 = logits.topk(2, dim=-1).values
+            margin = top2[..., 0] - top2[..., 1]
+        return torch.nonzero(margin < self.TIE_TOLERANCE * scale)
+
+    def _exact_one(self, on: torch.Tensor, off: torch.Tensor, pruned: torch.Tensor) -> int:
+        mask = torch.ones(self.channels, device=on.device)
+        mask[pruned] = 0
+        keep = self._feature_mask(mask)
+        return int(self._predict(self._logits(torch.where(keep, on, off)))[0])

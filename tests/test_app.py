@@ -1,0 +1,109 @@
+"""Streamlit AppTest: every page runs, the slider gives the engine's exact value, bad uploads change nothing."""
+import io
+
+import pytest
+import torch
+from streamlit.testing.v1 import AppTest
+
+from conftest import BUNDLED, ROOT
+from core import checkpoints, engine, models
+
+APP = str(ROOT / "app.py")
+
+
+@pytest.fixture(scope="module")
+def vgg_engine():
+    return engine.from_checkpoint(checkpoints.load(BUNDLED["vgg"]), device="cpu")
+
+
+@pytest.fixture
+def app():
+    at = AppTest.from_file(APP, default_timeout=300)
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+def metric(at, label):
+    return next(m.value for m in at.metric if m.label == label)
+
+
+def test_prune_page_slider_shows_the_engines_exact_accuracy(app, vgg_engine):
+    assert app.slider[0].label == "Channels pruned (K)" and app.slider[0].max == 512
+    assert metric(app, "Test accuracy") == f"{vgg_engine.correct(0) / 1e4:.2%}"
+    for k, mode in ((256, "zero"), (480, "remove")):
+        app.radio(key="mode").set_value(mode).run()
+        app.slider[0].set_value(k).run()
+        assert not app.exception
+        assert metric(app, "Test accuracy") == f"{vgg_engine.correct(k, mode) / 1e4:.2%}"
+        assert metric(app, "Channels left") == f"{512 - k} of 512"
+        assert app.query_params["k"] == [str(k)] or app.query_params["k"] == str(k)
+
+
+def test_url_reopens_the_same_view(vgg_engine):
+    at = AppTest.from_file(APP, default_timeout=300)
+    at.query_params.update({"k": "300", "mode": "remove"})
+    at.run()
+    assert at.slider[0].value == 300
+    assert metric(at, "Test accuracy") == f"{vgg_engine.correct(300, 'remove') / 1e4:.2%}"
+
+
+def test_switching_to_resnet_keeps_accuracy_at_k_512(app):
+    app.selectbox(key="model").set_value("fmnist_resnet").run()
+    app.radio(key="mode").set_value("remove").run()
+    app.slider[0].set_value(512).run()
+    eng = engine.from_checkpoint(checkpoints.load(BUNDLED["resnet"]), device="cpu")
+    assert metric(app, "Test accuracy") == f"{eng.correct(512, 'remove') / 1e4:.2%}"
+    assert float(metric(app, "Test accuracy").rstrip("%")) > 50
+
+
+def test_every_page_runs(app):
+    for page in ("views/load.py", "views/feature_maps.py", "views/curve.py"):
+        app.switch_page(page).run()
+        assert not app.exception, (page, app.exception)
+    app.switch_page("views/load.py").run()
+    assert metric(app, "Architecture") == "small_vgg"
+    assert metric(app, "Baseline test accuracy") == "93.33%"
+
+
+def test_feature_map_page_shows_a_16_by_32_grid(app):
+    app.switch_page("views/feature_maps.py").run()
+    assert not app.exception
+    assert any("16 x 32" in c.value for c in app.caption)
+
+
+def _upload(at, name: str, data: bytes):
+    at.file_uploader(key="upload").set_value((name, data, "application/octet-stream")).run()
+
+
+def _bytes(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+class Evil:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+@pytest.mark.parametrize("name,data,reason", [
+    ("photo.pt", b"\xff\xd8\xff\xe0JFIF not a checkpoint", "Not a PyTorch checkpoint"),
+    ("evil.pt", _bytes({"model": Evil()}), "could run code"),
+])
+def test_bad_upload_shows_an_error_and_keeps_the_model(app, name, data, reason):
+    app.switch_page("views/load.py").run()
+    _upload(app, name, data)
+    assert not app.exception
+    assert any(reason in e.value for e in app.error), [e.value for e in app.error]
+    assert app.selectbox(key="model").value == "fmnist_vgg"
+    assert metric(app, "Architecture") == "small_vgg"
+
+
+def test_good_upload_becomes_the_model(app):
+    app.switch_page("views/load.py").run()
+    model = models.build("small_resnet")
+    _upload(app, "mine.pth", _bytes(model.state_dict()))
+    assert not app.exception and not app.error
+    assert app.selectbox(key="model").value == "upload: mine.pth"
+    assert metric(app, "Architecture") == "small_resnet"

@@ -1,0 +1,54 @@
+"""The CLI as a user runs it: a real subprocess, real files."""
+import csv
+import subprocess
+import sys
+
+from conftest import BUNDLED, ROOT
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "core", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+
+
+def read(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_sweep_writes_exact_counts(tmp_path, bundled):
+    ckpt, eng = bundled
+    out = tmp_path / "curve.csv"
+    res = run("sweep", str(BUNDLED[ckpt.name.removeprefix("fmnist_")]), "--ks", "0,256,512", "--mode", "remove",
+              "--device", "cpu", "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    rows = read(out)
+    assert [int(r["k"]) for r in rows] == [0, 256, 512]
+    assert int(rows[0]["correct"]) == ckpt.meta["test_correct"]
+    for r in rows:
+        assert int(r["correct"]) == eng.correct(int(r["k"]), "remove")
+        assert int(r["total"]) == 10_000 and r["accuracy"] == f"{int(r['correct']) / 10_000:.4f}"
+    assert "capturing activations" in res.stderr  # the progress bar
+
+
+def test_rank_writes_every_channel_in_ascending_order(tmp_path):
+    out = tmp_path / "rank.csv"
+    res = run("rank", str(BUNDLED["vgg"]), "--criterion", "mean_abs", "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    rows = read(out)
+    assert [int(r["rank"]) for r in rows] == list(range(512))
+    assert sorted(int(r["channel"]) for r in rows) == list(range(512))
+    scores = [float(r["score"]) for r in rows]
+    assert scores == sorted(scores)
+
+
+def test_range_spec_and_errors(tmp_path):
+    out = tmp_path / "c.csv"
+    res = run("sweep", str(BUNDLED["vgg"]), "--ks", "0:513:32", "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    assert [int(r["k"]) for r in read(out)] == list(range(0, 513, 32))
+
+    bad = run("sweep", str(BUNDLED["vgg"]), "--ks", "600", "--out", str(out))
+    assert bad.returncode == 2 and "between 0 and 512" in bad.stderr and "Traceback" not in bad.stderr
+    missing = run("rank", str(tmp_path / "nope.pt"), "--out", str(out))
+    assert missing.returncode == 2 and "No such checkpoint file" in missing.stderr

@@ -1,0 +1,174 @@
+"""The engine against the naive procedure of the lab reports, on the bundled models and real data."""
+import pytest
+import torch
+from torch import nn
+
+from core import criteria, data, engine, models
+
+
+@pytest.mark.parametrize("mode", ["zero", "remove"])
+def test_engine_equals_naive_procedure(bundled, mode):
+    _, eng = bundled
+    p = eng.channels
+    for k in (0, 1, p // 2, p - 1, p):
+        assert eng.correct(k, mode) == engine.naive_correct(eng, k, mode), f"K={k} mode={mode}"
+
+
+def test_unpruned_accuracy_is_the_recorded_one(bundled):
+    ckpt, eng = bundled
+    assert eng.correct(0) == ckpt.meta["test_correct"]
+    assert ckpt.meta["test_accuracy"] >= 0.915
+
+
+def test_bundled_layer_is_the_last_512_channel_conv(bundled):
+    _, eng = bundled
+    assert eng.layer == engine.conv_layer_names(eng.model)[-1]
+    assert eng.channels == 512 and eng.stats.mean_map.shape == (512, 3, 3)
+    assert eng.path == engine.PATH_FAST and eng.bn_name is not None
+
+
+def test_fast_curve_equals_exact_count_at_every_k(bundled):
+    """The cumulative-sum curve (with its near-tie recheck) against the exact read-out, K = 0..512."""
+    _, eng = bundled
+    for mode in engine.MODES:
+        curve = eng.curve(mode)
+        assert len(curve) == 513
+        assert curve == [eng.correct(k, mode) for k in range(513)], mode
+
+
+def test_split_path_without_readout_equals_naive(bundled):
+    ckpt, _ = bundled
+    split = data.load(ckpt.dataset)
+    eng = engine.Engine(ckpt.build_model(), split.x[:2000], split.y[:2000], device="cpu", fast=False)
+    assert eng.path == engine.PATH_SPLIT
+    for mode in engine.MODES:
+        for k in (0, 100, 511):
+            assert eng.correct(k, mode) == engine.naive_correct(eng, k, mode)
+
+
+def test_statistics_are_the_averaged_activation_after_conv_and_batchnorm(bundled):
+    """Independent check: a hook on the ReLU right after the conv's BatchNorm, in a fresh copy."""
+    ckpt, eng = bundled
+    model = ckpt.build_model()
+    relu = {n: m for n, m in model.named_modules()}[eng.bn_name.rsplit(".", 1)[0] + ".2"]
+    assert isinstance(relu, nn.ReLU)
+    total = torch.zeros(eng.stats.mean_map.shape, dtype=torch.float64)
+    def accumulate(module, inputs, output):  # returns None: the output stays as it is
+        total.add_(output.double().sum(0))
+
+    relu.register_forward_hook(accumulate)
+    with torch.no_grad():
+        model(eng.x)
+    torch.testing.assert_close(eng.stats.mean_map, (total / eng.total).float(), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("criterion", ["mean", "mean_abs", "l1_norm"])
+def test_ranking_is_ascending_order_of_the_statistic(bundled, criterion):
+    _, eng = bundled
+    order, scores = eng.ranking(criterion), eng.scores(criterion)
+    assert sorted(order.tolist()) == list(range(eng.channels))
+    ranked = scores[order]
+    assert bool((ranked[1:] >= ranked[:-1]).all())
+    assert torch.equal(order, torch.argsort(scores, stable=True))
+
+
+def test_mask_for_prunes_the_k_lowest(bundled):
+    _, eng = bundled
+    mask = eng.mask_for(10)
+    assert int((mask == 0).sum()) == 10
+    assert set(torch.nonzero(mask == 0).flatten().tolist()) == set(eng.ranking()[:10].tolist())
+    with pytest.raises(ValueError, match="between 0 and 512"):
+        eng.mask_for(513)
+
+
+def test_shortcut_keeps_accuracy_when_the_whole_layer_is_removed():
+    """Seed 000's observation: with the last block bypassed, ResNet stays far above chance; VGG collapses."""
+    from conftest import BUNDLED
+    from core import checkpoints
+
+    acc = {}
+    for name, path in BUNDLED.items():
+        eng = engine.from_checkpoint(checkpoints.load(path), device="cpu")
+        acc[name] = eng.correct(eng.channels, "remove") / eng.total
+    assert acc["resnet"] > 0.5
+    assert acc["vgg"] == pytest.approx(0.10, abs=0.005)
+
+
+def test_engine_never_mutates_the_model_it_was_given(bundled):
+    ckpt, _ = bundled
+    model = ckpt.build_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    split = data.load(ckpt.dataset)
+    eng = engine.Engine(model, split.x[:500], split.y[:500], device="cpu")
+    eng.correct(300, "remove")
+    engine.naive_correct(eng, 300, "remove")
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+class Branchy(nn.Module):
+    """Data-dependent control flow: torch.fx cannot trace it, so the hook fallback is used."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 16, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(16)
+        self.act2 = nn.ReLU()
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.conv1(x))
+        if x.sum() > 0:
+            x = x * 1.0
+        x = self.act2(self.bn2(self.conv2(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_hook_fallback_is_exact_and_says_so():
+    torch.manual_seed(0)
+    model = Branchy().eval()
+    with torch.no_grad():
+        model.bn2.running_mean.uniform_(-1, 1)
+        model.bn2.bias.uniform_(-1, 1)
+    split = data.load("fashion_mnist")
+    eng = engine.Engine(model, split.x[:1000], split.y[:1000], device="cpu", batch_size=250)
+    assert eng.path == engine.PATH_HOOK and eng.layer == "conv2" and eng.bn_name == "bn2"
+    for mode in engine.MODES:
+        for k in (0, 5, 16):
+            assert eng.correct(k, mode) == engine.naive_correct(eng, k, mode)
+
+
+def test_model_without_conv_is_refused_with_a_clear_message():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+    split = data.load("fashion_mnist")
+    with pytest.raises(ValueError, match="no Conv2d layer"):
+        engine.Engine(model, split.x[:10], split.y[:10], device="cpu")
+
+
+def test_unknown_layer_lists_the_conv_layers():
+    split = data.load("fashion_mnist")
+    with pytest.raises(ValueError, match="Conv layers: features.0.0"):
+        engine.Engine(models.build("small_vgg"), split.x[:10], split.y[:10], layer="classifier", device="cpu")
+
+
+def test_any_conv_layer_can_be_pruned():
+    split = data.load("fashion_mnist")
+    model = models.build("small_vgg").eval()
+    eng = engine.Engine(model, split.x[:500], split.y[:500], layer="features.2.0", device="cpu")
+    assert eng.channels == 64 and eng.stats.mean_map.shape == (64, 14, 14)
+    for k in (0, 32, 64):
+        assert eng.correct(k, "remove") == engine.naive_correct(eng, k, "remove")
+
+
+def test_cuda_request_without_cuda_is_an_error():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(RuntimeError, match="no CUDA device"):
+        engine.pick_device("cuda")
+    assert engine.pick_device("auto").type == "cpu"
+
+
+def test_unknown_criterion_and_mode_are_named():
+    with pytest.raises(ValueError, match="Criteria: mean, mean_abs, l1_norm"):
+        criteria.get("taylor")

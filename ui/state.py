@@ -1,0 +1,114 @@
+"""Streamlit glue shared by app.py and the pages: checkpoints, the shared engine cache, session choices.
+
+What is shared between sessions (checkpoints, engines) is read-only; what one user chooses lives in
+`st.session_state` and in the URL.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import streamlit as st
+
+from core import checkpoints, engine
+from core.cache import EngineCache
+from core.checkpoints import Checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+BUNDLED_DIR = ROOT / "checkpoints"
+DEFAULT_MODEL = "fmnist_vgg"
+UPLOAD_PREFIX = "upload: "
+
+
+@st.cache_resource(show_spinner=False)
+def engine_cache() -> EngineCache:
+    return EngineCache(max_entries=int(os.environ.get("PRUNE_EXPLORER_MAX_ENGINES", 4)),
+                       max_bytes=int(float(os.environ.get("PRUNE_EXPLORER_MAX_CACHE_GB", 2)) * 2**30))
+
+
+@st.cache_resource(max_entries=16, show_spinner=False)
+def _checkpoint(digest: str, _data: bytes, name: str) -> Checkpoint:
+    return checkpoints.from_bytes(_data, name=name)
+
+
+def bundled_checkpoints() -> dict[str, Checkpoint]:
+    """Every checkpoint in checkpoints/, keyed by file stem; a replaced file has a new digest."""
+    found = {}
+    for path in sorted(BUNDLED_DIR.glob("*.pt")):
+        data = path.read_bytes()
+        found[path.stem] = _checkpoint(hashlib.sha256(data).hexdigest(), data, path.stem)
+    return found
+
+
+def available_models() -> dict[str, Checkpoint]:
+    models = dict(bundled_checkpoints())
+    for name, ckpt in st.session_state.setdefault("uploads", {}).items():
+        models[UPLOAD_PREFIX + name] = ckpt
+    return models
+
+
+def add_upload(name: str, data: bytes) -> Checkpoint:
+    """Validate an uploaded file; on success it becomes this session's model. Raises CheckpointError."""
+    ckpt = checkpoints.from_bytes(data, name=name)
+    st.session_state.setdefault("uploads", {})[name] = ckpt
+    st.session_state["pending_model"] = UPLOAD_PREFIX + name  # applied before the sidebar is drawn
+    return ckpt
+
+
+def current_checkpoint() -> Checkpoint:
+    return available_models()[st.session_state["model"]]
+
+
+def device() -> str:
+    return str(engine.pick_device(st.session_state.get("device", "auto")))
+
+
+@st.cache_resource(max_entries=32, show_spinner=False)
+def conv_layers(digest: str, _ckpt: Checkpoint) -> list[engine.ConvInfo]:
+    return engine.conv_layers(_ckpt.build_model(), _ckpt.spec.input_shape)
+
+
+def current_engine() -> engine.Engine:
+    """The shared engine for the session's model and layer."""
+    return engine_for(current_checkpoint(), st.session_state.get("layer"))
+
+
+def engine_for(ckpt: Checkpoint, layer: str | None) -> engine.Engine:
+    """The shared engine for a checkpoint and layer (None: the last conv); the first build shows progress."""
+    layer = layer or conv_layers(ckpt.digest, ckpt)[-1].name  # one cache entry whichever way it is named
+    key = (ckpt.digest, ckpt.dataset, layer, device())
+    cache = engine_cache()
+    cached = cache.lookup(key)
+    if cached is not None:
+        return cached
+    with st.status(f"Preparing {ckpt.name}: one pass over the test set ...", expanded=True) as status:
+        bar = st.progress(0.0)
+        eng = cache.get(key, lambda: engine.from_checkpoint(
+            ckpt, layer=layer, device=device(), progress=lambda d, t, label: bar.progress(d / t, text=label)))
+        status.update(label=f"{ckpt.name} ready: {eng.total:,} test images cached ({eng.path})", state="complete",
+                      expanded=False)
+    return eng
+
+
+def curve(eng: engine.Engine, mode: str, criterion: str) -> list[float]:
+    """Accuracy for every K (a lookup once computed); progress shown on the slow paths."""
+    if eng.path == engine.PATH_FAST:
+        counts = eng.curve(mode, criterion)
+    else:
+        bar = st.progress(0.0, text=f"Computing the {mode} curve ...")
+        counts = eng.curve(mode, criterion, progress=lambda d, t, label: bar.progress(d / t, text=label))
+        bar.empty()
+    return [c / eng.total for c in counts]
+
+
+def pruned_parameters(eng: engine.Engine, k: int) -> int:
+    """Weights removed with K filters: each filter's weights and bias, and its BatchNorm's scale and shift."""
+    conv = eng.conv
+    per_filter = conv.weight[0].numel() + (1 if conv.bias is not None else 0) + (2 if eng.bn_name else 0)
+    return k * per_filter
+
+
+def parameter_count(ckpt: Checkpoint) -> int:
+    return sum(v.numel() for k, v in ckpt.state_dict.items() if not k.endswith(("running_mean", "running_var",
+                                                                                 "num_batches_tracked")))

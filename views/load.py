@@ -1,0 +1,50 @@
+"""Load page: the bundled checkpoints, an upload of one's own, and a summary of the model in use."""
+import streamlit as st
+
+from core import checkpoints
+from core.models import REGISTRY
+from ui import state
+
+st.title("Load a model")
+
+st.subheader("Bundled checkpoints")
+st.dataframe(
+    [{"name": name, "architecture": c.arch, "data set": c.dataset,
+      "test accuracy": f"{c.meta.get('test_accuracy', float('nan')):.2%}",
+      "parameters": f"{state.parameter_count(c):,}", "trained by": c.meta.get("train_command", "")}
+     for name, c in state.bundled_checkpoints().items()],
+    hide_index=True, width="stretch",
+)
+
+st.subheader("Upload your own")
+st.markdown(
+    "A state dict saved with `torch.save(model.state_dict(), 'model.pt')` for one of the registered "
+    f"architectures ({', '.join(f'`{a}`' for a in REGISTRY)}), or a checkpoint in this app's format "
+    "(`{'arch', 'arch_kwargs', 'state_dict', 'meta'}`). Files are read with `weights_only=True`: "
+    "a whole pickled model is refused, because loading it could run code."
+)
+upload = st.file_uploader("Checkpoint file", type=["pt", "pth"], key="upload")
+if upload is not None and st.session_state.get("last_upload") != upload.file_id:
+    try:
+        ckpt = state.add_upload(upload.name, upload.getvalue())
+    except checkpoints.CheckpointError as exc:
+        st.error(f"{upload.name} was not loaded. {exc}")
+        st.caption(f"Still using **{st.session_state['model']}**.")
+    else:
+        st.session_state["last_upload"] = upload.file_id
+        st.rerun()
+
+st.subheader("Model in use")
+ckpt = state.current_checkpoint()
+eng = state.current_engine()
+baseline = ckpt.meta.get("test_accuracy")
+c1, c2, c3 = st.columns(3)
+c1.metric("Architecture", ckpt.arch)
+c2.metric("Parameters", f"{state.parameter_count(ckpt):,}")
+c3.metric("Baseline test accuracy", f"{eng.correct(0) / eng.total:.2%}",
+          help="Measured now on the whole test set" + (f"; the checkpoint records {baseline:.2%}" if baseline else ""))
+st.caption(f"{REGISTRY[ckpt.arch].summary}. Data set: **{ckpt.dataset}** ({eng.total:,} test images). "
+           f"Pruned layer: **{eng.layer}** ({eng.channels} channels). Evaluation path: {eng.path}.")
+st.dataframe([{"conv layer": i.name, "in": i.in_channels, "out": i.out_channels,
+               "kernel": "x".join(map(str, i.kernel_size)), "output": "x".join(map(str, i.out_shape))}
+              for i in state.conv_layers(ckpt.digest, ckpt)], hide_index=True)
