@@ -17,7 +17,7 @@ def init_session() -> None:
     """Once per session: defaults, overridden by the URL."""
     if st.session_state.get("initialised"):
         return
-    models = state.available_models()
+    models = state.channel_models()
     query = st.query_params
     st.session_state["model"] = query.get("model") if query.get("model") in models else state.DEFAULT_MODEL
     st.session_state["criterion"] = query.get("criterion") if query.get("criterion") in criteria.CRITERIA else "mean"
@@ -30,7 +30,7 @@ def init_session() -> None:
 
 
 def sidebar() -> None:
-    models = state.available_models()
+    models = state.channel_models()
     if "pending_model" in st.session_state:  # an upload chose a new model on the last run
         st.session_state["model"] = st.session_state.pop("pending_model")
     with st.sidebar:
@@ -51,6 +51,12 @@ def sidebar() -> None:
             st.session_state["layer"] = names[-1]
         described = {info.name: info.describe() for info in layers}
         st.selectbox("Conv layer (default: the last)", names, key="layer", format_func=described.get)
+        own = st.session_state.get("own_data")
+        if own:
+            if st.session_state.pop("pending_use_own_data", False):
+                st.session_state["use_own_data"] = True
+            st.toggle(f"Test data: my images ({own['name']})", key="use_own_data",
+                      help=f"Off: the checkpoint's own test set ({ckpt.dataset}).")
         st.header("Pruning")
         st.selectbox("Rank channels by", list(criteria.CRITERIA), key="criterion",
                      format_func=lambda c: criteria.CRITERIA[c].label)
@@ -76,6 +82,7 @@ page = st.navigation([
     st.Page("views/feature_maps.py", title="Feature maps", icon=":material/grid_view:"),
     st.Page("views/prune.py", title="Prune", icon=":material/content_cut:", default=True),
     st.Page("views/curve.py", title="Curve", icon=":material/show_chart:"),
+    st.Page("views/magnitude.py", title="Magnitude", icon=":material/filter_alt:"),
 ])
 page.run()
 sync_url()

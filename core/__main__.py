@@ -1,4 +1,4 @@
-"""CLI: `python -m core {train,rank,sweep} ...` (see README)."""
+"""CLI: `python -m core {info,rank,sweep,magnitude,train} ...` (see README)."""
 from __future__ import annotations
 
 import argparse
@@ -14,9 +14,9 @@ def cmd_train(args) -> int:
 
     torch.set_num_threads(args.threads) if args.threads else None
     cfg = TrainConfig(arch=args.arch, epochs=args.epochs, seed=args.seed, lr=args.lr,
-                      batch_size=args.batch_size, device=args.device)
+                      batch_size=args.batch_size, device=args.device, weight_decay=args.weight_decay, l1=args.l1)
     model, correct, seconds = train(cfg, data_root=args.data_root)
-    spec = data.DATASETS[cfg.dataset]
+    spec = data.DATASETS[cfg.dataset]  # train() filled in the architecture's data set
     total = len(data.load(cfg.dataset, train=False, data_root=args.data_root))
     meta = {
         "dataset": cfg.dataset,
@@ -78,6 +78,8 @@ def _engine(args):
     from . import checkpoints, engine
 
     ckpt = checkpoints.load(args.checkpoint)
+    if args.dataset:
+        ckpt.meta["dataset"] = args.dataset  # this process's own copy: evaluate on another data set
     bar = _Bar()
     eng = engine.from_checkpoint(ckpt, layer=args.layer, device=args.device, data_root=args.data_root,
                                  progress=bar)
@@ -101,6 +103,49 @@ def cmd_rank(args) -> int:
     _write_csv(args.out, ["rank", "channel", "score"],
                [[r, int(c), f"{float(scores[c]):.8g}"] for r, c in enumerate(order)])
     print(f"wrote {args.out}: {len(order)} channels ranked by {args.criterion}, ascending (rank 0 is pruned first)")
+    if args.criterion in ("mean", "mean_abs"):
+        print(RERANK_NOTE)
+    if args.rerank_check:
+        again = eng.reranked_order(args.rerank_check, criterion=args.criterion)
+        same = again == order[:args.rerank_check].tolist()
+        print(f"re-ranked after each of the first {args.rerank_check} prunes ({args.rerank_check} more passes over "
+              f"the test set): {'the same order' if same else 'a DIFFERENT order: ' + str(again)}")
+        return 0 if same else 1
+    return 0
+
+
+RERANK_NOTE = ("note: re-ranking after every prune (seed 001) gives this same order: the ranking is the pruned "
+               "layer's own activation, and a channel's activation does not depend on the other channels of the "
+               "same layer. Check it with --rerank-check N.")
+
+
+def cmd_info(args) -> int:
+    from . import checkpoints, data, engine
+
+    ckpt = checkpoints.load(args.checkpoint)
+    spec = ckpt.spec
+    dataset = data.DATASETS.get(ckpt.dataset)
+    print(f"{args.checkpoint}")
+    print(f"  architecture: {ckpt.arch}" + (f" {ckpt.arch_kwargs}" if ckpt.arch_kwargs else "") + f" - {spec.summary}")
+    renamed = ckpt.meta.get("renamed_tensors")
+    if renamed:
+        first = next(iter(renamed.items()))
+        print(f"  the tensor names differ from '{ckpt.arch}' but match it in order and shape: renamed "
+              f"{len(renamed)} tensors by position (e.g. {first[0]} -> {first[1]})")
+    print(f"  data set: {ckpt.dataset}" + (f" ({dataset.title})" if dataset else "") + f"; task: {spec.task}; "
+          f"input {'x'.join(map(str, spec.input_shape))}")
+    if "test_accuracy" in ckpt.meta:
+        print(f"  recorded test accuracy: {ckpt.meta['test_accuracy']:.2%}")
+    if "train_command" in ckpt.meta:
+        print(f"  trained by: {ckpt.meta['train_command']}")
+    print(f"  parameters: {sum(v.numel() for v in ckpt.build_model().parameters()):,}")
+    layers = engine.conv_layers(ckpt.build_model(), spec.input_shape)
+    if not layers:
+        print("  conv layers: none (channel pruning does not apply; see `magnitude`)")
+    else:
+        print("  conv layers (name: in->out channels, kernel, output C x H x W); the last is the default:")
+        for info in layers:
+            print(f"    {info.describe()}")
     return 0
 
 
@@ -113,6 +158,46 @@ def cmd_sweep(args) -> int:
     for k, c in rows[:: max(1, len(rows) // 8)] + ([rows[-1]] if len(rows) > 1 else []):
         print(f"K={k:4d}  accuracy {c / eng.total:.4f}")
     print(f"wrote {args.out}: {len(rows)} rows (mode {args.mode}, criterion {args.criterion})")
+    if args.criterion in ("mean", "mean_abs"):
+        print(RERANK_NOTE)
+    return 0
+
+
+def cmd_magnitude(args) -> int:
+    from . import checkpoints, data, magnitude
+    from .engine import count_correct, pick_device
+
+    ckpt = checkpoints.load(args.checkpoint)
+    schedule = [float(v) for v in args.schedule.split(",") if v.strip()]
+    if not schedule or any(not 0 <= v < 1 for v in schedule):
+        raise ValueError(f"--schedule '{args.schedule}': give sparsities in [0, 1), e.g. 0.5,0.8,0.9")
+    test = data.load(ckpt.dataset, train=False, data_root=args.data_root)
+    train = data.load(ckpt.dataset, train=True, data_root=args.data_root) if args.retrain_epochs else None
+    model = ckpt.build_model()
+    base = count_correct(model, test.x, test.y, ckpt.spec.task) / len(test)
+    print(f"{args.checkpoint}: {ckpt.arch}, {magnitude.sparsity_of(model).overall_nonzero:,} weights, "
+          f"test accuracy {base:.4f}; {'per-layer' if args.per_layer else 'global'} thresholds", file=sys.stderr)
+    bar = _Bar()
+    final, _, steps = magnitude.iterative_prune(
+        model, schedule, args.retrain_epochs, (train.x, train.y) if train else None, (test.x, test.y),
+        per_layer=args.per_layer, lr=args.lr, device=pick_device(args.device),
+        task=ckpt.spec.task, progress=bar)
+    layers = list(steps[0].sparsity_after.total)
+    _write_csv(args.out, ["step", "sparsity", "accuracy_before", "accuracy_after", "nonzero", "compression"]
+               + [f"nonzero_{n}" for n in layers],
+               [[r.step, r.sparsity, f"{r.accuracy_before:.4f}", f"{r.accuracy_after:.4f}",
+                 r.sparsity_after.overall_nonzero, f"{r.sparsity_after.compression:.2f}"]
+                + [r.sparsity_after.nonzero[n] for n in layers] for r in steps])
+    for r in steps:
+        print(f"step {r.step}: sparsity {r.sparsity:.1%}  accuracy {r.accuracy_before:.4f} -> {r.accuracy_after:.4f}"
+              f"  nonzero {r.sparsity_after.overall_nonzero:,}  compression {r.sparsity_after.compression:.1f}x")
+    print(f"wrote {args.out} (baseline accuracy {base:.4f})")
+    if args.save_checkpoint:
+        meta = dict(ckpt.meta, magnitude_pruned={"schedule": schedule, "retrain_epochs": args.retrain_epochs,
+                                                 "per_layer": args.per_layer},
+                    test_accuracy=steps[-1].accuracy_after)
+        checkpoints.save(args.save_checkpoint, ckpt.arch, ckpt.arch_kwargs, final, meta)
+        print(f"saved the pruned model to {args.save_checkpoint}")
     return 0
 
 
@@ -126,6 +211,8 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=int, default=8)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--lr", type=float, default=3e-3)
+    t.add_argument("--weight-decay", type=float, default=5e-4, help="AdamW's decoupled weight decay")
+    t.add_argument("--l1", type=float, default=0.0, help="L1 penalty on the weights (makes magnitude pruning gentle)")
     t.add_argument("--batch-size", type=int, default=128)
     t.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     t.add_argument("--device", default="cpu")
@@ -133,10 +220,17 @@ def parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     from .criteria import CRITERIA
+    from .data import DATASETS
     from .engine import MODES
+
+    i = sub.add_parser("info", help="architecture, data set and conv layers of a checkpoint")
+    i.add_argument("checkpoint")
+    i.set_defaults(func=cmd_info)
 
     def common(sp):
         sp.add_argument("checkpoint")
+        sp.add_argument("--dataset", default=None, choices=sorted(DATASETS),
+                        help="evaluate on this data set instead of the checkpoint's own")
         sp.add_argument("--layer", default=None, help="conv layer name (default: the last conv)")
         sp.add_argument("--criterion", default="mean", choices=list(CRITERIA))
         sp.add_argument("--out", required=True, help="CSV file to write")
@@ -145,6 +239,8 @@ def parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("rank", help="rank the layer's channels (rank 0 = pruned first) to CSV")
     common(r)
+    r.add_argument("--rerank-check", type=int, default=0, metavar="N",
+                   help="also re-rank after each of the first N prunes (seed 001's way) and compare")
     r.set_defaults(func=cmd_rank)
 
     s = sub.add_parser("sweep", help="test accuracy for each K pruned channels, to CSV")
@@ -153,7 +249,18 @@ def parser() -> argparse.ArgumentParser:
                    help="zero: conv weights and bias zeroed; remove: the channel outputs 0 (BatchNorm zeroed too)")
     s.add_argument("--ks", default=None, help="start:stop:step (Python range) or a comma list; default every K")
     s.set_defaults(func=cmd_sweep)
-    for sp in (t, r, s):
+    m = sub.add_parser("magnitude", help="magnitude pruning with retraining (Han et al. 2015), per step to CSV")
+    m.add_argument("checkpoint")
+    m.add_argument("--schedule", default="0.5,0.75,0.9,0.95", help="sparsities, comma separated, non-decreasing")
+    m.add_argument("--retrain-epochs", type=int, default=1, help="epochs of retraining after each step (0: none)")
+    m.add_argument("--per-layer", action="store_true", help="the same fraction in each layer, not one global threshold")
+    m.add_argument("--lr", type=float, default=1e-3, help="SGD learning rate for retraining (the paper's 0.001)")
+    m.add_argument("--out", required=True, help="CSV: one row per step, with nonzero weights per layer")
+    m.add_argument("--save-checkpoint", default=None, help="also save the final pruned model here")
+    m.add_argument("--data-root", default=None)
+    m.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    m.set_defaults(func=cmd_magnitude)
+    for sp in (t, i, r, s, m):
         sp.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     return p
 

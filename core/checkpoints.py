@@ -38,7 +38,7 @@ class Checkpoint:
 
     @property
     def dataset(self) -> str:
-        return self.meta.get("dataset", "fashion_mnist")
+        return self.meta.get("dataset", self.spec.dataset)
 
     def build_model(self) -> nn.Module:
         """A fresh model in eval mode with the weights loaded; each call returns a new object."""
@@ -77,16 +77,32 @@ def _torch_load(data: bytes):
         ) from None
 
 
-def detect_arch(state_dict: dict[str, torch.Tensor]) -> str:
-    """The registered architecture whose default build has exactly these tensor names and shapes."""
-    shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
-    for name, spec in models.REGISTRY.items():
-        expected = {k: tuple(v.shape) for k, v in spec.builder().state_dict().items()}
-        if expected == shapes:
-            return name
+def _shapes(state_dict: dict) -> list[tuple[str, tuple[int, ...]]]:
+    return [(k, tuple(v.shape)) for k, v in state_dict.items()]
+
+
+def detect_arch(state_dict: dict[str, torch.Tensor]) -> tuple[str, dict, dict[str, str]]:
+    """Which registered architecture (and constructor arguments) these tensors belong to.
+
+    First by names and shapes; then, for a student who named the modules differently, by the
+    tensors' shapes in order. Returns (arch, arch_kwargs, {their name: our name}) - the mapping is
+    empty when the names already match.
+    """
+    theirs = _shapes(state_dict)
+    candidates = [(name, kwargs, _shapes(spec.builder(**kwargs).state_dict()))
+                  for name, spec in models.REGISTRY.items() for kwargs in spec.variants]
+    for name, kwargs, ours in candidates:
+        if dict(ours) == dict(theirs):
+            return name, kwargs, {}
+    for name, kwargs, ours in candidates:
+        if [shape for _, shape in ours] == [shape for _, shape in theirs]:
+            return name, kwargs, {t: o for (t, _), (o, _) in zip(theirs, ours) if t != o}
+    best, kwargs, ours = max(candidates, key=lambda c: len(set(c[2]) & set(theirs)))
+    matching = len(set(ours) & set(theirs))
     raise CheckpointError(
-        "This state dict matches no registered architecture (registered: "
-        + ", ".join(sorted(models.REGISTRY)) + ")."
+        f"This state dict ({len(theirs)} tensors, first '{theirs[0][0]}' {list(theirs[0][1])}) matches no "
+        f"registered architecture. Registered: {', '.join(models.REGISTRY)}. Nearest: '{best}' "
+        f"({matching} of its {len(ours)} tensors match by name and shape)."
     )
 
 
@@ -100,7 +116,10 @@ def from_bytes(data: bytes, name: str = "") -> Checkpoint:
         ckpt = Checkpoint(arch, dict(obj.get("arch_kwargs", {})), obj["state_dict"], dict(obj.get("meta", {})),
                           digest, name)
     elif isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        ckpt = Checkpoint(detect_arch(obj), {}, obj, {}, digest, name)
+        arch, kwargs, renamed = detect_arch(obj)
+        state = {renamed.get(k, k): v for k, v in obj.items()}
+        meta = {"renamed_tensors": renamed} if renamed else {}
+        ckpt = Checkpoint(arch, kwargs, state, meta, digest, name)
     else:
         raise CheckpointError("This file holds no state dict: expected a dict of tensors or the bundled format.")
     ckpt.build_model()  # fail now, with the shapes named, rather than later

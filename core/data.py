@@ -1,22 +1,27 @@
 """Data set registry: where each data set is found offline, how it is read and normalised.
 
-Fashion-MNIST is looked for, in order: a `--data-root` the user named (torchvision's layout
-`ROOT/FashionMNIST/raw/` or the four IDX files directly in ROOT), Debian's package
-`dataset-fashion-mnist` (/usr/share/datasets/fashion-mnist), then torchvision's download into the
-app's cache directory, which works only with internet.
+Each data set is looked for, in order: a `--data-root` the user named (torchvision's layout, or the
+files directly in it), a Debian package where one exists (`dataset-fashion-mnist` puts
+Fashion-MNIST in /usr/share/datasets/fashion-mnist), then torchvision's download into the app's
+cache directory, which works only with internet. Pair data sets are built deterministically from
+their base data set, and image folders are read with torchvision's ImageFolder.
 """
 from __future__ import annotations
 
 import gzip
 import os
+import pickle
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+PAIR_SEED = 0
 
 
 class DataUnavailable(RuntimeError):
@@ -24,17 +29,19 @@ class DataUnavailable(RuntimeError):
 
 
 def cache_dir() -> Path:
-    """The only place the product writes on its own (downloads, decompressed data)."""
+    """The only place the product writes on its own (downloads, unpacked uploads)."""
     return Path(os.environ.get("PRUNE_EXPLORER_CACHE", Path.home() / ".cache" / "pruning-explorer"))
 
 
 @dataclass(frozen=True)
 class DataSpec:
     name: str
+    title: str
     class_names: tuple[str, ...]
     mean: tuple[float, ...]
     std: tuple[float, ...]
     input_shape: tuple[int, ...]
+    how_to_get: str
 
 
 @dataclass(frozen=True)
@@ -51,28 +58,39 @@ class DataSplit:
         return len(self.y)
 
 
-FASHION_MNIST = DataSpec(
-    name="fashion_mnist",
-    class_names=("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                 "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
-    mean=(0.2860,),
-    std=(0.3530,),
-    input_shape=(1, 28, 28),
-)
+FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                   "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+_TORCHVISION = "or run once with internet so torchvision can download it"
 
-DATASETS: dict[str, DataSpec] = {FASHION_MNIST.name: FASHION_MNIST}
+DATASETS: dict[str, DataSpec] = {s.name: s for s in (
+    DataSpec("fashion_mnist", "Fashion-MNIST", FASHION_CLASSES, (0.2860,), (0.3530,), (1, 28, 28),
+             "install Debian's package (`sudo apt-get install dataset-fashion-mnist`), or pass --data-root DIR "
+             "holding the four IDX files (torchvision's layout DIR/FashionMNIST/raw/ works), " + _TORCHVISION),
+    DataSpec("mnist", "MNIST", tuple(str(d) for d in range(10)), (0.1307,), (0.3081,), (1, 28, 28),
+             "pass --data-root DIR holding the four MNIST IDX files (torchvision's layout DIR/MNIST/raw/ works), "
+             + _TORCHVISION),
+    DataSpec("cifar10", "CIFAR-10", ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                                     "ship", "truck"),
+             (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), (3, 32, 32),
+             "pass --data-root DIR holding cifar-10-batches-py/ (the python version), " + _TORCHVISION),
+    DataSpec("fashion_mnist_pairs", "Fashion-MNIST pairs (same class or not)", ("different", "same"),
+             (0.2860,), (0.3530,), (2, 28, 28), "it is built from Fashion-MNIST: "),
+    DataSpec("mnist_pairs", "MNIST digit pairs (same digit or not)", ("different", "same"),
+             (0.1307,), (0.3081,), (2, 28, 28), "it is built from MNIST: "),
+)}
 
-_IDX_FILES = {
-    True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-    False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
-}
 
+# ---------------------------------------------------------------------------------------------
+# File formats
 
 def read_idx(path: Path) -> np.ndarray:
     """Read an IDX file (optionally gzipped): the format of MNIST and Fashion-MNIST."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        raw = f.read()
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as exc:
+        raise DataUnavailable(f"{path} could not be read: {exc}") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
         raise DataUnavailable(f"{path} is not an unsigned-byte IDX file.")
     ndim = raw[3]
@@ -84,6 +102,36 @@ def read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=offset).reshape(dims)
 
 
+class _CifarUnpickler(pickle.Unpickler):
+    """CIFAR-10's python batches are pickles: allow numpy arrays and nothing else, so no code runs."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing {module}.{name} in a CIFAR-10 batch")
+
+
+def read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with open(path, "rb") as f:
+            batch = _CifarUnpickler(f, encoding="bytes").load()
+        images = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        labels = np.asarray(batch[b"labels"], dtype=np.int64)
+    except Exception as exc:
+        raise DataUnavailable(f"{path} is not a readable CIFAR-10 python batch: {exc}") from None
+    return images, labels
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding files
+
+_IDX_STEMS = {True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+              False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+
+
 def _find_idx(folder: Path, stem: str) -> Path | None:
     for candidate in (folder / stem, folder / f"{stem}.gz"):
         if candidate.is_file():
@@ -91,69 +139,171 @@ def _find_idx(folder: Path, stem: str) -> Path | None:
     return None
 
 
-def _idx_folders(data_root: Path | None) -> list[Path]:
-    folders = []
-    if data_root is not None:
-        folders += [data_root / "FashionMNIST" / "raw", data_root]
-    folders.append(DEBIAN_FASHION_MNIST)
-    folders.append(cache_dir() / "data" / "FashionMNIST" / "raw")
+def _torchvision_download(name: str) -> Path:
+    """Download with torchvision into the cache; returns the folder holding the files."""
+    import torchvision.datasets as tvd
+
+    root = cache_dir() / "data"
+    print(f"{DATASETS[name].title} not found locally; downloading it with torchvision into {root} ...", flush=True)
+    if name == "cifar10":
+        tvd.CIFAR10(root, train=False, download=True)
+        tvd.CIFAR10(root, train=True, download=True)
+        return root / "cifar-10-batches-py"
+    cls = {"fashion_mnist": tvd.FashionMNIST, "mnist": tvd.MNIST}[name]
+    cls(root, train=False, download=True)
+    cls(root, train=True, download=True)
+    return root / cls.__name__ / "raw"
+
+
+def _candidate_folders(name: str, data_root: Path | None) -> list[Path]:
+    sub = {"fashion_mnist": "FashionMNIST/raw", "mnist": "MNIST/raw", "cifar10": "cifar-10-batches-py"}[name]
+    folders = [data_root / sub, data_root] if data_root is not None else []
+    if name == "fashion_mnist":
+        folders.append(DEBIAN_FASHION_MNIST)
+    folders.append(cache_dir() / "data" / sub)
     return folders
 
 
-def _download_fashion_mnist() -> Path:
-    from torchvision.datasets import FashionMNIST
+def _files_in(name: str, folder: Path, train: bool) -> list[Path] | None:
+    if name == "cifar10":
+        names = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
+        files = [folder / n for n in names]
+        return files if all(f.is_file() for f in files) else None
+    found = [_find_idx(folder, stem) for stem in _IDX_STEMS[train]]
+    return found if all(found) else None
 
-    root = cache_dir() / "data"
-    print(f"Fashion-MNIST not found locally; downloading it with torchvision into {root} ...", flush=True)
-    FashionMNIST(root, train=False, download=True)
-    FashionMNIST(root, train=True, download=True)
-    return root / "FashionMNIST" / "raw"
 
-
-def locate_fashion_mnist(train: bool, data_root: str | Path | None = None,
-                         allow_download: bool = True) -> tuple[Path, Path]:
+def locate(name: str, train: bool, data_root: str | Path | None = None,
+           allow_download: bool = True) -> list[Path]:
+    """The files of a split, or DataUnavailable naming every place looked in and how to get them."""
     root = Path(data_root) if data_root is not None else None
     if root is not None and not root.is_dir():
         raise DataUnavailable(f"--data-root {root} is not a directory.")
-    images, labels = _IDX_FILES[train]
-    tried = _idx_folders(root)
+    tried = _candidate_folders(name, root)
     for folder in tried:
-        found = _find_idx(folder, images), _find_idx(folder, labels)
-        if all(found):
-            return found
+        files = _files_in(name, folder, train)
+        if files:
+            return files
+    reason = ""
     if allow_download:
         try:
-            folder = _download_fashion_mnist()
-            found = _find_idx(folder, images), _find_idx(folder, labels)
-            if all(found):
-                return found
+            files = _files_in(name, _torchvision_download(name), train)
+            if files:
+                return files
         except Exception as exc:  # no network, disk full, ...: fall through to the message
-            reason = f" The download failed: {exc}."
-        else:
-            reason = ""
+            reason = f" The download failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}."
+    spec = DATASETS[name]
+    raise DataUnavailable(f"{spec.title} was not found (looked in: {', '.join(map(str, tried))}).{reason} "
+                          f"To get it, {spec.how_to_get}.")
+
+
+def locate_fashion_mnist(train: bool, data_root=None, allow_download: bool = True) -> list[Path]:
+    return locate("fashion_mnist", train, data_root, allow_download)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+def _normalise(images: np.ndarray, spec: DataSpec) -> torch.Tensor:
+    x = torch.from_numpy(np.array(images)).float().div_(255.0)  # a copy: IDX arrays are read-only
+    if x.dim() == 3:
+        x = x.unsqueeze(1)
+    mean = torch.tensor(spec.mean).view(1, -1, 1, 1)
+    std = torch.tensor(spec.std).view(1, -1, 1, 1)
+    return x.sub_(mean).div_(std)
+
+
+def _load_images(name: str, train: bool, data_root: str | None) -> DataSplit:
+    spec = DATASETS[name]
+    files = locate(name, train, data_root)
+    if name == "cifar10":
+        parts = [read_cifar_batch(f) for f in files]
+        images = np.concatenate([p[0] for p in parts])
+        labels = np.concatenate([p[1] for p in parts])
     else:
-        reason = ""
-    raise DataUnavailable(
-        "Fashion-MNIST was not found (looked in: " + ", ".join(str(f) for f in tried) + ")."
-        + reason
-        + " Either install Debian's package (`sudo apt-get install dataset-fashion-mnist`), or pass"
-        " --data-root DIR holding the four IDX files (torchvision's layout DIR/FashionMNIST/raw/ works),"
-        " or run once with internet so torchvision can download it."
-    )
+        images, labels = read_idx(files[0]), read_idx(files[1]).astype(np.int64)
+        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+            raise DataUnavailable(f"{files[0]} and {files[1]} do not match: {images.shape} vs {labels.shape}.")
+    return DataSplit(spec, train, _normalise(images, spec), torch.from_numpy(labels), str(files[0].parent))
 
 
-@lru_cache(maxsize=4)
+def make_pairs(labels: torch.Tensor, seed: int = PAIR_SEED) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One pair per image: itself and, with probability 1/2, an image of the same class, else of another.
+
+    Deterministic for a seed. Returns (first index, second index, label 1 = same class).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    n = len(labels)
+    same = torch.rand(n, generator=gen) < 0.5
+    by_class = {int(c): torch.nonzero(labels == c).flatten() for c in labels.unique()}
+    classes = sorted(by_class)
+    partner = torch.empty(n, dtype=torch.long)
+    picks = torch.rand(n, generator=gen)
+    other_class = torch.randint(1, len(classes), (n,), generator=gen)
+    for i in range(n):
+        c = int(labels[i])
+        target = c if same[i] else classes[(classes.index(c) + int(other_class[i])) % len(classes)]
+        pool = by_class[target]
+        partner[i] = pool[int(picks[i] * len(pool))]
+    return torch.arange(n), partner, same.long()
+
+
+def _load_pairs(name: str, train: bool, data_root: str | None) -> DataSplit:
+    base = load(name.removesuffix("_pairs"), train, data_root)
+    first, second, same = make_pairs(base.y, seed=PAIR_SEED + (1 if train else 0))
+    x = torch.cat([base.x[first], base.x[second]], dim=1)  # (N, 2, 28, 28): the two images as channels
+    return DataSplit(DATASETS[name], train, x, same, base.source)
+
+
+@lru_cache(maxsize=6)
 def load(name: str = "fashion_mnist", train: bool = False, data_root: str | None = None) -> DataSplit:
     """The whole split as normalised tensors. Cached: callers must not write into them."""
     if name not in DATASETS:
         raise DataUnavailable(f"Unknown data set '{name}'. Known: {', '.join(sorted(DATASETS))}.")
-    spec = DATASETS[name]
-    images_path, labels_path = locate_fashion_mnist(train, data_root)
-    images = read_idx(images_path)
-    labels = read_idx(labels_path)
-    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-        raise DataUnavailable(f"{images_path} and {labels_path} do not match: {images.shape} vs {labels.shape}.")
-    x = torch.from_numpy(images.copy()).float().div_(255.0).unsqueeze(1)
-    x.sub_(spec.mean[0]).div_(spec.std[0])
-    y = torch.from_numpy(labels.astype(np.int64))
-    return DataSplit(spec=spec, train=train, x=x, y=y, source=str(images_path.parent))
+    loader: Callable = _load_pairs if name.endswith("_pairs") else _load_images
+    return loader(name, train, data_root)
+
+
+def load_image_folder(path: str | Path, input_shape: tuple[int, ...], mean: tuple[float, ...],
+                      std: tuple[float, ...]) -> DataSplit:
+    """One's own data in torchvision's ImageFolder layout (a folder per class), resized to the model's input."""
+    from torchvision import datasets, transforms
+
+    path = Path(path)
+    if not path.is_dir():
+        raise DataUnavailable(f"Image folder {path} does not exist.")
+    channels, h, w = input_shape
+    tf = transforms.Compose(([transforms.Grayscale(channels)] if channels in (1, 3) else [])
+                            + [transforms.Resize((h, w)), transforms.ToTensor(), transforms.Normalize(mean, std)])
+    try:
+        ds = datasets.ImageFolder(str(path), transform=tf)
+    except (FileNotFoundError, OSError) as exc:
+        raise DataUnavailable(f"{path} is not an image folder (one sub-folder of images per class): {exc}") from None
+    xs, ys = zip(*(ds[i] for i in range(len(ds))))
+    # Folders named with the class index first ("3_dress") keep that index even if some class is absent.
+    prefixes = [re.match(r"^(\d+)", c) for c in ds.classes]
+    if all(prefixes):
+        ys = [int(prefixes[y].group(1)) for y in ys]
+    spec = DataSpec(f"image_folder:{path}", path.name, tuple(ds.classes), tuple(mean), tuple(std), input_shape,
+                    "check the folder")
+    return DataSplit(spec, False, torch.stack(xs), torch.tensor(ys), str(path))
+
+
+def unpack_zip(data: bytes, name: str) -> Path:
+    """An uploaded zip of an image folder, unpacked into the cache (never outside it)."""
+    import hashlib
+    import io
+    import zipfile
+
+    target = cache_dir() / "uploads" / hashlib.sha256(data).hexdigest()[:16]
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as zf:
+            for member in zf.namelist():
+                dest = (target / member).resolve()
+                if not dest.is_relative_to(target.resolve()):
+                    raise DataUnavailable(f"{name} tries to write outside its folder ({member}); refused.")
+            zf.extractall(target)
+    except zipfile.BadZipFile:
+        raise DataUnavailable(f"{name} is not a zip file.") from None
+    entries = [p for p in target.iterdir() if p.is_dir()]
+    return entries[0] if len(entries) == 1 and any(q.is_dir() for q in entries[0].iterdir()) else target

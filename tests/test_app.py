@@ -107,3 +107,78 @@ def test_good_upload_becomes_the_model(app):
     assert not app.exception and not app.error
     assert app.selectbox(key="model").value == "upload: mine.pth"
     assert metric(app, "Architecture") == "small_resnet"
+
+
+@pytest.mark.parametrize("model,channels,grid", [("fmnist_pair_cnn", 64, "8 x 8"), ("fmnist_siamese", 128, "8 x 16")])
+def test_pair_networks_on_the_prune_page_with_binary_accuracy(app, model, channels, grid):
+    app.selectbox(key="model").set_value(model).run()
+    assert not app.exception, app.exception
+    assert app.slider[0].max == channels
+    app.slider[0].set_value(channels // 2).run()
+    eng = engine.from_checkpoint(checkpoints.load(ROOT / "checkpoints" / f"{model}.pt"), device="cpu")
+    assert eng.task == "binary"
+    assert metric(app, "Test accuracy") == f"{eng.correct(channels // 2) / eng.total:.2%}"
+    assert any("binary accuracy" in c.value for c in app.caption)
+    app.switch_page("views/feature_maps.py").run()
+    assert any(grid + " grid" in c.value for c in app.caption)
+
+
+def test_cifar_state_dict_is_recognised_but_missing_data_is_explained(app, tmp_path, monkeypatch):
+    monkeypatch.setenv("PRUNE_EXPLORER_CACHE", str(tmp_path))  # nothing downloaded there
+    app.switch_page("views/load.py").run()
+    _upload(app, "resnet9.pt", _bytes(models.build("resnet9").state_dict()))
+    errors = " ".join(e.value for e in app.error)
+    assert "Recognised as 'resnet9'" in errors and "CIFAR-10 was not found" in errors and "--data-root" in errors
+    assert app.selectbox(key="model").value == "fmnist_vgg"
+
+
+def test_own_image_folder_zip_becomes_the_test_data(app, tmp_path, monkeypatch):
+    import zipfile
+
+    import numpy as np
+    from PIL import Image
+
+    from core import data
+
+    monkeypatch.setenv("PRUNE_EXPLORER_CACHE", str(tmp_path / "cache"))
+    split = data.load("fashion_mnist")
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for i in range(40):
+            label = int(split.y[i])
+            pixels = ((split.x[i, 0] * 0.3530 + 0.2860) * 255).round().clamp(0, 255).byte().numpy()
+            png = io.BytesIO()
+            Image.fromarray(np.asarray(pixels)).save(png, format="PNG")
+            zf.writestr(f"mine/{label}_class/{i}.png", png.getvalue())
+    app.switch_page("views/load.py").run()
+    app.file_uploader(key="upload_images").set_value(("mine.zip", buf.getvalue(), "application/zip")).run()
+    assert not app.exception and not app.error, [e.value for e in app.error]
+    assert app.toggle(key="use_own_data").value is True
+    app.switch_page("views/prune.py").run()
+    app.slider[0].set_value(400).run()
+    folder = data.unpack_zip(buf.getvalue(), "mine.zip")
+    own = data.load_image_folder(folder, (1, 28, 28), (0.2860,), (0.3530,))
+    eng = engine.from_checkpoint(checkpoints.load(BUNDLED["vgg"]), device="cpu", split=own)
+    assert eng.total == 40
+    assert metric(app, "Test accuracy") == f"{eng.correct(400) / 40:.2%}"
+
+
+def test_magnitude_page_live_accuracy_and_retraining(app):
+    from core import data, magnitude
+    from core.engine import count_correct
+
+    app.switch_page("views/magnitude.py").run()
+    assert not app.exception, app.exception
+    assert app.selectbox(key="mag_model").value == "fmnist_lenet300"
+    app.slider(key="mag_sparsity").set_value(95.0).run()
+    ckpt = checkpoints.load(ROOT / "checkpoints" / "fmnist_lenet300.pt")
+    model = ckpt.build_model()
+    pruned = magnitude.apply_masks(model, magnitude.MagnitudeOrder(model).masks(0.95))
+    split = data.load("fashion_mnist")
+    assert metric(app, "Test accuracy (no retraining)") == f"{count_correct(pruned, split.x, split.y) / 1e4:.2%}"
+    assert metric(app, "Compression") == "20.0x"
+    app.button[0].click().run()  # the form's "Retrain 1 epoch(s)" button
+    assert not app.exception, app.exception
+    assert any("after retraining" in str(df.value.columns.tolist()) for df in app.dataframe)
+    # the shared base model is untouched by the session's retraining
+    assert metric(app, "Test accuracy (no retraining)") == f"{count_correct(pruned, split.x, split.y) / 1e4:.2%}"

@@ -61,7 +61,7 @@ def test_missing_data_set_names_both_ways_to_get_it(tmp_path, monkeypatch):
     def no_network():
         raise OSError("no route to host")
 
-    monkeypatch.setattr(data, "_download_fashion_mnist", no_network)
+    monkeypatch.setattr(data, "_torchvision_download", lambda name: no_network())
     with pytest.raises(data.DataUnavailable) as err:
         data.locate_fashion_mnist(train=False, data_root=tmp_path)
     message = str(err.value)

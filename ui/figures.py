@@ -144,3 +144,65 @@ def scrubber(maps: np.ndarray, scores: np.ndarray, ranks: np.ndarray, accuracy: 
 
 def _scrub_title(k: int, channels: int, accuracy: list[float]) -> str:
     return f"K = {k} of {channels} pruned · test accuracy {accuracy[k]:.2%}"
+
+
+def accuracy_vs_sparsity(before: tuple[list[float], list[float]], after: list[tuple[float, float]],
+                         current: tuple[float, float] | None = None) -> go.Figure:
+    """Accuracy against the fraction of weights pruned: without retraining (line), after (points)."""
+    fig = go.Figure()
+    fig.add_scatter(x=before[0], y=before[1], mode="lines+markers", name="pruned, no retraining",
+                    hovertemplate="sparsity %{x:.1%}<br>accuracy %{y:.2%}<extra></extra>")
+    if after:
+        fig.add_scatter(x=[a[0] for a in after], y=[a[1] for a in after], mode="markers", name="after retraining",
+                        marker=dict(size=12, symbol="diamond", color="#16a34a"),
+                        hovertemplate="sparsity %{x:.1%}<br>accuracy %{y:.2%}<extra></extra>")
+    if current is not None:
+        fig.add_scatter(x=[current[0]], y=[current[1]], mode="markers", name="current",
+                        marker=dict(size=13, color="#dc2626", line=dict(width=2, color="white")))
+    fig.update_layout(title="Test accuracy vs weights pruned", xaxis_title="sparsity (fraction of weights at zero)",
+                      xaxis_tickformat=".0%", yaxis_title="test accuracy", yaxis_tickformat=".0%",
+                      yaxis_range=[0, 1.02], margin=dict(l=10, r=10, t=40, b=10),
+                      legend=dict(orientation="h", yanchor="bottom", y=-0.4))
+    return fig
+
+
+def weight_histograms(weights: dict[str, np.ndarray], bins: int = 80) -> go.Figure:
+    """One histogram per layer of the weights still there (zeros left out, as the paper shows)."""
+    fig = make_subplots(rows=1, cols=len(weights), subplot_titles=list(weights))
+    for i, (name, w) in enumerate(weights.items(), start=1):
+        nonzero = w[w != 0]
+        fig.add_trace(go.Histogram(x=nonzero, nbinsx=bins, name=name, showlegend=False,
+                                   hovertemplate="weight %{x}<br>count %{y}<extra></extra>"), row=1, col=i)
+    fig.update_layout(title="Weight distribution per layer (non-zero weights)", height=300,
+                      margin=dict(l=10, r=10, t=60, b=10), bargap=0.02)
+    return fig
+
+
+def first_layer_maps(w: np.ndarray, image_shape: tuple[int, int]) -> go.Figure:
+    """|W| of the first layer: per input pixel, how many weights survive and their mean |w|,
+    reshaped to the input image so its outline shows."""
+    h, wd = image_shape
+    alive = (w != 0).sum(0).reshape(h, wd)
+    mean_abs = np.abs(w).mean(0).reshape(h, wd)
+    fig = make_subplots(rows=1, cols=2, subplot_titles=["non-zero weights per input pixel", "mean |w| per input pixel"],
+                        horizontal_spacing=0.08)
+    fig.add_trace(go.Heatmap(z=alive, colorscale="Viridis", colorbar=dict(x=0.45, len=0.9),
+                             hovertemplate="pixel (%{y}, %{x})<br>%{z} weights<extra></extra>"), row=1, col=1)
+    fig.add_trace(go.Heatmap(z=mean_abs, colorscale="Viridis",
+                             hovertemplate="pixel (%{y}, %{x})<br>mean |w| %{z:.4f}<extra></extra>"), row=1, col=2)
+    for col in (1, 2):
+        fig.update_yaxes(autorange="reversed", scaleanchor=f"x{'' if col == 1 else col}", visible=False, row=1, col=col)
+        fig.update_xaxes(visible=False, row=1, col=col)
+    fig.update_layout(title="First layer |W|, reshaped to the 28 x 28 input", height=380,
+                      margin=dict(l=10, r=10, t=70, b=10))
+    return fig
+
+
+def weight_matrix(w: np.ndarray, name: str) -> go.Figure:
+    """The whole |W| matrix (neurons x inputs): the paper's figure; the 28-pixel rows show as stripes."""
+    fig = go.Figure(go.Heatmap(z=np.abs(w), colorscale="Greys", showscale=False,
+                               hovertemplate="neuron %{y}, input %{x}<br>|w| %{z:.4f}<extra></extra>"))
+    fig.update_yaxes(autorange="reversed", title="neuron")
+    fig.update_xaxes(title="input pixel (row-major 28 x 28)")
+    fig.update_layout(title=f"|W| of {name}", height=330, margin=dict(l=10, r=10, t=40, b=10))
+    return fig

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import streamlit as st
 
-from core import checkpoints, engine
+from core import checkpoints, engine, magnitude
+from core import data as datasets
 from core.cache import EngineCache
 from core.checkpoints import Checkpoint
 
@@ -48,11 +49,22 @@ def available_models() -> dict[str, Checkpoint]:
     return models
 
 
+def channel_models() -> dict[str, Checkpoint]:
+    """The models channel pruning applies to: those with at least one conv layer."""
+    return {k: c for k, c in available_models().items() if conv_layers(c.digest, c)}
+
+
 def add_upload(name: str, data: bytes) -> Checkpoint:
     """Validate an uploaded file; on success it becomes this session's model. Raises CheckpointError."""
     ckpt = checkpoints.from_bytes(data, name=name)
+    try:
+        datasets.load(ckpt.dataset)
+    except datasets.DataUnavailable as exc:
+        raise checkpoints.CheckpointError(f"Recognised as '{ckpt.arch}', but its data set is not available "
+                                          f"here. {exc}") from None
     st.session_state.setdefault("uploads", {})[name] = ckpt
-    st.session_state["pending_model"] = UPLOAD_PREFIX + name  # applied before the sidebar is drawn
+    if conv_layers(ckpt.digest, ckpt):
+        st.session_state["pending_model"] = UPLOAD_PREFIX + name  # applied before the sidebar is drawn
     return ckpt
 
 
@@ -77,15 +89,18 @@ def current_engine() -> engine.Engine:
 def engine_for(ckpt: Checkpoint, layer: str | None) -> engine.Engine:
     """The shared engine for a checkpoint and layer (None: the last conv); the first build shows progress."""
     layer = layer or conv_layers(ckpt.digest, ckpt)[-1].name  # one cache entry whichever way it is named
-    key = (ckpt.digest, ckpt.dataset, layer, device())
+    own = own_data()
+    key = (ckpt.digest, own["digest"] if own else ckpt.dataset, layer, device())
     cache = engine_cache()
     cached = cache.lookup(key)
     if cached is not None:
         return cached
     with st.status(f"Preparing {ckpt.name}: one pass over the test set ...", expanded=True) as status:
         bar = st.progress(0.0)
+        split = _image_folder(own["path"], ckpt.spec.input_shape, ckpt.dataset) if own else None
         eng = cache.get(key, lambda: engine.from_checkpoint(
-            ckpt, layer=layer, device=device(), progress=lambda d, t, label: bar.progress(d / t, text=label)))
+            ckpt, layer=layer, device=device(), split=split,
+            progress=lambda d, t, label: bar.progress(d / t, text=label)))
         status.update(label=f"{ckpt.name} ready: {eng.total:,} test images cached ({eng.path})", state="complete",
                       expanded=False)
     return eng
@@ -112,3 +127,83 @@ def pruned_parameters(eng: engine.Engine, k: int) -> int:
 def parameter_count(ckpt: Checkpoint) -> int:
     return sum(v.numel() for k, v in ckpt.state_dict.items() if not k.endswith(("running_mean", "running_var",
                                                                                  "num_batches_tracked")))
+
+
+def chance_level(ckpt: Checkpoint) -> float | None:
+    """Accuracy of guessing: 1 / number of classes (a half for the pair networks)."""
+    spec = datasets.DATASETS.get(ckpt.dataset)
+    return 1 / len(spec.class_names) if spec else None
+
+
+def own_data() -> dict | None:
+    """This session's own test images, when uploaded and chosen in the sidebar."""
+    own = st.session_state.get("own_data")
+    return own if own and st.session_state.get("use_own_data") else None
+
+
+def add_own_data(name: str, data: bytes) -> dict:
+    """Unpack a zip of an image folder into the cache and check it reads. Raises DataUnavailable."""
+    path = datasets.unpack_zip(data, name)
+    ckpt = current_checkpoint()
+    split = _image_folder(str(path), ckpt.spec.input_shape, ckpt.dataset)
+    own = {"name": name, "path": str(path), "digest": "image_folder:" + hashlib.sha256(data).hexdigest(),
+           "images": len(split), "classes": list(split.spec.class_names)}
+    st.session_state["own_data"] = own
+    st.session_state["pending_use_own_data"] = True
+    return own
+
+
+@st.cache_resource(max_entries=4, show_spinner=False)
+def _image_folder(path: str, input_shape: tuple, dataset: str) -> datasets.DataSplit:
+    spec = datasets.DATASETS.get(dataset)
+    channels = input_shape[0]
+    mean, std = (spec.mean, spec.std) if spec and len(spec.mean) == channels else ((0.5,) * channels,) * 2
+    return datasets.load_image_folder(path, input_shape, mean, std)
+
+
+# ---------------------------------------------------------------------------------------------
+# Magnitude pruning (the Magnitude page). Base models and orders are shared and read-only.
+
+@st.cache_resource(max_entries=8, show_spinner=False)
+def _base_model(digest: str, _ckpt: Checkpoint):
+    return _ckpt.build_model()
+
+
+def base_model(ckpt: Checkpoint):
+    return _base_model(ckpt.digest, ckpt)
+
+
+@st.cache_resource(max_entries=8, show_spinner=False)
+def _magnitude_order(digest: str, _ckpt: Checkpoint):
+    return magnitude.MagnitudeOrder(base_model(_ckpt))
+
+
+def test_split(ckpt: Checkpoint) -> datasets.DataSplit:
+    return datasets.load(ckpt.dataset)
+
+
+def magnitude_model(ckpt: Checkpoint, sparsity: float, per_layer: bool):
+    """A pruned copy (the shared base model is never touched)."""
+    masks = _magnitude_order(ckpt.digest, ckpt).masks(sparsity, per_layer)
+    return magnitude.apply_masks(base_model(ckpt), masks)
+
+
+@st.cache_data(max_entries=2000, show_spinner=False)
+def _magnitude_accuracy(digest: str, sparsity: float, per_layer: bool, _ckpt: Checkpoint) -> float:
+    split = test_split(_ckpt)
+    model = magnitude_model(_ckpt, sparsity, per_layer)
+    return engine.count_correct(model, split.x, split.y, _ckpt.spec.task) / len(split)
+
+
+def magnitude_accuracy(ckpt: Checkpoint, sparsity: float, per_layer: bool) -> float:
+    return _magnitude_accuracy(ckpt.digest, round(sparsity, 4), per_layer, ckpt)
+
+
+def magnitude_retrain(ckpt: Checkpoint, sparsity: float, per_layer: bool, epochs: int, progress):
+    """Retrain a private pruned copy for this session; returns (model, test accuracy)."""
+    masks = _magnitude_order(ckpt.digest, ckpt).masks(sparsity, per_layer)
+    train = datasets.load(ckpt.dataset, train=True)
+    model = magnitude.retrain(base_model(ckpt), masks, train.x, train.y, epochs, device=device(), progress=progress,
+                              task=ckpt.spec.task)
+    split = test_split(ckpt)
+    return model, engine.count_correct(model, split.x, split.y, ckpt.spec.task) / len(split)

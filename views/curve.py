@@ -8,10 +8,10 @@ from core import criteria, engine
 from ui import figures, state
 
 st.title("Accuracy vs channels pruned")
-models = state.available_models()
+models = state.channel_models()
 c1, c2, c3, c4 = st.columns([0.4, 0.2, 0.25, 0.15])
-chosen = c1.multiselect("Models", list(models), default=list(state.bundled_checkpoints())[:2] or
-                        [st.session_state["model"]], key="curve_models")
+contrast = [m for m in ("fmnist_vgg", "fmnist_resnet") if m in models]  # seed 000's VGG-vs-ResNet contrast
+chosen = c1.multiselect("Models", list(models), default=contrast or [st.session_state["model"]], key="curve_models")
 modes = c2.multiselect("Modes", list(engine.MODES), default=[st.session_state["mode"]], key="curve_modes")
 crits = c3.multiselect("Criteria", list(criteria.CRITERIA), default=[st.session_state["criterion"]],
                        key="curve_criteria")

@@ -2,6 +2,7 @@
 import streamlit as st
 
 from core import checkpoints
+from core import data as datasets
 from core.models import REGISTRY
 from ui import state
 
@@ -32,7 +33,27 @@ if upload is not None and st.session_state.get("last_upload") != upload.file_id:
         st.caption(f"Still using **{st.session_state['model']}**.")
     else:
         st.session_state["last_upload"] = upload.file_id
+        if state.conv_layers(ckpt.digest, ckpt):
+            st.rerun()
+        st.info(f"{upload.name} is a '{ckpt.arch}' with no conv layer, so channel pruning does not apply. "
+                "It is listed on the Magnitude page.")
+
+st.subheader("Your own test images")
+st.markdown("A zip of an image folder: one sub-folder per class, named so that they sort in the order of the "
+            "model's classes (e.g. `0_tshirt/`, `1_trouser/`, ...). Images are resized to the model's input.")
+zipped = st.file_uploader("Image folder (.zip)", type=["zip"], key="upload_images")
+if zipped is not None and st.session_state.get("last_images") != zipped.file_id:
+    try:
+        own = state.add_own_data(zipped.name, zipped.getvalue())
+    except datasets.DataUnavailable as exc:
+        st.error(f"{zipped.name} was not loaded. {exc}")
+    else:
+        st.session_state["last_images"] = zipped.file_id
         st.rerun()
+if st.session_state.get("own_data"):
+    own = st.session_state["own_data"]
+    st.caption(f"Uploaded: **{own['name']}**, {own['images']} images in classes {', '.join(own['classes'])}. "
+               "Choose it under *Test data* in the sidebar.")
 
 st.subheader("Model in use")
 ckpt = state.current_checkpoint()

@@ -28,14 +28,17 @@ def pruning_view() -> None:
     left, right = st.columns([0.55, 0.45])
     left.plotly_chart(figures.feature_map_grid(maps, scores, ranks, k, order_by_score=True,
                                                title="Feature maps by score (pruned: red)"), width="stretch")
-    chance = 1 / len(state.current_checkpoint().meta.get("class_names", [])) if \
-        state.current_checkpoint().meta.get("class_names") else None
+    chance = state.chance_level(state.current_checkpoint())
     right.plotly_chart(figures.accuracy_curve({f"{mode}, {criterion}": (list(range(len(accuracy))), accuracy)},
                                               marker=(k, acc), chance=chance), width="stretch")
 
 
 pruning_view()
-st.caption(f"Mode **{mode}**, ranking by **{criterion}**, layer **{eng.layer}**; evaluation path: {eng.path}.")
+task = "binary accuracy: same or different pair" if eng.task == "binary" else "multi-class accuracy"
+st.caption(f"Mode **{mode}**, ranking by **{criterion}**, layer **{eng.layer}**, {task}; "
+           f"evaluation path: {eng.path}. Re-ranking after every prune (seed 001) would give the same order: "
+           "the ranking is this layer's own activation, and a channel's activation does not depend on the "
+           "other channels of the layer, so ranking once is enough.")
 
 st.subheader("Live scrubber")
 st.caption("Drag this slider: the grid and the marker follow the thumb in the browser, from the precomputed "

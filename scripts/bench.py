@@ -1,0 +1,136 @@
+"""Benchmark: the engine against the naive procedure and against one plain test-set pass.
+
+    python scripts/bench.py [--device cpu|cuda|all] [--naive-ks 3] [--models vgg,resnet]
+
+Every number is measured in this run, on this machine. Every accuracy the engine gives is
+checked against the naive procedure (copy the model, zero the weights, evaluate everything) at
+the timed K, and the slider's answers against the curve; any mismatch fails the run (exit 1).
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from core import checkpoints, data, engine  # noqa: E402
+
+MODELS = {"vgg": ROOT / "checkpoints" / "fmnist_vgg.pt", "resnet": ROOT / "checkpoints" / "fmnist_resnet.pt"}
+TARGETS = {"curve / floor": ("<=", 2.0), "naive / curve": (">=", 200.0), "slider median ms": ("<", 20.0),
+           "cache / boundary": ("<=", 1.1)}
+
+
+def clock(fn, device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - start
+
+
+def bench_model(name: str, device: torch.device, naive_ks: int, failures: list[str]) -> dict:
+    ckpt = checkpoints.load(MODELS[name])
+    split = data.load(ckpt.dataset)
+    model = ckpt.build_model().to(device)
+    x, y = split.x, split.y
+    engine.count_correct(model, x[:1000], y[:1000], device=device)  # warm-up: kernels, allocator
+    _, floor = clock(lambda: engine.count_correct(model, x, y, device=device), device)
+
+    eng, cold = clock(lambda: engine.Engine(ckpt.build_model(), x, y, device=device), device)
+    p = eng.channels
+    row = {"model": name, "device": str(device), "images": len(y), "channels": p, "path": eng.path,
+           "floor s": floor, "cold s": cold}
+    rng = random.Random(0)
+    for mode in engine.MODES:
+        counts, curve_s = clock(lambda: [c for _, c in eng.sweep(range(p + 1), mode)], device)
+        ks = sorted(rng.sample(range(1, p), naive_ks - 1)) + [p]
+        naive_times = []
+        for k in ks:
+            naive, t = clock(lambda: engine.naive_correct(eng, k, mode), device)
+            naive_times.append(t)
+            if naive != counts[k]:
+                failures.append(f"{name} {mode} K={k}: engine {counts[k]} != naive {naive}")
+        slider = []
+        for k in [rng.randrange(p + 1) for _ in range(50)]:
+            answer, t = clock(lambda: eng.correct(k, mode), device)
+            slider.append(t)
+            if answer != counts[k]:
+                failures.append(f"{name} {mode} slider K={k}: {answer} != curve {counts[k]}")
+        naive_curve = statistics.mean(naive_times) * (p + 1)
+        row[mode] = {"curve s": curve_s, "naive per K s": statistics.mean(naive_times), "naive curve s": naive_curve,
+                     "curve / floor": (cold + curve_s) / floor, "naive / curve": naive_curve / (cold + curve_s),
+                     "slider median ms": 1000 * statistics.median(slider),
+                     "slider p95 ms": 1000 * sorted(slider)[int(0.95 * len(slider)) - 1],
+                     "checked K": ks}
+    row["cache MB"] = eng.cache_bytes() / 2**20
+    row["boundary MB"] = eng.boundary_bytes / 2**20
+    row["cache / boundary"] = eng.cache_bytes() / eng.boundary_bytes
+    return row
+
+
+def verdict(metric: str, value: float) -> str:
+    op, target = TARGETS[metric]
+    ok = {"<=": value <= target, ">=": value >= target, "<": value < target}[op]
+    if ok:
+        return f"ok ({op} {target:g})"
+    miss = value / target if op in ("<=", "<") else target / value
+    return f"MISSED {op} {target:g} by {miss:.1f}x"
+
+
+def print_row(row: dict) -> None:
+    print(f"\n{row['model']} on {row['device']}: {row['images']:,} test images, {row['channels']} channels, "
+          f"path: {row['path']}")
+    print(f"  floor (one plain test-set pass): {row['floor s']:.2f} s; cold engine (capture + ranking): "
+          f"{row['cold s']:.2f} s")
+    print(f"  cache {row['cache MB']:.1f} MB vs tensors crossing the split {row['boundary MB']:.1f} MB: "
+          f"{row['cache / boundary']:.2f}  {verdict('cache / boundary', row['cache / boundary'])}")
+    print(f"  {'mode':7s} {'curve s':>8s} {'naive/K s':>10s} {'naive curve s':>14s} {'(cold+curve)/floor':>19s} "
+          f"{'naive/(cold+curve)':>19s} {'slider med ms':>14s} {'p95 ms':>7s}")
+    for mode in engine.MODES:
+        r = row[mode]
+        print(f"  {mode:7s} {r['curve s']:8.3f} {r['naive per K s']:10.3f} {r['naive curve s']:14.1f} "
+              f"{r['curve / floor']:19.2f} {r['naive / curve']:19.0f} {r['slider median ms']:14.2f} "
+              f"{r['slider p95 ms']:7.2f}")
+        print(f"          targets: {verdict('curve / floor', r['curve / floor'])}; "
+              f"{verdict('naive / curve', r['naive / curve'])}; "
+              f"{verdict('slider median ms', r['slider median ms'])}; naive checked at K={r['checked K']}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="all", choices=["all", "cpu", "cuda"])
+    ap.add_argument("--naive-ks", type=int, default=3, help="naive evaluations per model and mode (timed, checked)")
+    ap.add_argument("--models", default="vgg,resnet")
+    args = ap.parse_args()
+    devices = [torch.device("cpu")] if args.device in ("all", "cpu") else []
+    if args.device in ("all", "cuda"):
+        if torch.cuda.is_available():
+            devices.append(torch.device("cuda"))
+        elif args.device == "cuda":
+            print("no CUDA device here", file=sys.stderr)
+            return 2
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads"
+          + (f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no CUDA"))
+    print("Precision: float32 throughout (no half precision, no reduced cache), so no accuracy can change.")
+    failures: list[str] = []
+    for device in devices:
+        for name in args.models.split(","):
+            print_row(bench_model(name, device, args.naive_ks, failures))
+    if failures:
+        print("\nACCURACY MISMATCHES:\n  " + "\n  ".join(failures))
+        return 1
+    print("\nEvery timed accuracy equals the naive procedure's; every slider answer equals the curve.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

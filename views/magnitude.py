@@ -1,0 +1,75 @@
+"""Magnitude page: Han et al. 2015 on LeNet-300-100: prune by |w|, see what survives, retrain."""
+import numpy as np
+import streamlit as st
+
+from core import magnitude
+from ui import figures, state
+
+st.title("Magnitude pruning with retraining")
+st.caption("Han et al. 2015, *Learning both Weights and Connections*: set the weights with the smallest |w| to "
+           "zero, then retrain the rest with the pruned weights held at zero.")
+models = state.available_models()
+names = list(models)
+c1, c2, c3 = st.columns([0.4, 0.3, 0.3])
+name = c1.selectbox("Model", names, index=names.index("fmnist_lenet300") if "fmnist_lenet300" in names else 0,
+                    key="mag_model")
+ckpt = models[name]
+per_layer = c2.radio("Threshold", ["global", "per layer"], horizontal=True, key="mag_threshold",
+                     help="global: one |w| threshold over every layer (the paper's way); per layer: the same "
+                          "fraction pruned in each layer.") == "per layer"
+sparsity = c3.slider("Weights pruned (%)", 0.0, 99.9, 90.0, step=0.1, key="mag_sparsity") / 100
+
+base_accuracy = state.magnitude_accuracy(ckpt, 0.0, False)
+accuracy = state.magnitude_accuracy(ckpt, sparsity, per_layer)
+pruned = state.magnitude_model(ckpt, sparsity, per_layer)
+report = magnitude.sparsity_of(pruned)
+m1, m2, m3 = st.columns(3)
+m1.metric("Test accuracy (no retraining)", f"{accuracy:.2%}", delta=f"{(accuracy - base_accuracy) * 100:+.2f} pts")
+m2.metric("Non-zero weights", f"{report.overall_nonzero:,} of {sum(report.total.values()):,}")
+m3.metric("Compression", f"{report.compression:.1f}x")
+
+retrained = st.session_state.setdefault("mag_retrained", {}).setdefault(ckpt.digest, [])
+with st.form("retrain"):
+    epochs = st.number_input("Epochs", 1, 20, 1, key="mag_epochs")
+    go_retrain = st.form_submit_button(f"Retrain {int(epochs)} epoch(s) at this sparsity")
+if go_retrain:
+    with st.status("Retraining on the server (your session only) ...", expanded=True) as status:
+        bar = st.progress(0.0)
+        model, after = state.magnitude_retrain(ckpt, sparsity, per_layer, int(epochs),
+                                               lambda d, t, label: bar.progress(d / t, text=label))
+        retrained.append({"sparsity": sparsity, "per_layer": per_layer, "epochs": int(epochs), "accuracy": after})
+        st.session_state["mag_last_model"] = model
+        status.update(label=f"Retrained: {after:.2%} at {sparsity:.1%} sparsity", state="complete", expanded=False)
+if retrained:
+    st.dataframe([{"sparsity": f"{r['sparsity']:.1%}", "threshold": "per layer" if r["per_layer"] else "global",
+                   "epochs": r["epochs"], "accuracy after retraining": f"{r['accuracy']:.2%}",
+                   "vs baseline": f"{(r['accuracy'] - base_accuracy) * 100:+.2f} pts"} for r in retrained],
+                 hide_index=True)
+
+grid = [0.0, 0.5, 0.7, 0.8, 0.85, 0.9, 0.92, 0.94, 0.96, 0.97, 0.98, 0.99, 0.995, 0.999]
+curve = [state.magnitude_accuracy(ckpt, s, per_layer) for s in grid]
+st.plotly_chart(figures.accuracy_vs_sparsity((grid, curve), [(r["sparsity"], r["accuracy"]) for r in retrained
+                                                             if r["per_layer"] == per_layer], (sparsity, accuracy)),
+                width="stretch")
+
+weights = {n: w.detach().numpy() for n, w in magnitude.prunable_weights(pruned).items()}
+st.plotly_chart(figures.weight_histograms(weights), width="stretch")
+st.dataframe([{"layer": n, "weights": report.total[n], "non-zero": report.nonzero[n],
+               "kept": f"{report.nonzero[n] / report.total[n]:.1%}"} for n in report.total], hide_index=True)
+
+first_name, first = next(iter(weights.items()))
+if first.ndim == 2 and first.shape[1] == int(np.prod(ckpt.spec.input_shape)) and ckpt.spec.input_shape[0] == 1:
+    st.plotly_chart(figures.first_layer_maps(first, ckpt.spec.input_shape[1:]), width="stretch")
+    st.plotly_chart(figures.weight_matrix(first, first_name), width="stretch")
+
+st.subheader("Hidden neurons that fire for one test image")
+split = state.test_split(ckpt)
+index = st.number_input("Test image", 0, len(split) - 1, 0, key="mag_image")
+fired = magnitude.firing_neurons(pruned, split.x[index])
+unpruned = magnitude.firing_neurons(state.base_model(ckpt), split.x[index])
+left, right = st.columns([0.25, 0.75])
+if split.x.shape[1] == 1:
+    left.image(((split.x[index, 0] - split.x[index, 0].min()) / (np.ptp(split.x[index, 0].numpy()) + 1e-8)).numpy(),
+               width=140, caption=f"label: {split.spec.class_names[int(split.y[index])]}")
+right.dataframe([{"layer": n, "units": next(m.out_features for mn, m in pruned.named_modules() if mn == n),
+                  "firing (pruned)": fired[n], "firing (unpruned)": unpruned[n]} for n in fired], hide_index=True)
