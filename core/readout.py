@@ -195,6 +195,8 @@ class ReadoutCache:
         ks_t = torch.as_tensor(ks, device=self.on[0].device)
         counts = torch.zeros(len(ks), dtype=torch.long)
         weight = self.readout.linear.weight.double().view(-1, p, s)[:, order]           # (out, P, S)
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(p, device=order.device)  # channel -> its place in the pruning order
         for on, off, y in zip(self.on, self.off, self.labels):
             base = self.readout.linear(on).double()                                      # K = 0, exactly
             delta = (off - on).double().view(len(y), p, s)[:, order]                    # (n, P, S)
@@ -203,8 +205,11 @@ class ReadoutCache:
             if self.readout.tail is not None:
                 out = self.readout.tail(out.float().flatten(0, 1)).double().view(len(ks), len(y), -1)
             right = self._predict(out.flatten(0, 1)).view(len(ks), len(y)) == y
-            for j, i in self._near_ties(out).tolist():
-                right[j, i] = self._exact_one(on[i:i + 1], off[i:i + 1], order[:ks[j]]) == y[i]
+            ties = self._near_ties(out)
+            if len(ties):
+                j, i = ties[:, 0], ties[:, 1]
+                keep = (rank[None, :] >= ks_t[j, None]).repeat_interleave(s, dim=1)  # (ties, F)
+                right[j, i] = self._predict(self._logits(torch.where(keep, on[i], off[i]))) == y[i]
             counts += right.sum(1).cpu()
         return counts.tolist()
 
@@ -217,9 +222,3 @@ class ReadoutCache:
             top2 = logits.topk(2, dim=-1).values
             margin = top2[..., 0] - top2[..., 1]
         return torch.nonzero(margin < self.TIE_TOLERANCE * scale)
-
-    def _exact_one(self, on: torch.Tensor, off: torch.Tensor, pruned: torch.Tensor) -> int:
-        mask = torch.ones(self.channels, device=on.device)
-        mask[pruned] = 0
-        keep = self._feature_mask(mask)
-        return int(self._predict(self._logits(torch.where(keep, on, off)))[0])

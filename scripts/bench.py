@@ -77,7 +77,9 @@ def bench_model(name: str, device: torch.device, naive_ks: int, failures: list[s
     return row
 
 
-def verdict(metric: str, value: float) -> str:
+def verdict(metric: str, value: float, device: str = "cpu") -> str:
+    if device != "cpu":
+        return "(targets are for CPU)"
     op, target = TARGETS[metric]
     ok = {"<=": value <= target, ">=": value >= target, "<": value < target}[op]
     if ok:
@@ -92,7 +94,7 @@ def print_row(row: dict) -> None:
     print(f"  floor (one plain test-set pass): {row['floor s']:.2f} s; cold engine (capture + ranking): "
           f"{row['cold s']:.2f} s")
     print(f"  cache {row['cache MB']:.1f} MB vs tensors crossing the split {row['boundary MB']:.1f} MB: "
-          f"{row['cache / boundary']:.2f}  {verdict('cache / boundary', row['cache / boundary'])}")
+          f"{row['cache / boundary']:.2f}  {verdict('cache / boundary', row['cache / boundary'], 'cpu')}")
     print(f"  {'mode':7s} {'curve s':>8s} {'naive/K s':>10s} {'naive curve s':>14s} {'(cold+curve)/floor':>19s} "
           f"{'naive/(cold+curve)':>19s} {'slider med ms':>14s} {'p95 ms':>7s}")
     for mode in engine.MODES:
@@ -100,9 +102,10 @@ def print_row(row: dict) -> None:
         print(f"  {mode:7s} {r['curve s']:8.3f} {r['naive per K s']:10.3f} {r['naive curve s']:14.1f} "
               f"{r['curve / floor']:19.2f} {r['naive / curve']:19.0f} {r['slider median ms']:14.2f} "
               f"{r['slider p95 ms']:7.2f}")
-        print(f"          targets: {verdict('curve / floor', r['curve / floor'])}; "
-              f"{verdict('naive / curve', r['naive / curve'])}; "
-              f"{verdict('slider median ms', r['slider median ms'])}; naive checked at K={r['checked K']}")
+        dev = row["device"]
+        print(f"          targets: {verdict('curve / floor', r['curve / floor'], dev)}; "
+              f"{verdict('naive / curve', r['naive / curve'], dev)}; "
+              f"{verdict('slider median ms', r['slider median ms'], dev)}; naive checked at K={r['checked K']}")
 
 
 def main() -> int:

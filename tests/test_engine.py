@@ -172,3 +172,15 @@ def test_cuda_request_without_cuda_is_an_error():
 def test_unknown_criterion_and_mode_are_named():
     with pytest.raises(ValueError, match="Criteria: mean, mean_abs, l1_norm"):
         criteria.get("taylor")
+
+
+def test_near_tie_recheck_gives_the_exact_counts(bundled, monkeypatch):
+    """With the tolerance so wide that every image counts as a near tie, every prediction of the
+    curve comes from the exact recomputation: it must still equal the exact count at each K."""
+    from core.readout import ReadoutCache
+
+    _, eng = bundled
+    monkeypatch.setattr(ReadoutCache, "TIE_TOLERANCE", 1e9)
+    ks = [0, 1, 100, 300, 511, 512]
+    for mode in engine.MODES:
+        assert [c for _, c in eng.sweep(ks, mode)] == [eng.correct(k, mode) for k in ks]
