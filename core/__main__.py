@@ -277,6 +277,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:  # a bug, not bad input: still one line, the traceback with --debug
+        if args.debug:
+            raise
+        print(f"error: unexpected {type(exc).__name__}: {exc} (run again with --debug for the traceback)",
+              file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

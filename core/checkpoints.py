@@ -42,12 +42,27 @@ class Checkpoint:
 
     def build_model(self) -> nn.Module:
         """A fresh model in eval mode with the weights loaded; each call returns a new object."""
-        model = models.build(self.arch, **self.arch_kwargs)
         try:
-            model.load_state_dict(self.state_dict, strict=True)
-        except RuntimeError as exc:
-            raise CheckpointError(f"The weights do not fit architecture '{self.arch}': {exc}") from None
+            model = models.build(self.arch, **self.arch_kwargs)
+        except TypeError as exc:
+            raise CheckpointError(f"Architecture '{self.arch}' does not take these arguments: {exc}") from None
+        _check_fits(self.arch, model.state_dict(), self.state_dict)
+        model.load_state_dict(self.state_dict, strict=True)
         return model.eval()
+
+
+def _check_fits(arch: str, expected: dict, given: dict) -> None:
+    """Name the first tensor that is missing, unexpected or of another shape, with both shapes."""
+    for key, tensor in expected.items():
+        if key not in given:
+            raise CheckpointError(f"The weights do not fit '{arch}': tensor '{key}' {list(tensor.shape)} is missing.")
+        if tuple(given[key].shape) != tuple(tensor.shape):
+            raise CheckpointError(f"The weights do not fit '{arch}': '{key}' has shape {list(given[key].shape)} "
+                                  f"in the file, but '{arch}' expects {list(tensor.shape)}.")
+    extra = [k for k in given if k not in expected]
+    if extra:
+        raise CheckpointError(f"The weights do not fit '{arch}': unexpected tensor '{extra[0]}'"
+                              + (f" and {len(extra) - 1} more." if len(extra) > 1 else "."))
 
 
 def _unpickler_reason(exc: Exception) -> str:
@@ -94,6 +109,9 @@ def detect_arch(state_dict: dict[str, torch.Tensor]) -> tuple[str, dict, dict[st
     for name, kwargs, ours in candidates:
         if dict(ours) == dict(theirs):
             return name, kwargs, {}
+    for name, kwargs, ours in candidates:  # the right names, a wrong shape: say which
+        if set(dict(ours)) == set(dict(theirs)):
+            _check_fits(name, {k: torch.empty(s) for k, s in ours}, {k: torch.empty(s) for k, s in theirs})
     for name, kwargs, ours in candidates:
         if [shape for _, shape in ours] == [shape for _, shape in theirs]:
             return name, kwargs, {t: o for (t, _), (o, _) in zip(theirs, ours) if t != o}
@@ -122,6 +140,12 @@ def from_bytes(data: bytes, name: str = "") -> Checkpoint:
         ckpt = Checkpoint(arch, kwargs, state, meta, digest, name)
     else:
         raise CheckpointError("This file holds no state dict: expected a dict of tensors or the bundled format.")
+    for key, tensor in ckpt.state_dict.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise CheckpointError(f"'{key}' in the state dict is a {type(tensor).__name__}, not a tensor.")
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"Tensor '{key}' holds NaN or infinite values: the model is broken "
+                                  "(a diverged training run?), so its accuracies would mean nothing.")
     ckpt.build_model()  # fail now, with the shapes named, rather than later
     return ckpt
 

@@ -109,7 +109,14 @@ def test_good_upload_becomes_the_model(app):
     assert metric(app, "Architecture") == "small_resnet"
 
 
-@pytest.mark.parametrize("model,channels,grid", [("fmnist_pair_cnn", 64, "8 x 8"), ("fmnist_siamese", 128, "8 x 16")])
+def test_siamese_feature_maps_are_an_8_by_16_grid(app):
+    app.switch_page("views/feature_maps.py").run()
+    app.selectbox(key="model").set_value("fmnist_siamese").run()
+    assert not app.exception, app.exception
+    assert any("8 x 16 grid" in c.value for c in app.caption)
+
+
+@pytest.mark.parametrize("model,channels,grid", [("fmnist_pair_cnn", 64, "8 x 8")])
 def test_pair_networks_on_the_prune_page_with_binary_accuracy(app, model, channels, grid):
     app.selectbox(key="model").set_value(model).run()
     assert not app.exception, app.exception

@@ -24,6 +24,7 @@ st.markdown(
     "(`{'arch', 'arch_kwargs', 'state_dict', 'meta'}`). Files are read with `weights_only=True`: "
     "a whole pickled model is refused, because loading it could run code."
 )
+st.caption(f"Uploads are limited to {st.get_option('server.maxUploadSize')} MB (`.streamlit/config.toml`).")
 upload = st.file_uploader("Checkpoint file", type=["pt", "pth"], key="upload")
 if upload is not None and st.session_state.get("last_upload") != upload.file_id:
     try:
