@@ -80,9 +80,17 @@ def _engine(args):
     ckpt = checkpoints.load(args.checkpoint)
     if args.dataset:
         ckpt.meta["dataset"] = args.dataset  # this process's own copy: evaluate on another data set
+    split = None
+    if args.image_folder:  # one's own images, normalised as the checkpoint's data set
+        from . import data
+
+        spec = data.DATASETS.get(ckpt.dataset)
+        channels = ckpt.spec.input_shape[0]
+        mean, std = (spec.mean, spec.std) if spec and len(spec.mean) == channels else ((0.5,) * channels,) * 2
+        split = data.load_image_folder(args.image_folder, ckpt.spec.input_shape, mean, std)
     bar = _Bar()
     eng = engine.from_checkpoint(ckpt, layer=args.layer, device=args.device, data_root=args.data_root,
-                                 progress=bar)
+                                 progress=bar, split=split)
     print(f"{args.checkpoint}: {ckpt.arch}, layer {eng.layer} ({eng.channels} channels), "
           f"{eng.total} test images, device {eng.device}, path: {eng.path}", file=sys.stderr)
     return ckpt, eng, bar
@@ -235,6 +243,8 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("--criterion", default="mean", choices=list(CRITERIA))
         sp.add_argument("--out", required=True, help="CSV file to write")
         sp.add_argument("--data-root", default=None, help="folder holding the data set's files")
+        sp.add_argument("--image-folder", default=None, metavar="DIR",
+                        help="evaluate on your own images: one sub-folder per class (ImageFolder layout)")
         sp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
 
     r = sub.add_parser("rank", help="rank the layer's channels (rank 0 = pruned first) to CSV")

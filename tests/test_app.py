@@ -189,3 +189,26 @@ def test_magnitude_page_live_accuracy_and_retraining(app):
     assert any("after retraining" in str(df.value.columns.tolist()) for df in app.dataframe)
     # the shared base model is untouched by the session's retraining
     assert metric(app, "Test accuracy (no retraining)") == f"{count_correct(pruned, split.x, split.y) / 1e4:.2%}"
+
+
+def test_scrubber_has_a_precomputed_step_per_k():
+    """The live scrubber: one frame per K with the curve's value, so the browser needs no server."""
+    import numpy as np
+
+    from ui import figures
+
+    maps = np.random.default_rng(0).random((64, 3, 3))
+    scores = maps.mean((1, 2))
+    ranks = np.argsort(np.argsort(scores, kind="stable"), kind="stable")
+    accuracy = list(np.linspace(0.9, 0.1, 65))
+    fig = figures.scrubber(maps, scores, ranks, accuracy, k=5)
+    assert len(fig.frames) == 65 and len(fig.layout.sliders[0].steps) == 65 and fig.layout.sliders[0].active == 5
+    frame = fig.frames[40]
+    assert frame.data[1].x == (40,) and frame.data[1].y == (accuracy[40],)
+    assert "K = 40 of 64" in frame.layout.title.text
+    # the overlay colours exactly the pixels of the 40 lowest-ranked channels
+    _, rank_image, _ = figures.grid_layers(maps, scores, ranks, order_by_score=True)
+    scale = frame.data[0].colorscale
+    cut = [stop for stop, colour in scale if colour == figures.PRUNED_COLOUR][-1]
+    covered = np.unique(np.floor(rank_image[np.isfinite(rank_image)][rank_image[np.isfinite(rank_image)] / 64 < cut]))
+    assert covered.tolist() == list(range(40))

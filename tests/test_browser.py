@@ -98,11 +98,12 @@ def test_slider_in_a_real_browser_matches_the_engine(server, browser, tmp_path_f
     page.screenshot(path=str(shots / "prune.png"), full_page=True)
 
     for path, marker in (("load", "Load a model"), ("feature_maps", "Averaged feature maps"),
-                         ("curve", "Accuracy vs channels pruned")):
+                         ("curve", "Accuracy vs channels pruned"), ("magnitude", "Magnitude pruning with retraining")):
         page.goto(f"{server}/{path}")
         settle(page)
         page.wait_for_selector(f"text={marker}", timeout=240_000)
         page.wait_for_timeout(1000)
         page.screenshot(path=str(shots / f"{path}.png"), full_page=True)
-    assert sorted(p.name for p in shots.iterdir()) == ["curve.png", "feature_maps.png", "load.png", "prune.png"]
+    assert sorted(p.name for p in shots.iterdir()) == ["curve.png", "feature_maps.png", "load.png", "magnitude.png",
+                                                       "prune.png"]
     print(f"screenshots in {shots}")

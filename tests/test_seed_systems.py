@@ -290,3 +290,22 @@ def test_image_folder_and_zip_upload(tmp_path):
         zf.writestr("../../escape.txt", "x")
     with pytest.raises(data.DataUnavailable, match="outside its folder"):
         data.unpack_zip(evil.getvalue(), "evil.zip")
+
+
+def test_cli_sweeps_on_an_image_folder(tmp_path):
+    split = data.load("fashion_mnist")
+    for i in range(30):
+        folder = tmp_path / "imgs" / f"{int(split.y[i])}_class"
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = ((split.x[i, 0] * 0.3530 + 0.2860) * 255).round().clamp(0, 255).byte().numpy()
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+    out = tmp_path / "c.csv"
+    res = subprocess.run([sys.executable, "-m", "core", "sweep", str(ROOT / "checkpoints" / "fmnist_vgg.pt"),
+                          "--image-folder", str(tmp_path / "imgs"), "--ks", "0,256", "--out", str(out)],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    rows = out.read_text().splitlines()
+    own = data.load_image_folder(tmp_path / "imgs", (1, 28, 28), (0.2860,), (0.3530,))
+    eng = engine.from_checkpoint(checkpoints.load(ROOT / "checkpoints" / "fmnist_vgg.pt"), device="cpu", split=own)
+    assert rows[1].split(",")[:3] == ["0", str(eng.correct(0)), "30"]
+    assert rows[2].split(",")[:2] == ["256", str(eng.correct(256))]

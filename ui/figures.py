@@ -109,11 +109,11 @@ def scrubber(maps: np.ndarray, scores: np.ndarray, ranks: np.ndarray, accuracy: 
     in the browser with no server round trip."""
     channels = maps.shape[0]
     ks = list(range(channels + 1))
-    fig = make_subplots(rows=1, cols=2, column_widths=[0.58, 0.42], horizontal_spacing=0.06)
+    fig = make_subplots(rows=1, cols=2, column_widths=[0.56, 0.44], horizontal_spacing=0.1)
     base, overlay = _grid_traces(maps, scores, ranks, k, order_by_score)
     fig.add_trace(base, row=1, col=1)
     fig.add_trace(overlay, row=1, col=1)
-    fig.add_scatter(x=ks, y=accuracy, mode="lines", name="accuracy", row=1, col=2,
+    fig.add_scatter(x=ks, y=accuracy, mode="lines", name="accuracy", row=1, col=2, line=dict(color="#2563eb"),
                     hovertemplate="K = %{x}<br>accuracy %{y:.2%}<extra></extra>")
     fig.add_scatter(x=[k], y=[accuracy[k]], mode="markers", name="current K", row=1, col=2,
                     marker=dict(size=13, color="#dc2626", line=dict(width=2, color="white")))
