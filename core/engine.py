@@ -28,7 +28,7 @@ MODES = {
 }
 
 PATH_SPLIT = "fx split (prefix cached once)"
-PATH_FAST = "fx split + cumulative sum over the linear read-out (whole curve in one pass)"
+PATH_FAST = "fx split + on/off features at the linear read-out (whole curve from one pass)"
 PATH_HOOK = "forward hook fallback (full pass per evaluation)"
 
 Progress = Callable[[int, int, str], None]
@@ -325,8 +325,8 @@ class Engine:
         cache = self._readouts[mode]
         mask = (torch.arange(self.channels, device=self.device) % 3 != 0).float()
         expected, _ = self._split.suffixes[mode](*boundary, mask)
-        got = cache._logits(torch.where(cache._feature_mask(mask), cache.on[0], cache.off[0]))
-        base = cache._logits(cache.on[0])
+        got = cache.logits(cache.features(mask, cache.on[0], cache.off[0]))
+        base = cache.logits(cache.on[0])
         return torch.allclose(got, expected, rtol=1e-4, atol=1e-5) and torch.allclose(base, logits, rtol=1e-4,
                                                                                        atol=1e-5)
 

@@ -33,9 +33,9 @@ _ELEMENTWISE_METHODS = {"relu", "sigmoid", "tanh", "size", "contiguous", "add", 
 
 @dataclass
 class Readout:
-    zone: fx.GraphModule           # (*boundary, mask) -> features (N, F) entering the linear layer
-    linear: nn.Linear
-    tail: fx.GraphModule | None    # linear output -> logits; None when they are the same
+    zone: fx.GraphModule           # (*boundary, mask) -> a tuple: the features (N, F) entering each linear layer
+    linears: list[nn.Linear]       # the first cross-channel layers: one, or one per call of a shared conv
+    tail: fx.GraphModule | None    # linear outputs -> logits; None when there is one linear and it gives them
 
 
 def _spatial_dims(dims) -> bool:
@@ -74,7 +74,11 @@ def _is_linear(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 
 def find_readout(suffix: fx.GraphModule) -> tuple[Readout | None, str]:
-    """The suffix cut at its first linear layer, or None and the reason the fast path does not apply."""
+    """The suffix cut at its first linear layers, or None and the reason the fast path does not apply.
+
+    Nodes reading only the mask's zone are per-channel zone nodes or entry linears; nodes reading
+    an entry's output form the tail, which may mix anything but must not read the zone directly
+    (the Siamese network: one projection per branch, then |a-b| and a*b)."""
     nodes = list(suffix.graph.nodes)
     mask = next(n for n in nodes if n.op == "placeholder" and n.target == "mask")
     output = nodes[-1]
@@ -82,50 +86,50 @@ def find_readout(suffix: fx.GraphModule) -> tuple[Readout | None, str]:
     for n in nodes:
         if n.op != "output" and any(i in affected for i in n.all_input_nodes):
             affected.add(n)
-    linear, zone, tail = None, set(), []
+    zone, entries, tail = {mask}, [], []
     for n in nodes:
         if n not in affected or n is mask or n.op == "output":
             continue
-        if linear is None:
+        inputs = [i for i in n.all_input_nodes if i in affected]
+        if all(i in zone for i in inputs):
             if _is_linear(suffix, n):
-                linear = n
+                entries.append(n)
             elif _is_per_channel(suffix, n) or n.args[:1] == (mask,):  # the mask's own view
                 zone.add(n)
             else:
                 return None, f"'{n.name}' ({n.op} {n.target}) mixes channels before any linear layer"
+        elif any(i in zone for i in inputs) or any(i.op == "placeholder" for i in n.all_input_nodes):
+            return None, f"'{n.name}' after the linear layer reads the pruned layer directly"
         else:
-            if any(i in zone or (i.op == "placeholder") for i in n.all_input_nodes):
-                return None, f"'{n.name}' after the linear layer reads the pruned layer directly"
             tail.append(n)
-    if linear is None:
+    if not entries:
         return None, "no linear layer after the pruned conv"
-    if linear.args[0] not in zone:
-        return None, "the linear layer does not read the pruned channels"
     logits = output.args[0][0]
-    if logits is not linear and logits not in tail:
-        return None, "the logits do not come from the linear layer"
-    return Readout(_zone(suffix, nodes, linear.args[0]), suffix.get_submodule(linear.target),
-                   _tail(suffix, linear, tail, logits)), ""
+    if logits not in entries and logits not in tail:
+        return None, "the logits do not come from the linear layers"
+    return Readout(_zone(suffix, nodes, [e.args[0] for e in entries]),
+                   [suffix.get_submodule(e.target) for e in entries], _tail(suffix, entries, tail, logits)), ""
 
 
-def _zone(suffix: fx.GraphModule, nodes: list[fx.Node], features: fx.Node) -> fx.GraphModule:
+def _zone(suffix: fx.GraphModule, nodes: list[fx.Node], features: list[fx.Node]) -> fx.GraphModule:
     graph, env = fx.Graph(), {}
     for n in nodes:
         if n.op == "output":
             break
         env[n] = graph.node_copy(n, lambda a: env[a])
-    graph.output(env[features])
+    graph.output(tuple(env[f] for f in features))
     module = fx.GraphModule(suffix, graph)
     module.graph.eliminate_dead_code()
     module.recompile()
     return module
 
 
-def _tail(suffix: fx.GraphModule, linear: fx.Node, tail: list[fx.Node], logits: fx.Node) -> fx.GraphModule | None:
-    if logits is linear:
+def _tail(suffix: fx.GraphModule, entries: list[fx.Node], tail: list[fx.Node],
+          logits: fx.Node) -> fx.GraphModule | None:
+    if entries == [logits]:
         return None
     graph = fx.Graph()
-    env = {linear: graph.placeholder("linear_out")}
+    env = {e: graph.placeholder(f"linear_out_{i}") for i, e in enumerate(entries)}
 
     def arg(a: fx.Node) -> fx.Node:
         if a not in env:  # parameters and constants the tail reads
@@ -154,51 +158,53 @@ class ReadoutCache:
 
     def __init__(self, readout: Readout, channels: int, task: str):
         self.readout, self.channels, self.task = readout, channels, task
-        self.on: list[torch.Tensor] = []
-        self.off: list[torch.Tensor] = []
+        self.on: list[tuple[torch.Tensor, ...]] = []   # per batch, one tensor per linear layer
+        self.off: list[tuple[torch.Tensor, ...]] = []
         self.labels: list[torch.Tensor] = []
 
-    def add_batch(self, on: torch.Tensor, off: torch.Tensor, labels: torch.Tensor) -> None:
-        if on.dim() != 2 or on.shape[1] % self.channels:
-            raise ValueError(f"features of shape {tuple(on.shape)} do not split into {self.channels} channels")
-        self.on.append(on)
-        self.off.append(off)
-        self.labels.append(labels.to(on.device))
-
-    @property
-    def per_channel(self) -> int:
-        return self.on[0].shape[1] // self.channels
+    def add_batch(self, on: tuple, off: tuple, labels: torch.Tensor) -> None:
+        for f in on:
+            if f.dim() != 2 or f.shape[1] % self.channels:
+                raise ValueError(f"features of shape {tuple(f.shape)} do not split into {self.channels} channels")
+        self.on.append(tuple(on))
+        self.off.append(tuple(off))
+        self.labels.append(labels.to(on[0].device))
 
     def tensors(self) -> list[torch.Tensor]:
-        return self.on + self.off + self.labels
+        return [t for batch in self.on + self.off for t in batch] + self.labels
 
-    def _logits(self, features: torch.Tensor) -> torch.Tensor:
-        out = self.readout.linear(features)
-        return self.readout.tail(out) if self.readout.tail is not None else out
+    def logits(self, features: tuple) -> torch.Tensor:
+        outs = [linear(f) for linear, f in zip(self.readout.linears, features)]
+        return self.readout.tail(*outs) if self.readout.tail is not None else outs[0]
 
     def _predict(self, logits: torch.Tensor) -> torch.Tensor:
         return (logits.reshape(-1) > 0).long() if self.task == "binary" else logits.argmax(1)
 
-    def _feature_mask(self, mask: torch.Tensor) -> torch.Tensor:
-        return mask.to(self.on[0].device).bool().repeat_interleave(self.per_channel)
+    def features(self, keep: torch.Tensor, on: tuple, off: tuple) -> tuple:
+        """The linear layers' inputs with the channels where `keep` is False pruned."""
+        keep = keep.to(on[0].device).bool()
+        return tuple(torch.where(keep.repeat_interleave(a.shape[-1] // self.channels, dim=-1), a, b)
+                     for a, b in zip(on, off))
 
     @torch.no_grad()
     def correct(self, mask: torch.Tensor) -> int:
-        keep = self._feature_mask(mask)
-        return sum(int((self._predict(self._logits(torch.where(keep, on, off))) == y).sum())
+        return sum(int((self._predict(self.logits(self.features(mask, on, off))) == y).sum())
                    for on, off, y in zip(self.on, self.off, self.labels))
 
     @torch.no_grad()
     def sweep(self, order: torch.Tensor, ks: list[int]) -> list[int]:
         """Correct counts for pruning the first K channels of `order`, for each K in `ks`."""
-        p, s = self.channels, self.per_channel
-        ks_t = torch.as_tensor(ks, device=self.on[0].device)
-        counts = torch.zeros(len(ks), dtype=torch.long)
-        weight = self.readout.linear.weight.double().view(-1, p, s)[:, order]           # (out, P, S)
         rank = torch.empty_like(order)
-        rank[order] = torch.arange(p, device=order.device)  # channel -> its place in the pruning order
-        for on, off, y in zip(self.on, self.off, self.labels):
-            base = self.readout.linear(on).double()                                      # K = 0, exactly
+        rank[order] = torch.arange(self.channels, device=order.device)  # channel -> its place in the order
+        if len(self.readout.linears) > 1:  # no cumulative sum through the tail: each K exactly, still cheap
+            return [self.correct(rank >= k) for k in ks]
+        p, s = self.channels, self.on[0][0].shape[1] // self.channels
+        linear = self.readout.linears[0]
+        ks_t = torch.as_tensor(ks, device=order.device)
+        counts = torch.zeros(len(ks), dtype=torch.long)
+        weight = linear.weight.double().view(-1, p, s)[:, order]                        # (out, P, S)
+        for (on,), (off,), y in zip(self.on, self.off, self.labels):
+            base = linear(on).double()                                                   # K = 0, exactly
             delta = (off - on).double().view(len(y), p, s)[:, order]                    # (n, P, S)
             cum = torch.einsum("nps,ops->pno", delta, weight).cumsum(0)                 # (P, n, out)
             out = base + torch.cat([torch.zeros_like(base)[None], cum])[ks_t]           # (len(ks), n, out)
@@ -208,8 +214,8 @@ class ReadoutCache:
             ties = self._near_ties(out)
             if len(ties):
                 j, i = ties[:, 0], ties[:, 1]
-                keep = (rank[None, :] >= ks_t[j, None]).repeat_interleave(s, dim=1)  # (ties, F)
-                right[j, i] = self._predict(self._logits(torch.where(keep, on[i], off[i]))) == y[i]
+                keep = rank[None, :] >= ks_t[j, None]                                   # (ties, P)
+                right[j, i] = self._predict(self.logits(self.features(keep, (on[i],), (off[i],)))) == y[i]
             counts += right.sum(1).cpu()
         return counts.tolist()
 
