@@ -1,7 +1,6 @@
 """Loaders on files written in the real formats, checkpoint round trips, safe loading."""
 import gzip
 import io
-import pickle
 
 import numpy as np
 import pytest
