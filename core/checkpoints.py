@@ -124,7 +124,15 @@ def detect_arch(state_dict: dict[str, torch.Tensor]) -> tuple[str, dict, dict[st
     )
 
 
-def from_bytes(data: bytes, name: str = "") -> Checkpoint:
+def _with_bn_counters(state: dict, arch: str, kwargs: dict) -> dict:
+    """State dicts from PyTorch before 0.4.1 have no BatchNorm `num_batches_tracked`: add zeros."""
+    missing = {k: torch.tensor(0) for k in models.build(arch, **kwargs).state_dict()
+               if k.endswith("num_batches_tracked") and k not in state}
+    return {**state, **missing} if missing else state
+
+
+def from_bytes(data: bytes, name: str = "", arch: str | None = None) -> Checkpoint:
+    """Read a checkpoint. `arch` forces the architecture of a plain state dict (the user's pick)."""
     obj = _torch_load(data)
     digest = hashlib.sha256(data).hexdigest()
     if isinstance(obj, dict) and "state_dict" in obj and "arch" in obj:
@@ -134,8 +142,16 @@ def from_bytes(data: bytes, name: str = "") -> Checkpoint:
         ckpt = Checkpoint(arch, dict(obj.get("arch_kwargs", {})), obj["state_dict"], dict(obj.get("meta", {})),
                           digest, name)
     elif isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        arch, kwargs, renamed = detect_arch(obj)
-        state = {renamed.get(k, k): v for k, v in obj.items()}
+        if arch is not None:
+            if arch not in models.REGISTRY:
+                raise CheckpointError(f"Unknown architecture '{arch}'.")
+            kwargs, renamed = {}, {}
+        else:
+            plain = obj if any(k.endswith("num_batches_tracked") for k in obj) else {
+                **obj, **{k[: -len("running_mean")] + "num_batches_tracked": torch.tensor(0)
+                          for k in obj if k.endswith("running_mean")}}
+            arch, kwargs, renamed = detect_arch(plain)
+        state = _with_bn_counters({renamed.get(k, k): v for k, v in obj.items()}, arch, kwargs)
         meta = {"renamed_tensors": renamed} if renamed else {}
         ckpt = Checkpoint(arch, kwargs, state, meta, digest, name)
     else:

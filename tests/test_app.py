@@ -212,3 +212,22 @@ def test_scrubber_has_a_precomputed_step_per_k():
     cut = [stop for stop, colour in scale if colour == figures.PRUNED_COLOUR][-1]
     covered = np.unique(np.floor(rank_image[np.isfinite(rank_image)][rank_image[np.isfinite(rank_image)] / 64 < cut]))
     assert covered.tolist() == list(range(40))
+
+
+def test_unrecognised_state_dict_can_be_loaded_as_a_picked_architecture(app):
+    """Keys in another order and under other names: not recognised, so the user picks; a state dict
+    that still does not fit is explained by its first missing tensor."""
+    sd = models.build("small_vgg").state_dict()
+    shuffled = dict(reversed([(f"m{i}", v) for i, v in enumerate(sd.values())]))
+    app.switch_page("views/load.py").run()
+    _upload(app, "odd.pt", _bytes(shuffled))
+    assert any("matches no registered architecture" in e.value for e in app.error)
+    app.selectbox(key="upload_arch").set_value("small_vgg").run()
+    assert any("Not as 'small_vgg' either" in e.value and "is missing" in e.value for e in app.error)
+    assert app.selectbox(key="model").value == "fmnist_vgg"
+
+
+def test_old_state_dict_without_batchnorm_counters_is_recognised():
+    sd = {k: v for k, v in models.build("small_resnet").state_dict().items() if "num_batches_tracked" not in k}
+    ckpt = checkpoints.from_bytes(_bytes(sd))
+    assert ckpt.arch == "small_resnet" and ckpt.build_model() is not None

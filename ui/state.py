@@ -54,9 +54,10 @@ def channel_models() -> dict[str, Checkpoint]:
     return {k: c for k, c in available_models().items() if conv_layers(c.digest, c)}
 
 
-def add_upload(name: str, data: bytes) -> Checkpoint:
-    """Validate an uploaded file; on success it becomes this session's model. Raises CheckpointError."""
-    ckpt = checkpoints.from_bytes(data, name=name)
+def add_upload(name: str, data: bytes, arch: str | None = None) -> Checkpoint:
+    """Validate an uploaded file; on success it becomes this session's model. Raises CheckpointError.
+    `arch`: the architecture the user picked for a state dict that was not recognised."""
+    ckpt = checkpoints.from_bytes(data, name=name, arch=arch)
     try:
         datasets.load(ckpt.dataset)
     except datasets.DataUnavailable as exc:

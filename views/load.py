@@ -32,6 +32,17 @@ if upload is not None and st.session_state.get("last_upload") != upload.file_id:
     except checkpoints.CheckpointError as exc:
         st.error(f"{upload.name} was not loaded. {exc}")
         st.caption(f"Still using **{st.session_state['model']}**.")
+        if "matches no registered architecture" in str(exc):  # let the user say which it is
+            arch = st.selectbox("Load it as", list(REGISTRY), index=None, key="upload_arch",
+                                placeholder="pick the architecture it was saved from")
+            if arch is not None:
+                try:
+                    ckpt = state.add_upload(upload.name, upload.getvalue(), arch=arch)
+                except checkpoints.CheckpointError as exc2:
+                    st.error(f"Not as '{arch}' either. {exc2}")
+                else:
+                    st.session_state["last_upload"] = upload.file_id
+                    st.rerun()
     else:
         st.session_state["last_upload"] = upload.file_id
         if state.conv_layers(ckpt.digest, ckpt):
