@@ -84,9 +84,7 @@ def _engine(args):
     if args.image_folder:  # one's own images, normalised as the checkpoint's data set
         from . import data
 
-        spec = data.DATASETS.get(ckpt.dataset)
-        channels = ckpt.spec.input_shape[0]
-        mean, std = (spec.mean, spec.std) if spec and len(spec.mean) == channels else ((0.5,) * channels,) * 2
+        mean, std = data.normalisation_for(ckpt.dataset, ckpt.spec.input_shape[0])
         split = data.load_image_folder(args.image_folder, ckpt.spec.input_shape, mean, std)
     bar = _Bar()
     eng = engine.from_checkpoint(ckpt, layer=args.layer, device=args.device, data_root=args.data_root,

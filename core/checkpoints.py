@@ -92,8 +92,11 @@ def _torch_load(data: bytes):
         ) from None
 
 
+_COUNTER = "num_batches_tracked"  # BatchNorm's step counter: absent before PyTorch 0.4.1, never a weight
+
+
 def _shapes(state_dict: dict) -> list[tuple[str, tuple[int, ...]]]:
-    return [(k, tuple(v.shape)) for k, v in state_dict.items()]
+    return [(k, tuple(v.shape)) for k, v in state_dict.items() if not k.endswith(_COUNTER)]
 
 
 def detect_arch(state_dict: dict[str, torch.Tensor]) -> tuple[str, dict, dict[str, str]]:
@@ -114,7 +117,12 @@ def detect_arch(state_dict: dict[str, torch.Tensor]) -> tuple[str, dict, dict[st
             _check_fits(name, {k: torch.empty(s) for k, s in ours}, {k: torch.empty(s) for k, s in theirs})
     for name, kwargs, ours in candidates:
         if [shape for _, shape in ours] == [shape for _, shape in theirs]:
-            return name, kwargs, {t: o for (t, _), (o, _) in zip(theirs, ours) if t != o}
+            renamed = {t: o for (t, _), (o, _) in zip(theirs, ours) if t != o}
+            for key in state_dict:  # counters follow their BatchNorm's running mean
+                mean = key.removesuffix(_COUNTER) + "running_mean"
+                if key.endswith(_COUNTER) and mean in renamed:
+                    renamed[key] = renamed[mean].removesuffix("running_mean") + _COUNTER
+            return name, kwargs, renamed
     best, kwargs, ours = max(candidates, key=lambda c: len(set(c[2]) & set(theirs)))
     matching = len(set(ours) & set(theirs))
     raise CheckpointError(
@@ -125,9 +133,9 @@ def detect_arch(state_dict: dict[str, torch.Tensor]) -> tuple[str, dict, dict[st
 
 
 def _with_bn_counters(state: dict, arch: str, kwargs: dict) -> dict:
-    """State dicts from PyTorch before 0.4.1 have no BatchNorm `num_batches_tracked`: add zeros."""
+    """State dicts from PyTorch before 0.4.1 have no BatchNorm counters: add zeros."""
     missing = {k: torch.tensor(0) for k in models.build(arch, **kwargs).state_dict()
-               if k.endswith("num_batches_tracked") and k not in state}
+               if k.endswith(_COUNTER) and k not in state}
     return {**state, **missing} if missing else state
 
 
@@ -147,10 +155,7 @@ def from_bytes(data: bytes, name: str = "", arch: str | None = None) -> Checkpoi
                 raise CheckpointError(f"Unknown architecture '{arch}'.")
             kwargs, renamed = {}, {}
         else:
-            plain = obj if any(k.endswith("num_batches_tracked") for k in obj) else {
-                **obj, **{k[: -len("running_mean")] + "num_batches_tracked": torch.tensor(0)
-                          for k in obj if k.endswith("running_mean")}}
-            arch, kwargs, renamed = detect_arch(plain)
+            arch, kwargs, renamed = detect_arch(obj)
         state = _with_bn_counters({renamed.get(k, k): v for k, v in obj.items()}, arch, kwargs)
         meta = {"renamed_tensors": renamed} if renamed else {}
         ckpt = Checkpoint(arch, kwargs, state, meta, digest, name)

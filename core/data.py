@@ -197,10 +197,6 @@ def locate(name: str, train: bool, data_root: str | Path | None = None,
                           f"To get it, {spec.how_to_get}.")
 
 
-def locate_fashion_mnist(train: bool, data_root=None, allow_download: bool = True) -> list[Path]:
-    return locate("fashion_mnist", train, data_root, allow_download)
-
-
 # ---------------------------------------------------------------------------------------------
 # Loading
 
@@ -262,6 +258,14 @@ def load(name: str = "fashion_mnist", train: bool = False, data_root: str | None
         raise DataUnavailable(f"Unknown data set '{name}'. Known: {', '.join(sorted(DATASETS))}.")
     loader: Callable = _load_pairs if name.endswith("_pairs") else _load_images
     return loader(name, train, data_root)
+
+
+def normalisation_for(dataset: str, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Mean and std for one's own images fed to a model trained on `dataset` (0.5 where unknown)."""
+    spec = DATASETS.get(dataset)
+    if spec and len(spec.mean) == channels:
+        return spec.mean, spec.std
+    return (0.5,) * channels, (0.5,) * channels
 
 
 def load_image_folder(path: str | Path, input_shape: tuple[int, ...], mean: tuple[float, ...],

@@ -229,7 +229,6 @@ class Engine:
         self.conv: nn.Conv2d = self.model.get_submodule(self.layer)
         self.task, self.batch_size = task, batch_size
         self.x, self.y = x, y
-        self._hook_lock = threading.Lock()
         self._memo_lock = threading.RLock()  # curve() calls ranking()
         self.fast_reason = ""
         self._readouts = {}
@@ -428,12 +427,12 @@ class Engine:
         acts: list[torch.Tensor] = []
         model = self.model
         target = _activation_after(model, self.layer, self.bn_name)
+        # Only called while the engine is being built, before anyone else can see its model.
         handle = target.register_forward_hook(lambda m, i, o: acts.append(o.detach()))
-        with self._hook_lock:  # the hook is on the engine's own model: one caller at a time
-            try:
-                model(xb)
-            finally:
-                handle.remove()
+        try:
+            model(xb)
+        finally:
+            handle.remove()
         return acts
 
     def _hooked_correct(self, mask: torch.Tensor, mode: str) -> int:

@@ -62,7 +62,7 @@ def test_missing_data_set_names_both_ways_to_get_it(tmp_path, monkeypatch):
 
     monkeypatch.setattr(data, "_torchvision_download", lambda name: no_network())
     with pytest.raises(data.DataUnavailable) as err:
-        data.locate_fashion_mnist(train=False, data_root=tmp_path)
+        data.locate("fashion_mnist", train=False, data_root=tmp_path)
     message = str(err.value)
     assert "apt-get install dataset-fashion-mnist" in message and "--data-root" in message
     assert "no route to host" in message

@@ -156,9 +156,7 @@ def add_own_data(name: str, data: bytes) -> dict:
 
 @st.cache_resource(max_entries=4, show_spinner=False)
 def _image_folder(path: str, input_shape: tuple, dataset: str) -> datasets.DataSplit:
-    spec = datasets.DATASETS.get(dataset)
-    channels = input_shape[0]
-    mean, std = (spec.mean, spec.std) if spec and len(spec.mean) == channels else ((0.5,) * channels,) * 2
+    mean, std = datasets.normalisation_for(dataset, input_shape[0])
     return datasets.load_image_folder(path, input_shape, mean, std)
 
 
