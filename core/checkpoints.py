@@ -23,6 +23,10 @@ class CheckpointError(ValueError):
     """A file that cannot be used as a checkpoint; the message says why in one sentence."""
 
 
+class UnknownArchitecture(CheckpointError):
+    """A plain state dict that matches no registered architecture: the user may say which it is."""
+
+
 @dataclass
 class Checkpoint:
     arch: str
@@ -125,7 +129,7 @@ def detect_arch(state_dict: dict[str, torch.Tensor]) -> tuple[str, dict, dict[st
             return name, kwargs, renamed
     best, kwargs, ours = max(candidates, key=lambda c: len(set(c[2]) & set(theirs)))
     matching = len(set(ours) & set(theirs))
-    raise CheckpointError(
+    raise UnknownArchitecture(
         f"This state dict ({len(theirs)} tensors, first '{theirs[0][0]}' {list(theirs[0][1])}) matches no "
         f"registered architecture. Registered: {', '.join(models.REGISTRY)}. Nearest: '{best}' "
         f"({matching} of its {len(ours)} tensors match by name and shape)."
