@@ -1,4 +1,4 @@
-"""CLI: `python -m core {info,rank,sweep,magnitude,train} ...` (see README)."""
+"""CLI: `python -m core {info,export,rank,sweep,magnitude,train} ...` (see README)."""
 from __future__ import annotations
 
 import argparse
@@ -77,9 +77,12 @@ def parse_ks(spec: str, channels: int) -> list[int]:
 def _engine(args):
     from . import checkpoints, engine
 
-    ckpt = checkpoints.load(args.checkpoint)
+    ckpt = checkpoints.load(args.checkpoint, dataset=args.dataset)
     if args.dataset:
         ckpt.meta["dataset"] = args.dataset  # this process's own copy: evaluate on another data set
+    if not ckpt.dataset and not args.image_folder:
+        raise ValueError(f"No registered data set fits this program (input {'x'.join(map(str, ckpt.spec.input_shape))}"
+                         f", task {ckpt.spec.task}): pass --image-folder DIR with your own test images.")
     split = None
     if args.image_folder:  # one's own images, normalised as the checkpoint's data set
         from . import data
@@ -128,7 +131,7 @@ RERANK_NOTE = ("note: re-ranking after every prune (seed 001) gives this same or
 def cmd_info(args) -> int:
     from . import checkpoints, data, engine
 
-    ckpt = checkpoints.load(args.checkpoint)
+    ckpt = checkpoints.load(args.checkpoint, dataset=args.dataset)
     spec = ckpt.spec
     dataset = data.DATASETS.get(ckpt.dataset)
     print(f"{args.checkpoint}")
@@ -140,6 +143,10 @@ def cmd_info(args) -> int:
               f"{len(renamed)} tensors by position (e.g. {first[0]} -> {first[1]})")
     print(f"  data set: {ckpt.dataset}" + (f" ({dataset.title})" if dataset else "") + f"; task: {spec.task}; "
           f"input {'x'.join(map(str, spec.input_shape))}")
+    if ckpt.program is not None:
+        fits = ckpt.meta.get("fitting_datasets") or []
+        print(f"  a torch.export program: {ckpt.spec.input_shape} in, {ckpt.program.signature.outputs} outputs; "
+              f"registered data sets that fit: {', '.join(fits) or 'none (use --image-folder)'}")
     if "test_accuracy" in ckpt.meta:
         print(f"  recorded test accuracy: {ckpt.meta['test_accuracy']:.2%}")
     if "train_command" in ckpt.meta:
@@ -152,6 +159,19 @@ def cmd_info(args) -> int:
         print("  conv layers (name: in->out channels, kernel, output C x H x W); the last is the default:")
         for info in layers:
             print(f"    {info.describe()}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from . import checkpoints, program
+
+    ckpt = checkpoints.load(args.checkpoint, dataset=args.dataset)
+    meta = {k: v for k, v in ckpt.meta.items() if k != "fitting_datasets"}
+    meta.update(dataset=ckpt.dataset, exported_from=ckpt.name or str(args.checkpoint), architecture=ckpt.arch)
+    program.save(ckpt.build_model(), ckpt.spec.input_shape, args.out, meta)
+    again = checkpoints.load(args.out)  # read back the safe way, as any upload would be
+    print(f"wrote {args.out}: {ckpt.arch} as a torch.export program with a dynamic batch dimension "
+          f"({again.spec.summary}); data set {again.dataset}")
     return 0
 
 
@@ -173,7 +193,7 @@ def cmd_magnitude(args) -> int:
     from . import checkpoints, data, magnitude
     from .engine import count_correct, pick_device
 
-    ckpt = checkpoints.load(args.checkpoint)
+    ckpt = checkpoints.load(args.checkpoint, dataset=args.dataset)
     schedule = [float(v) for v in args.schedule.split(",") if v.strip()]
     if not schedule or any(not 0 <= v < 1 for v in schedule):
         raise ValueError(f"--schedule '{args.schedule}': give sparsities in [0, 1), e.g. 0.5,0.8,0.9")
@@ -202,7 +222,12 @@ def cmd_magnitude(args) -> int:
         meta = dict(ckpt.meta, magnitude_pruned={"schedule": schedule, "retrain_epochs": args.retrain_epochs,
                                                  "per_layer": args.per_layer},
                     test_accuracy=steps[-1].accuracy_after)
-        checkpoints.save(args.save_checkpoint, ckpt.arch, ckpt.arch_kwargs, final, meta)
+        if ckpt.program is not None:  # a program stays a program
+            from . import program
+
+            program.save(final, ckpt.spec.input_shape, args.save_checkpoint, meta)
+        else:
+            checkpoints.save(args.save_checkpoint, ckpt.arch, ckpt.arch_kwargs, final, meta)
         print(f"saved the pruned model to {args.save_checkpoint}")
     return 0
 
@@ -231,7 +256,15 @@ def parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("info", help="architecture, data set and conv layers of a checkpoint")
     i.add_argument("checkpoint")
+    i.add_argument("--dataset", default=None, choices=sorted(DATASETS),
+                   help="for a .pt2 program: the data set it is meant for (checked to fit)")
     i.set_defaults(func=cmd_info)
+
+    e = sub.add_parser("export", help="write any loadable model as a torch.export program (.pt2)")
+    e.add_argument("checkpoint")
+    e.add_argument("--out", required=True, help="the .pt2 file to write")
+    e.add_argument("--dataset", default=None, choices=sorted(DATASETS), help="for a .pt2 input: its data set")
+    e.set_defaults(func=cmd_export)
 
     def common(sp):
         sp.add_argument("checkpoint")
@@ -259,6 +292,8 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_sweep)
     m = sub.add_parser("magnitude", help="magnitude pruning with retraining (Han et al. 2015), per step to CSV")
     m.add_argument("checkpoint")
+    m.add_argument("--dataset", default=None, choices=sorted(DATASETS),
+                   help="for a .pt2 program: the data set to test and retrain on (default: the first that fits)")
     m.add_argument("--schedule", default="0.5,0.75,0.9,0.95", help="sparsities, comma separated, non-decreasing")
     m.add_argument("--retrain-epochs", type=int, default=1, help="epochs of retraining after each step (0: none)")
     m.add_argument("--per-layer", action="store_true", help="the same fraction in each layer, not one global threshold")
@@ -268,7 +303,7 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--data-root", default=None)
     m.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     m.set_defaults(func=cmd_magnitude)
-    for sp in (t, i, r, s, m):
+    for sp in (t, i, e, r, s, m):
         sp.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     return p
 

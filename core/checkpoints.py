@@ -3,12 +3,14 @@
 Format (nanoGPT's `model_args` idea): a dict {"arch", "arch_kwargs", "state_dict", "meta"} saved by
 `torch.save` and read back with `torch.load(..., weights_only=True)`, so no file can run code.
 A plain state dict of a registered architecture is accepted too; its architecture is detected from
-the tensors' names and shapes.
+the tensors' names and shapes. A `torch.export` program (`.pt2`) of any architecture is read by
+`core.program`, which never runs anything the file holds.
 """
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import models
+from . import data, models, program
 
 
 class CheckpointError(ValueError):
@@ -35,10 +37,12 @@ class Checkpoint:
     meta: dict = field(default_factory=dict)
     digest: str = ""  # sha256 of the file's bytes: the cache key, so a replaced file is never stale
     name: str = ""
+    program: program.Program | None = None  # a .pt2 file: the graph is the architecture
+    program_spec: models.ArchSpec | None = None
 
     @property
     def spec(self) -> models.ArchSpec:
-        return models.REGISTRY[self.arch]
+        return self.program_spec if self.program_spec is not None else models.REGISTRY[self.arch]
 
     @property
     def dataset(self) -> str:
@@ -46,6 +50,8 @@ class Checkpoint:
 
     def build_model(self) -> nn.Module:
         """A fresh model in eval mode with the weights loaded; each call returns a new object."""
+        if self.program is not None:
+            return self.program.build()
         try:
             model = models.build(self.arch, **self.arch_kwargs)
         except TypeError as exc:
@@ -143,8 +149,61 @@ def _with_bn_counters(state: dict, arch: str, kwargs: dict) -> dict:
     return {**state, **missing} if missing else state
 
 
-def from_bytes(data: bytes, name: str = "", arch: str | None = None) -> Checkpoint:
-    """Read a checkpoint. `arch` forces the architecture of a plain state dict (the user's pick)."""
+def fitting_datasets(input_shape: tuple[int, ...], outputs: int) -> list[str]:
+    """Registered data sets a model taking `input_shape` and giving `outputs` values can be tested on."""
+    return [name for name, spec in data.DATASETS.items() if _fit_problem(spec, input_shape, outputs) is None]
+
+
+def _fit_problem(spec: data.DataSpec, input_shape: tuple[int, ...], outputs: int) -> str | None:
+    shape = "x".join(map(str, input_shape))
+    if tuple(spec.input_shape) != tuple(input_shape):
+        return (f"the model takes {shape} inputs, but '{spec.name}' has {'x'.join(map(str, spec.input_shape))} "
+                "images")
+    classes = len(spec.class_names)
+    if outputs != classes and not (outputs == 1 and classes == 2):
+        return f"the model gives {outputs} outputs, but '{spec.name}' has {classes} classes"
+    return None
+
+
+def _from_program(blob: bytes, name: str, dataset: str | None) -> Checkpoint:
+    """A `.pt2` program; its data set is `dataset`, else the one recorded beside it, else the first that fits."""
+    try:
+        prog = program.load(blob)
+    except program.ProgramError as exc:
+        raise CheckpointError(str(exc)) from None
+    try:
+        meta = json.loads(prog.extra.get("meta.json", "{}"))
+    except ValueError:
+        meta = {}
+    meta = meta if isinstance(meta, dict) else {}
+    sig = prog.signature
+    fits = fitting_datasets(sig.input_shape, sig.outputs)
+    chosen = dataset or (meta.get("dataset") if isinstance(meta.get("dataset"), str) else None)
+    if chosen is not None:
+        if chosen not in data.DATASETS:
+            raise CheckpointError(f"Unknown data set '{chosen}'. Known: {', '.join(data.DATASETS)}.")
+        problem = _fit_problem(data.DATASETS[chosen], sig.input_shape, sig.outputs)
+        if problem:
+            raise CheckpointError(f"This program does not fit '{chosen}': {problem}.")
+    elif fits:
+        chosen = fits[0]
+    else:
+        chosen = ""  # no registered data set fits: the user's own images are the only test data
+    meta["dataset"] = chosen
+    meta["fitting_datasets"] = fits
+    task = "binary" if sig.outputs == 1 else "multiclass"
+    convs = sum(isinstance(m, nn.Conv2d) for m in prog.module.modules())
+    spec = models.ArchSpec(prog.root_type, prog.build, sig.input_shape, task, chosen,
+                           f"a torch.export program ({convs} conv layers, {sig.outputs} outputs)")
+    state = {k: v for k, v in prog.module.state_dict().items()}
+    return Checkpoint(prog.root_type, {}, state, meta, hashlib.sha256(blob).hexdigest(), name, prog, spec)
+
+
+def from_bytes(data: bytes, name: str = "", arch: str | None = None, dataset: str | None = None) -> Checkpoint:
+    """Read a checkpoint. `arch` forces the architecture of a plain state dict (the user's pick);
+    `dataset` is the data set a `.pt2` program is evaluated on (checked to fit)."""
+    if program.is_program(data):
+        return _from_program(data, name, dataset)
     obj = _torch_load(data)
     digest = hashlib.sha256(data).hexdigest()
     if isinstance(obj, dict) and "state_dict" in obj and "arch" in obj:
@@ -175,11 +234,11 @@ def from_bytes(data: bytes, name: str = "", arch: str | None = None) -> Checkpoi
     return ckpt
 
 
-def load(path: str | Path) -> Checkpoint:
+def load(path: str | Path, dataset: str | None = None) -> Checkpoint:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"No such checkpoint file: {path}")
-    return from_bytes(path.read_bytes(), name=path.stem)
+    return from_bytes(path.read_bytes(), name=path.stem, dataset=dataset)
 
 
 def save(path: str | Path, arch: str, arch_kwargs: dict, model: nn.Module, meta: dict) -> None:

@@ -18,6 +18,7 @@ import torch.fx as fx
 from torch import nn
 
 from . import criteria
+from .graph import ACTIVATION_MODULES, BATCHNORMS, compact, is_activation, is_batchnorm, sole_user
 from .readout import ReadoutCache, find_readout
 
 MODES = {
@@ -32,15 +33,6 @@ PATH_FAST = "fx split + on/off features at the linear read-out (whole curve from
 PATH_HOOK = "forward hook fallback (full pass per evaluation)"
 
 Progress = Callable[[int, int, str], None]
-
-_ACTIVATION_MODULES = (nn.ReLU, nn.LeakyReLU, nn.ReLU6, nn.ELU, nn.SELU, nn.GELU, nn.SiLU, nn.Mish,
-                       nn.Hardswish, nn.PReLU, nn.Sigmoid, nn.Tanh)
-_ACTIVATION_FUNCTIONS = {torch.relu, torch.nn.functional.relu, torch.nn.functional.leaky_relu,
-                         torch.nn.functional.relu6, torch.nn.functional.elu, torch.nn.functional.gelu,
-                         torch.nn.functional.silu, torch.sigmoid, torch.tanh}
-_ACTIVATION_METHODS = {"relu", "sigmoid", "tanh"}
-_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-
 
 def pick_device(name: str = "auto") -> torch.device:
     """`auto` takes CUDA when there is one; `cuda` without one is an error, not a silent CPU run."""
@@ -82,23 +74,6 @@ def default_layer(model: nn.Module) -> str:
 # ---------------------------------------------------------------------------------------------
 # Graph analysis: where the conv is, what follows it, where the mask goes.
 
-def _module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
-    return gm.get_submodule(node.target) if node.op == "call_module" else None
-
-
-def _is_activation(gm: fx.GraphModule, node: fx.Node) -> bool:
-    if node.op == "call_module":
-        return isinstance(_module(gm, node), _ACTIVATION_MODULES)
-    if node.op == "call_function":
-        return node.target in _ACTIVATION_FUNCTIONS
-    return node.op == "call_method" and node.target in _ACTIVATION_METHODS
-
-
-def _sole_user(node: fx.Node) -> fx.Node | None:
-    users = list(node.users)
-    return users[0] if len(users) == 1 else None
-
-
 @dataclass
 class ConvSite:
     """One call of the pruned conv in the traced graph and what follows it."""
@@ -112,28 +87,21 @@ def _conv_sites(gm: fx.GraphModule, layer: str) -> list[ConvSite]:
     """Each call of the conv, with the BatchNorm that belongs to it: right after the conv, or right
     after its activation (Keras' Conv2D(activation='relu') followed by BatchNormalization)."""
     def follows(node, test):
-        nxt = _sole_user(node) if node is not None else None
+        nxt = sole_user(node) if node is not None else None
         return nxt if nxt is not None and test(nxt) else None
 
     def is_bn(n):
-        return isinstance(_module(gm, n), _BATCHNORMS)
+        return is_batchnorm(gm, n)
 
     sites = []
     for node in gm.graph.nodes:
         if node.op == "call_module" and node.target == layer:
             bn = follows(node, is_bn)
-            act = follows(bn or node, lambda n: _is_activation(gm, n))
+            act = follows(bn or node, lambda n: is_activation(gm, n))
             if bn is None and act is not None:
                 bn = follows(act, is_bn)
             sites.append(ConvSite(node, bn, act or bn or node))
     return sites
-
-
-def _compact(root: fx.GraphModule, graph: fx.Graph) -> fx.GraphModule:
-    module = fx.GraphModule(root, graph)
-    module.graph.eliminate_dead_code()
-    module.recompile()
-    return module
 
 
 class _Split:
@@ -167,7 +135,7 @@ class _Split:
             if n.op != "output":
                 env[n] = graph.node_copy(n, lambda a: env[a])
         graph.output(tuple(env[b] for b in boundary))
-        return _compact(gm, graph)
+        return compact(gm, graph)
 
     def _build_suffix(self, gm, nodes, boundary, suffix_nodes, mode) -> fx.GraphModule:
         graph, env = fx.Graph(), {}
@@ -191,7 +159,7 @@ class _Split:
                 env[n] = masked(n, graph.node_copy(n, lambda a: env[a]))
         logits = fx.map_arg(nodes[-1].args[0], lambda a: env[a])
         graph.output((logits, tuple(env[s.activation] for s in self.sites)))
-        return _compact(gm, graph)
+        return compact(gm, graph)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -449,7 +417,7 @@ def _following_batchnorm(model: nn.Module, layer: str) -> str | None:
     mods = dict(model.named_modules())
     i = names.index(layer)
     nxt = names[i + 1] if i + 1 < len(names) else None
-    if nxt and isinstance(mods[nxt], _BATCHNORMS) and mods[nxt].num_features == mods[layer].out_channels:
+    if nxt and isinstance(mods[nxt], BATCHNORMS) and mods[nxt].num_features == mods[layer].out_channels:
         return nxt
     return None
 
@@ -459,7 +427,7 @@ def _activation_after(model: nn.Module, layer: str, bn_name: str | None) -> nn.M
     mods = dict(model.named_modules())
     anchor = bn_name or layer
     i = names.index(anchor)
-    if i + 1 < len(names) and isinstance(mods[names[i + 1]], _ACTIVATION_MODULES):
+    if i + 1 < len(names) and isinstance(mods[names[i + 1]], ACTIVATION_MODULES):
         return mods[names[i + 1]]
     return mods[anchor]
 

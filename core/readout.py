@@ -12,65 +12,19 @@ This module only decides whether a traced suffix has that shape and cuts it into
 """
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
 
-_PER_CHANNEL_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.ReLU, nn.LeakyReLU, nn.ReLU6, nn.ELU,
-                        nn.SELU, nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish, nn.PReLU, nn.Sigmoid, nn.Tanh,
-                        nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d,
-                        nn.Dropout, nn.Dropout2d, nn.Identity)
-_ELEMENTWISE_FUNCTIONS = {operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub,
-                          torch.mul, torch.div, torch.relu, torch.sigmoid, torch.tanh, F.relu, F.leaky_relu,
-                          F.relu6, F.elu, F.gelu, F.silu, F.dropout, F.max_pool2d, F.avg_pool2d,
-                          F.adaptive_avg_pool2d, F.adaptive_max_pool2d}
-_ELEMENTWISE_METHODS = {"relu", "sigmoid", "tanh", "size", "contiguous", "add", "sub", "mul", "div"}
-
+from .graph import compact, is_linear, is_per_channel
 
 @dataclass
 class Readout:
     zone: fx.GraphModule           # (*boundary, mask) -> a tuple: the features (N, F) entering each linear layer
     linears: list[nn.Linear]       # the first cross-channel layers: one, or one per call of a shared conv
     tail: fx.GraphModule | None    # linear outputs -> logits; None when there is one linear and it gives them
-
-
-def _spatial_dims(dims) -> bool:
-    dims = dims if isinstance(dims, (tuple, list)) else (dims,)
-    return all(isinstance(d, int) and (d >= 2 or d in (-1, -2)) for d in dims)
-
-
-def _flattens_channels_last(node: fx.Node) -> bool:
-    """flatten(x, 1) or x.view(x.size(0), -1): channel-major blocks of features, one block per channel."""
-    if node.op == "call_function" and node.target is torch.flatten:
-        return (node.args[1:2] or [node.kwargs.get("start_dim", 0)])[0] == 1
-    if node.op == "call_method" and node.target == "flatten":
-        return (node.args[1:2] or [node.kwargs.get("start_dim", 0)])[0] == 1
-    if node.op == "call_method" and node.target in ("view", "reshape"):
-        return len(node.args) == 3 and node.args[2] == -1
-    return False
-
-
-def _is_per_channel(gm: fx.GraphModule, node: fx.Node) -> bool:
-    if node.op == "call_module":
-        module = gm.get_submodule(node.target)
-        if isinstance(module, nn.Flatten):
-            return module.start_dim == 1
-        return isinstance(module, _PER_CHANNEL_MODULES)
-    if node.op == "call_function":
-        return node.target in _ELEMENTWISE_FUNCTIONS or _flattens_channels_last(node)
-    if node.op == "call_method":
-        if node.target in ("mean", "amax", "sum"):
-            return _spatial_dims(node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0))
-        return node.target in _ELEMENTWISE_METHODS or _flattens_channels_last(node)
-    return False
-
-
-def _is_linear(gm: fx.GraphModule, node: fx.Node) -> bool:
-    return node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.Linear)
 
 
 def find_readout(suffix: fx.GraphModule) -> tuple[Readout | None, str]:
@@ -92,9 +46,9 @@ def find_readout(suffix: fx.GraphModule) -> tuple[Readout | None, str]:
             continue
         inputs = [i for i in n.all_input_nodes if i in affected]
         if all(i in zone for i in inputs):
-            if _is_linear(suffix, n):
+            if is_linear(suffix, n):
                 entries.append(n)
-            elif _is_per_channel(suffix, n) or n.args[:1] == (mask,):  # the mask's own view
+            elif is_per_channel(suffix, n) or n.args[:1] == (mask,):  # the mask's own view
                 zone.add(n)
             else:
                 return None, f"'{n.name}' ({n.op} {n.target}) mixes channels before any linear layer"
@@ -118,10 +72,7 @@ def _zone(suffix: fx.GraphModule, nodes: list[fx.Node], features: list[fx.Node])
             break
         env[n] = graph.node_copy(n, lambda a: env[a])
     graph.output(tuple(env[f] for f in features))
-    module = fx.GraphModule(suffix, graph)
-    module.graph.eliminate_dead_code()
-    module.recompile()
-    return module
+    return compact(suffix, graph)
 
 
 def _tail(suffix: fx.GraphModule, entries: list[fx.Node], tail: list[fx.Node],
@@ -139,10 +90,7 @@ def _tail(suffix: fx.GraphModule, entries: list[fx.Node], tail: list[fx.Node],
     for n in tail:
         env[n] = graph.node_copy(n, arg)
     graph.output(env[logits])
-    module = fx.GraphModule(suffix, graph)
-    module.graph.eliminate_dead_code()
-    module.recompile()
-    return module
+    return compact(suffix, graph)
 
 
 class ReadoutCache:

@@ -1,0 +1,478 @@
+"""Whole-model programs written by `torch.export.save` (`.pt2`): read safely, check, make prunable.
+
+A `.pt2` file carries the graph and the weights together, so a model of any architecture loads
+without importing anyone's Python code. But `torch.export.load` is not safe on an untrusted file:
+it unpickles some members with full Python when the weights-only unpickler refuses them, it
+evaluates the graph's symbolic shape expressions with `sympy.sympify` (an `eval`), and
+`ExportedProgram.module()` executes the file's guard code. So this module never calls either:
+- it reads the archive member by member: tensors stored raw are read as raw bytes; every pickled
+  member (a weight saved with pickle, the sample inputs, a legacy weights file) goes through
+  `torch.load(weights_only=True)` with no fallback; members that can only be read by running code
+  (TorchScript and opaque objects) are refused;
+- before torch's deserializer sees the graph, every symbolic expression in it is parsed with
+  Python's `ast` and checked to be plain arithmetic over shape symbols;
+- the deserialized graph may only use the ATen operators in `core.graph.ALLOWED_ATEN`;
+- the module the engine runs is rebuilt here from that graph (no guard code): every conv, batch
+  norm and linear call becomes an `nn.Conv2d` / `nn.BatchNorm2d` / `nn.Linear` named by the module
+  path the user wrote (`layer4.1.conv2`), so the engine prunes it like a registered model's layer.
+"""
+from __future__ import annotations
+
+import ast
+import copy
+import io
+import json
+import re
+import zipfile
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .graph import ALLOWED_ATEN, aten, op_name
+
+MAX_UNCOMPRESSED_BYTES = 2 * 2**30  # the whole archive, unpacked
+MAX_GRAPH_BYTES = 64 * 2**20        # the graph's JSON
+MAX_EXPR_CHARS = 2000                # one symbolic shape expression
+
+DYNAMIC_BATCH_HINT = ("export it with a dynamic batch dimension: torch.export.export(model.eval(), (example,), "
+                      "dynamic_shapes=({0: torch.export.Dim('batch')},))")
+
+
+class ProgramError(ValueError):
+    """A `.pt2` file that is refused; the message says why in one sentence."""
+
+
+def is_program(data: bytes) -> bool:
+    """A zip whose members include `archive_format` (torch.save's zips do not)."""
+    if data[:4] != b"PK\x03\x04":
+        return False
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as zf:
+            return any(n == "archive_format" or n.endswith("/archive_format") for n in zf.namelist())
+    except zipfile.BadZipFile:
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading the archive
+
+def _weights_only(data: bytes, what: str):
+    """The weights-only unpickler, and nothing else: no fallback to full unpickling."""
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:  # the unpickler's refusal, a corrupt member: either way, refused
+        first = (str(exc).splitlines() or [""])[0][:200]
+        raise ProgramError(f"Refused: the program's {what} is a pickle that holds more than plain tensors, which "
+                           f"could run code when loaded ({type(exc).__name__}: {first}).") from None
+
+
+def _check_archive(data: bytes) -> str:
+    """Sizes and names, before anything is unpacked; returns the folder prefix of the members."""
+    try:
+        zf = zipfile.ZipFile(io.BytesIO(data))
+    except zipfile.BadZipFile as exc:
+        raise ProgramError(f"Not a readable .pt2 archive: {exc}.") from None
+    infos = zf.infolist()
+    if sum(i.file_size for i in infos) > MAX_UNCOMPRESSED_BYTES:
+        raise ProgramError(f"Refused: the archive unpacks to more than {MAX_UNCOMPRESSED_BYTES // 2**30} GB.")
+    fmt = [i.filename for i in infos if i.filename.rsplit("/", 1)[-1] == "archive_format"]
+    if len(fmt) != 1:
+        raise ProgramError("Not a torch.export program: the archive has no single `archive_format` member.")
+    prefix = fmt[0][: -len("archive_format")]
+    for i in infos:
+        name = i.filename[len(prefix):]
+        if not i.filename.startswith(prefix) or name.startswith("data/aotinductor") or name.endswith((".so", ".dll")):
+            raise ProgramError(f"Refused: the archive holds '{i.filename}', which is not part of a torch.export "
+                               "program (compiled code is not accepted).")
+        if name.startswith("models/") and name != "models/model.json":
+            raise ProgramError("Refused: the archive holds more than one program; save one model per file.")
+    graph = prefix + "models/model.json"
+    if graph not in zf.namelist() or zf.getinfo(graph).file_size > MAX_GRAPH_BYTES:
+        raise ProgramError("Not a torch.export program: `models/model.json` is missing or too large.")
+    return prefix
+
+
+def _payloads(reader, config_name: str, base_dir: str, what: str) -> dict[str, torch.Tensor]:
+    """Weights or constants: raw tensors as torch stores them, pickled ones through the safe unpickler."""
+    from torch.export.pt2_archive import _package as pkg
+
+    if config_name not in reader.get_file_names():
+        legacy = base_dir + "model.pt"
+        if legacy in reader.get_file_names():  # torch 2.7's layout: one pickled dict
+            obj = _weights_only(reader.read_bytes(legacy), what)
+            if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+                raise ProgramError(f"Refused: the program's {what} are not a dict of tensors.")
+            return obj
+        return {}
+    config = pkg._load_payload_config(reader, config_name)
+    total = 0
+    for meta in config.config.values():
+        if meta.path_name.startswith((pkg.CUSTOM_OBJ_FILENAME_PREFIX, pkg.OPAQUE_OBJ_FILENAME_PREFIX)):
+            raise ProgramError(f"Refused: the program's {what} include a Python or TorchScript object "
+                               f"('{meta.path_name}'), which can only be loaded by running code.")
+        if meta.tensor_meta is not None:
+            sizes = pkg.deserialize_size(meta.tensor_meta.sizes)
+            total += int(torch.Size(sizes).numel())
+    if total > MAX_UNCOMPRESSED_BYTES // 4:
+        raise ProgramError(f"Refused: the program declares {total:,} {what} values, more than this server accepts.")
+    files = pkg._build_file_map(reader, config, base_dir)
+    out: dict[str, torch.Tensor] = {}
+    for fqn, meta in config.config.items():
+        if meta.use_pickle:
+            value = _weights_only(reader.read_bytes(base_dir + meta.path_name), f"{what} '{fqn}'")
+            if not isinstance(value, torch.Tensor):
+                raise ProgramError(f"Refused: the program's {what} '{fqn}' is a {type(value).__name__}, not a tensor.")
+        else:
+            tm = meta.tensor_meta
+            value = torch.as_strided(files[meta.path_name], pkg.deserialize_size(tm.sizes),
+                                     pkg.deserialize_stride(tm.strides),
+                                     pkg.deserialize_storage_offset(tm.storage_offset))
+        out[fqn] = nn.Parameter(value, requires_grad=False) if meta.is_param else value
+    return out
+
+
+_SYMBOL = re.compile(r"[a-z]+\d+")
+_SYMPY_CALLS = {"Symbol", "Integer", "Float", "Rational", "Max", "Min", "Abs", "Mod", "FloorDiv", "CeilDiv",
+                "CleanDiv", "ModularIndexing", "PythonMod", "Where", "IntTrueDiv", "FloatTrueDiv",
+                "TruncToInt", "TruncToFloat", "CeilToInt", "FloorToInt", "RoundToInt", "RoundDecimal",
+                "ToFloat", "PowByNatural", "FloatPow", "Identity", "LShift", "RShift", "Eq", "Ne", "Lt", "Le",
+                "Gt", "Ge", "And", "Or", "Not", "sympy_sqrt", "OpaqueUnaryFn_sqrt"}
+_AST_NODES = (ast.Expression, ast.BinOp, ast.UnaryOp, ast.Call, ast.Name, ast.Constant, ast.keyword, ast.Load,
+              ast.Add, ast.Sub, ast.Mult, ast.Div, ast.FloorDiv, ast.Mod, ast.Pow, ast.USub, ast.UAdd,
+              ast.Compare, ast.Eq, ast.NotEq, ast.Lt, ast.LtE, ast.Gt, ast.GtE, ast.BoolOp, ast.And, ast.Or)
+
+
+def _check_expr(expr: str) -> None:
+    """Symbolic shapes are evaluated by sympy (an `eval`): allow plain arithmetic over shape symbols only."""
+    try:
+        tree = ast.parse(expr, mode="eval") if len(expr) <= MAX_EXPR_CHARS else None
+    except (SyntaxError, ValueError, RecursionError):
+        tree = None
+    ok = tree is not None
+    for node in ast.walk(tree) if ok else ():
+        if not isinstance(node, _AST_NODES):
+            ok = False
+        elif isinstance(node, ast.Call):
+            ok &= isinstance(node.func, ast.Name) and node.func.id in _SYMPY_CALLS
+        elif isinstance(node, ast.Name):
+            ok &= node.id in _SYMPY_CALLS or node.id in ("oo", "int_oo", "True", "False") \
+                or bool(_SYMBOL.fullmatch(node.id))
+        elif isinstance(node, ast.Constant):
+            ok &= isinstance(node.value, (int, float, bool)) or (isinstance(node.value, str)
+                                                                 and bool(_SYMBOL.fullmatch(node.value)))
+        if not ok:
+            break
+    if not ok:
+        raise ProgramError(f"Refused: the program's graph holds a shape expression that is not plain arithmetic "
+                           f"over shape symbols: {expr[:80]!r}.")
+
+
+def _check_graph_json(doc) -> None:
+    """Every symbolic expression and range-constraint name, wherever it sits in the graph's JSON."""
+    stack = [doc]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            for key, value in item.items():
+                if key == "expr_str":
+                    if not isinstance(value, str):
+                        raise ProgramError("Refused: the program's graph is malformed (a shape expression is "
+                                           "not a string).")
+                    _check_expr(value)
+                else:
+                    stack.append(value)
+        elif isinstance(item, list):
+            stack.extend(item)
+    for name in (doc.get("range_constraints") or {}):
+        if not _SYMBOL.fullmatch(str(name)):
+            raise ProgramError(f"Refused: the program's graph names a shape symbol {str(name)[:40]!r}, which is "
+                               "not a plain symbol name.")
+
+
+def read_exported(data: bytes) -> torch.export.ExportedProgram:
+    """The ExportedProgram in `data`, read without running anything the file holds."""
+    from torch._export.serde import schema
+    from torch._export.serde.serialize import ExportedProgramDeserializer, _dict_to_dataclass
+    from torch.export.pt2_archive import _package as pkg
+
+    _check_archive(data)
+    try:
+        reader = pkg.PT2ArchiveReader(io.BytesIO(data))
+    except Exception as exc:
+        raise ProgramError(f"Not a readable .pt2 archive ({type(exc).__name__}).") from None
+    try:
+        doc = json.loads(reader.read_bytes("models/model.json"))
+    except (ValueError, RecursionError, RuntimeError):
+        raise ProgramError("Not a torch.export program: its graph is not valid JSON.") from None
+    if not isinstance(doc, dict) or "graph_module" not in doc:
+        raise ProgramError("Not a torch.export program: its graph has no `graph_module`.")
+    _check_graph_json(doc)
+    doc["guards_code"] = []  # Python source in the file: never executed here
+    state_dict = _payloads(reader, "data/weights/model_weights_config.json", "data/weights/", "weights")
+    constants = _payloads(reader, "data/constants/model_constants_config.json", "data/constants/", "constants")
+    inputs_name = "data/sample_inputs/model.pt"
+    sample = _weights_only(reader.read_bytes(inputs_name), "sample inputs") \
+        if inputs_name in reader.get_file_names() else None
+    if sample is not None and not isinstance(sample, tuple):
+        raise ProgramError("Refused: the program's sample inputs are not a tuple of tensors.")
+    try:
+        serialized = _dict_to_dataclass(schema.ExportedProgram, doc)
+        return ExportedProgramDeserializer().deserialize(serialized, state_dict, constants, sample)
+    except ProgramError:
+        raise
+    except Exception as exc:
+        first = (str(exc).splitlines() or [""])[0][:200]
+        raise ProgramError(f"This .pt2 file could not be read by this version of PyTorch "
+                           f"({torch.__version__}): {type(exc).__name__}: {first}".rstrip(": ") + ".") from None
+
+
+def extra_files(data: bytes) -> dict[str, str]:
+    """The `extra_files` saved beside the program (plain text; e.g. this product's `meta.json`)."""
+    prefix = _check_archive(data)
+    out = {}
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        for info in zf.infolist():
+            name = info.filename[len(prefix):]
+            if name.startswith("extra/") and info.file_size <= 1 << 20:
+                out[name[len("extra/"):]] = zf.read(info).decode("utf-8", errors="replace")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# From the exported graph to a module the engine can prune
+
+def check_operators(ep: torch.export.ExportedProgram) -> None:
+    """Only known tensor operators: anything else is refused, by name."""
+    for node in ep.graph.nodes:
+        if node.op == "call_function" and node.target not in ALLOWED_ATEN:
+            raise ProgramError(f"Refused: the program uses the operator '{op_name(node.target)}', which is not on "
+                               "this product's list of known tensor operators (core/graph.py).")
+        if node.op in ("call_module", "call_method", "get_attr"):
+            raise ProgramError(f"Refused: the program's graph has a '{node.op}' node ('{node.target}'); only "
+                               "ATen tensor operators are accepted.")
+
+
+def _shape(node: fx.Node) -> tuple:
+    val = node.meta.get("val")
+    return tuple(val.shape) if isinstance(val, torch.Tensor) else ()
+
+
+@dataclass(frozen=True)
+class Signature:
+    input_shape: tuple[int, ...]  # one sample, without the batch dimension
+    outputs: int                  # width of the output: 1 means one logit (a binary task)
+
+
+def signature(ep: torch.export.ExportedProgram) -> Signature:
+    """What the program takes and gives; a fixed batch size is refused (its graph may hard-code it)."""
+    from torch.export.graph_signature import InputKind, OutputKind
+
+    users = [s for s in ep.graph_signature.input_specs if s.kind == InputKind.USER_INPUT]
+    outs = [s for s in ep.graph_signature.output_specs if s.kind == OutputKind.USER_OUTPUT]
+    if len(users) != 1 or len(outs) != 1:
+        raise ProgramError(f"Refused: the program takes {len(users)} inputs and gives {len(outs)} outputs; "
+                           "one image batch in and one tensor of logits out is what can be evaluated.")
+    placeholder = next(n for n in ep.graph.nodes if n.op == "placeholder" and n.name == users[0].arg.name)
+    shape = _shape(placeholder)
+    if len(shape) != 4:
+        raise ProgramError(f"Refused: the program's input has shape {list(shape)}; an image batch (N, C, H, W) "
+                           "is expected.")
+    if isinstance(shape[0], int):
+        raise ProgramError(f"Refused: this program was exported with a fixed batch size of {shape[0]}; "
+                           f"{DYNAMIC_BATCH_HINT}.")
+    sample = shape[1:]
+    if not all(isinstance(d, int) for d in sample):
+        example = (ep.example_inputs or ((),))[0]
+        if not example or not isinstance(example[0], torch.Tensor) or example[0].dim() != 4:
+            raise ProgramError("Refused: the program's input channels, height and width are not fixed, and it "
+                               "carries no sample input to take them from.")
+        sample = tuple(example[0].shape[1:])
+    output = next(n for n in ep.graph.nodes if n.op == "output").args[0]
+    out_node = output[0] if isinstance(output, (tuple, list)) else output
+    out_shape = _shape(out_node)
+    if len(out_shape) not in (1, 2) or (len(out_shape) == 2 and not isinstance(out_shape[1], int)):
+        raise ProgramError(f"Refused: the program's output has shape {list(out_shape)}; logits of shape "
+                           "(N, classes) or (N,) are expected.")
+    return Signature(tuple(int(d) for d in sample), int(out_shape[1]) if len(out_shape) == 2 else 1)
+
+
+def _set_module(root: nn.Module, path: str, module: nn.Module) -> None:
+    *parents, last = path.split(".")
+    for name in parents:
+        if not hasattr(root, name):
+            root.add_module(name, nn.Module())
+        root = getattr(root, name)
+    root.add_module(last, module)
+
+
+def _layer_path(target: str, suffix: str) -> str:
+    """`layer4.1.conv2.weight` -> `layer4.1.conv2`: the module path as the user wrote it."""
+    return target[: -len(suffix)] if target.endswith(suffix) else target
+
+
+def _free(name: str, taken: set[str]) -> str:
+    base, i = name.replace("/", "_") or "layer", 1
+    while name in taken or not all(p.isidentifier() or p.isdigit() for p in name.split(".")):
+        name, i = f"{re.sub(r'[^0-9A-Za-z_.]', '_', base)}_{i}", i + 1
+    taken.add(name)
+    return name
+
+
+def to_module(ep: torch.export.ExportedProgram) -> fx.GraphModule:
+    """The program as a GraphModule whose convs, batch norms and linears are real modules."""
+    from torch.export.graph_signature import InputKind
+
+    sig = ep.graph_signature
+    tensors: dict[str, tuple[str, torch.Tensor]] = {}  # placeholder name -> (fqn, tensor)
+    for spec in sig.input_specs:
+        if spec.kind in (InputKind.PARAMETER, InputKind.BUFFER):
+            source = ep.state_dict if spec.target in ep.state_dict else ep.constants
+            tensors[spec.arg.name] = (spec.target, source[spec.target])
+        elif spec.kind == InputKind.CONSTANT_TENSOR:
+            tensors[spec.arg.name] = (spec.target, ep.constants[spec.target])
+        elif spec.kind != InputKind.USER_INPUT:
+            raise ProgramError(f"Refused: the program takes a {spec.kind.name.lower()} input, which cannot be "
+                               "evaluated here.")
+    root, graph, env = nn.Module(), fx.Graph(), {}
+    taken: set[str] = set()
+    modules: dict[tuple, str] = {}  # (kind, weight placeholder) -> module path: a shared layer stays one module
+
+    def tensor(name: str) -> torch.Tensor | None:
+        return tensors[name][1].detach().clone() if name in tensors else None
+
+    def attr(node: fx.Node) -> fx.Node:  # a tensor read by an operator that stays an operator
+        if node.name not in env:
+            name = _free("tensor_" + re.sub(r"\W", "_", tensors[node.name][0]), taken)
+            root.register_buffer(name, tensor(node.name))
+            env[node.name] = graph.get_attr(name)
+        return env[node.name]
+
+    def arg(a):
+        if isinstance(a, fx.Node):
+            return attr(a) if a.name in tensors else env[a.name]
+        return a
+
+    def layer(kind: str, node: fx.Node, make) -> str | None:
+        weight = node.args[1] if kind != "batch_norm" else (node.args[3] if len(node.args) > 3 else None)
+        if not isinstance(weight, fx.Node) or weight.name not in tensors:
+            return None  # computed weights: the call stays an operator (not a prunable layer)
+        key = (kind, weight.name)
+        if key not in modules:
+            suffix = ".running_mean" if kind == "batch_norm" else ".weight"
+            modules[key] = _free(_layer_path(tensors[weight.name][0], suffix), taken)
+            _set_module(root, modules[key], make())
+        return modules[key]
+
+    for node in ep.graph.nodes:
+        if node.op == "placeholder":
+            if node.name not in tensors:
+                env[node.name] = graph.placeholder(node.name)
+            continue
+        if node.op == "output":
+            out = node.args[0]
+            graph.output(arg(out[0] if isinstance(out, (tuple, list)) else out))
+            break
+        path = None
+        if node.target == aten.conv2d.default:
+            path = layer("conv2d", node, lambda: _conv(node, tensor))
+        elif node.target == aten.batch_norm.default:
+            if node.args[5]:
+                raise ProgramError("Refused: the program's batch norm runs in training mode; export the model "
+                                   "after model.eval().")
+            path = layer("batch_norm", node, lambda: _batchnorm(node, tensor))
+        elif node.target == aten.linear.default:
+            path = layer("linear", node, lambda: _linear(node, tensor))
+        if path is not None:
+            env[node.name] = graph.call_module(path, (env[node.args[0].name],))
+        else:
+            env[node.name] = graph.node_copy(node, arg)
+    gm = fx.GraphModule(root, graph, class_name="ExportedModel")
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return gm.eval()
+
+
+def _opt(node: fx.Node, i: int, default):
+    return node.args[i] if len(node.args) > i else default
+
+
+def _conv(node: fx.Node, tensor) -> nn.Conv2d:
+    weight, bias = tensor(node.args[1].name), _opt(node, 2, None)
+    stride, padding, dilation, groups = (_opt(node, 3, [1, 1]), _opt(node, 4, [0, 0]), _opt(node, 5, [1, 1]),
+                                         _opt(node, 6, 1))
+    if isinstance(padding, str) or not all(isinstance(v, int) for v in [*stride, *padding, *dilation, groups]):
+        raise ProgramError(f"Refused: the conv '{node.name}' has a stride or padding this product cannot rebuild.")
+    conv = nn.Conv2d(weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]), stride=tuple(stride),
+                     padding=tuple(padding), dilation=tuple(dilation), groups=groups, bias=bias is not None)
+    conv.weight = nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        conv.bias = nn.Parameter(tensor(bias.name) if isinstance(bias, fx.Node) else torch.as_tensor(bias),
+                                 requires_grad=False)
+    return conv
+
+
+def _batchnorm(node: fx.Node, tensor) -> nn.BatchNorm2d:
+    weight, bias, mean, var = node.args[1:5]
+    momentum, eps = _opt(node, 6, 0.1), _opt(node, 7, 1e-5)
+    running_mean, running_var = tensor(mean.name), tensor(var.name)
+    bn = nn.BatchNorm2d(running_mean.shape[0], eps=eps, momentum=momentum, affine=weight is not None)
+    if weight is not None:
+        bn.weight = nn.Parameter(tensor(weight.name), requires_grad=False)
+        bn.bias = nn.Parameter(tensor(bias.name), requires_grad=False)
+    bn.running_mean.copy_(running_mean)
+    bn.running_var.copy_(running_var)
+    return bn
+
+
+def _linear(node: fx.Node, tensor) -> nn.Linear:
+    weight, bias = tensor(node.args[1].name), _opt(node, 2, None)
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    linear.weight = nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        linear.bias = nn.Parameter(tensor(bias.name), requires_grad=False)
+    return linear
+
+
+@dataclass
+class Program:
+    """A validated program: the module the engine runs, what it takes and gives, and extra files."""
+
+    exported: torch.export.ExportedProgram
+    module: fx.GraphModule
+    signature: Signature
+    extra: dict[str, str]
+
+    def build(self) -> fx.GraphModule:
+        return copy.deepcopy(self.module)
+
+    @property
+    def root_type(self) -> str:
+        """The user's top-level class name, e.g. `MobileNetish` (from the graph's module stack)."""
+        for node in self.exported.graph.nodes:
+            stack = node.meta.get("nn_module_stack") or {}
+            for path, type_name in stack.values():
+                if path == "":
+                    return str(type_name).rsplit(".", 1)[-1][:60]
+        return "program"
+
+
+def load(data: bytes) -> Program:
+    """Read, check and rebuild a `.pt2` program; raises ProgramError with one sentence."""
+    ep = read_exported(data)
+    check_operators(ep)
+    sig = signature(ep)
+    module = to_module(ep)
+    if not any(isinstance(m, nn.Conv2d) for m in module.modules()) and \
+            not any(isinstance(m, nn.Linear) for m in module.modules()):
+        raise ProgramError("Refused: the program has no conv or linear layer with stored weights to prune.")
+    return Program(ep, module, sig, extra_files(data))
+
+
+def save(model: nn.Module, input_shape: tuple[int, ...], path, meta: dict | None = None) -> None:
+    """`torch.export` a model with a dynamic batch dimension, the product's meta beside it as JSON."""
+    example = torch.zeros(2, *input_shape)
+    ep = torch.export.export(copy.deepcopy(model).eval(), (example,),
+                             dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+    torch.export.save(ep, path, extra_files={"meta.json": json.dumps(meta or {})})
