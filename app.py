@@ -1,88 +1,41 @@
-"""Streamlit entry point: the shared sidebar (model, layer, criterion, mode, device) and the pages."""
-from __future__ import annotations
+"""The Prune page, the first thing a lecturer sees; the other pages are in pages/ (Streamlit's multipage mode).
 
+One live slider (ui/live_slider.py) moves the grid's pruned overlay, the accuracy and the curve's
+marker in the browser while it is dragged; the server hears K on release.
+"""
 import streamlit as st
-import torch
 
 from core import criteria, engine
-from ui import state
+from ui import keys, live_slider, sidebar, state
 
-st.set_page_config(page_title="Pruning explorer", page_icon=":material/content_cut:", layout="wide")
+sidebar.show(sidebar.PRUNE)
+st.markdown("### Prune the least active channels")
+ckpt = state.current_checkpoint()
+eng = state.current_engine()
+key = state.current_engine_key()
+mode, criterion = st.session_state[keys.MODE], st.session_state[keys.CRITERION]
+k = st.session_state[keys.K] = min(st.session_state.get(keys.K, 0), eng.channels)
 
-# Query parameters a link carries, so that it reopens the same view.
-URL_KEYS = ("model", "layer", "criterion", "mode", "k")
+if eng.path == engine.PATH_FAST:  # the whole curve from one pass: every K is known in the browser
+    accuracy = state.curve(eng, mode, criterion)
+    acc, baseline, known = accuracy[k], accuracy[0], {}
+else:  # a middle layer: each K costs a pass of the rest of the network, computed on release
+    accuracy = None
+    baseline = state.accuracy_at(eng, key, 0, mode, criterion)[0]
+    acc, known = state.accuracy_at(eng, key, k, mode, criterion)
 
-
-def init_session() -> None:
-    """Once per session: defaults, overridden by the URL."""
-    if st.session_state.get("initialised"):
-        return
-    models = state.channel_models()
-    query = st.query_params
-    st.session_state["model"] = query.get("model") if query.get("model") in models else state.DEFAULT_MODEL
-    st.session_state["criterion"] = query.get("criterion") if query.get("criterion") in criteria.CRITERIA else "mean"
-    st.session_state["mode"] = query.get("mode") if query.get("mode") in engine.MODES else "zero"
-    if query.get("layer"):
-        st.session_state["layer"] = query.get("layer")
-    if str(query.get("k", "")).isdigit():
-        st.session_state["k"] = int(query.get("k"))
-    st.session_state["initialised"] = True
-
-
-def sidebar() -> None:
-    models = state.channel_models()
-    if "pending_model" in st.session_state:  # an upload chose a new model on the last run
-        st.session_state["model"] = st.session_state.pop("pending_model")
-    with st.sidebar:
-        st.header("Model")
-
-        def label(key: str) -> str:
-            ckpt = models[key]
-            acc = ckpt.meta.get("test_accuracy")
-            return f"{key} · {ckpt.arch} · {ckpt.dataset}" + (f" · {acc:.2%}" if acc is not None else "")
-
-        st.selectbox("Checkpoint", list(models), key="model", format_func=label)
-        ckpt = state.current_checkpoint()
-        layers = state.conv_layers(ckpt.digest, ckpt)
-        names = [info.name for info in layers]
-        if st.session_state.get("layer") not in names:  # first run, or a model without that layer
-            if st.session_state.get("layer") is not None:
-                st.session_state["k"] = 0
-            st.session_state["layer"] = names[-1]
-        described = {info.name: info.describe() for info in layers}
-        st.selectbox("Conv layer (default: the last)", names, key="layer", format_func=described.get)
-        own = st.session_state.get("own_data")
-        if own:
-            if st.session_state.pop("pending_use_own_data", False):
-                st.session_state["use_own_data"] = True
-            st.toggle(f"Test data: my images ({own['name']})", key="use_own_data",
-                      help=f"Off: the checkpoint's own test set ({ckpt.dataset}).")
-        st.header("Pruning")
-        st.selectbox("Rank channels by", list(criteria.CRITERIA), key="criterion",
-                     format_func=lambda c: criteria.CRITERIA[c].label)
-        st.radio("Pruning mode", list(engine.MODES), key="mode", horizontal=True,
-                 captions=[engine.MODES[m] for m in engine.MODES])
-        devices = ["auto", "cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-        st.selectbox("Device", devices, key="device")
-        st.caption(f"Running on **{state.device().upper()}**"
-                   + ("" if torch.cuda.is_available() else " (no CUDA device on this server)"))
-
-
-def sync_url() -> None:
-    for key in URL_KEYS:
-        value = st.session_state.get(key)
-        if value is not None and st.query_params.get(key) != str(value):
-            st.query_params[key] = str(value)
-
-
-init_session()
-sidebar()
-page = st.navigation([
-    st.Page("views/load.py", title="Load", icon=":material/upload_file:"),
-    st.Page("views/feature_maps.py", title="Feature maps", icon=":material/grid_view:"),
-    st.Page("views/prune.py", title="Prune", icon=":material/content_cut:", default=True),
-    st.Page("views/curve.py", title="Curve", icon=":material/show_chart:"),
-    st.Page("views/magnitude.py", title="Magnitude", icon=":material/filter_alt:"),
-])
-page.run()
-sync_url()
+live_slider.live_slider(
+    engine_key=key + (criterion,), maps=eng.stats.mean_map.numpy(), scores=eng.scores(criterion).numpy(),
+    order=eng.ranking(criterion).numpy(), k=k, accuracy=accuracy, known=known, baseline=baseline,
+    chance=state.chance_level(ckpt), per_filter=state.pruned_parameters(eng, 1),
+    total_params=state.parameter_count(ckpt),
+    curve_title=f"Accuracy vs K · {mode} · {criteria.CRITERIA[criterion].label}",
+    note=state.speed_note(eng), contrast=st.session_state[keys.CONTRAST], axis=st.session_state[keys.AXIS],
+    present=bool(st.session_state.get(keys.PRESENT)),
+)
+correct = round(acc * eng.total)
+st.caption(f"Test accuracy at K = {k}: **{acc:.2%}** ({correct:,} of {eng.total:,} right, "
+           f"{'binary accuracy: same or different pair' if eng.task == 'binary' else 'multi-class accuracy'}). "
+           f"{ckpt.name}, layer {eng.layer}, mode {mode}. Drag the slider, use the arrow keys (PageUp/PageDown: "
+           f"32 channels), or press play.")
+sidebar.sync_url()

@@ -27,7 +27,7 @@ class Criterion:
 
 class MeanActivation(Criterion):
     name = "mean"
-    label = "mean activation (seeds 000, 001, 003)"
+    label = "mean activation"
 
     def scores(self, engine):
         return engine.stats.mean_map.flatten(1).mean(1)
@@ -35,7 +35,7 @@ class MeanActivation(Criterion):
 
 class MeanAbsActivation(Criterion):
     name = "mean_abs"
-    label = "mean |activation| (seed 002: LeakyReLU makes activations negative)"
+    label = "mean |activation|"
 
     def scores(self, engine):
         return engine.stats.mean_abs_map.flatten(1).mean(1)
@@ -43,7 +43,7 @@ class MeanAbsActivation(Criterion):
 
 class FilterL1Norm(Criterion):
     name = "l1_norm"
-    label = "L1 norm of the conv filter (needs no data)"
+    label = "filter L1 norm"
 
     def scores(self, engine):
         return engine.conv.weight.detach().abs().flatten(1).sum(1).float().cpu()

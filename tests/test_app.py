@@ -1,5 +1,7 @@
 """Streamlit AppTest: every page runs, the slider gives the engine's exact value, bad uploads change nothing."""
 import io
+import json
+import re
 
 import pytest
 import torch
@@ -28,15 +30,36 @@ def metric(at, label):
     return next(m.value for m in at.metric if m.label == label)
 
 
-def test_prune_page_slider_shows_the_engines_exact_accuracy(app, vgg_engine):
-    assert app.slider[0].label == "Channels pruned (K)" and app.slider[0].max == 512
-    assert metric(app, "Test accuracy") == f"{vgg_engine.correct(0) / 1e4:.2%}"
+def live(at) -> dict:
+    """The data the Prune page's live slider component received (what the browser draws from)."""
+    (component,) = at.get("bidi_component")
+    return json.loads(component.proto.json)
+
+
+def set_k(at, k: int):
+    """What a release of the live slider does: the component's callback writes K (ui.live_slider)."""
+    at.session_state["k"] = k
+    return at.run()
+
+
+def accuracy_text(at) -> str:
+    """The Prune page states the exact accuracy at the server's K in words: 'Test accuracy at K = 3: **93.33%**'."""
+    text = next(c.value for c in at.main.caption if c.value.startswith("Test accuracy at K ="))
+    return re.search(r"\*\*([0-9.]+%)\*\*", text).group(1)
+
+
+def test_prune_page_live_slider_gets_the_engines_exact_curve(app, vgg_engine):
+    data = live(app)
+    assert data["channels"] == 512 and data["k"] == 0 and (data["rows"], data["cols"]) == (16, 32)
+    assert data["accuracy"] == [round(c / 1e4, 6) for c in vgg_engine.curve("zero")]
+    assert data["channel_of"] == vgg_engine.ranking("mean").tolist()  # tiles in pruning order
+    assert accuracy_text(app) == f"{vgg_engine.correct(0) / 1e4:.2%}"
     for k, mode in ((256, "zero"), (480, "remove")):
         app.radio(key="mode").set_value(mode).run()
-        app.slider[0].set_value(k).run()
+        set_k(app, k)
         assert not app.exception
-        assert metric(app, "Test accuracy") == f"{vgg_engine.correct(k, mode) / 1e4:.2%}"
-        assert metric(app, "Channels left") == f"{512 - k} of 512"
+        assert live(app)["k"] == k and live(app)["accuracy"][k] == round(vgg_engine.correct(k, mode) / 1e4, 6)
+        assert accuracy_text(app) == f"{vgg_engine.correct(k, mode) / 1e4:.2%}"
         assert app.query_params["k"] == [str(k)] or app.query_params["k"] == str(k)
 
 
@@ -44,30 +67,52 @@ def test_url_reopens_the_same_view(vgg_engine):
     at = AppTest.from_file(APP, default_timeout=300)
     at.query_params.update({"k": "300", "mode": "remove"})
     at.run()
-    assert at.slider[0].value == 300
-    assert metric(at, "Test accuracy") == f"{vgg_engine.correct(300, 'remove') / 1e4:.2%}"
+    assert live(at)["k"] == 300
+    assert accuracy_text(at) == f"{vgg_engine.correct(300, 'remove') / 1e4:.2%}"
 
 
-def test_switching_to_resnet_keeps_accuracy_at_k_512(app):
+def test_switching_to_resnet_keeps_k_and_accuracy_at_k_512(app):
+    set_k(app, 512)
     app.selectbox(key="model").set_value("fmnist_resnet").run()
+    assert live(app)["k"] == 512  # the same K on the other model, to compare them
     app.radio(key="mode").set_value("remove").run()
-    app.slider[0].set_value(512).run()
     eng = engine.from_checkpoint(checkpoints.load(BUNDLED["resnet"]), device="cpu")
-    assert metric(app, "Test accuracy") == f"{eng.correct(512, 'remove') / 1e4:.2%}"
-    assert float(metric(app, "Test accuracy").rstrip("%")) > 50
+    assert accuracy_text(app) == f"{eng.correct(512, 'remove') / 1e4:.2%}"
+    assert float(accuracy_text(app).rstrip("%")) > 50
 
 
 def test_every_page_runs(app):
-    for page in ("views/load.py", "views/feature_maps.py", "views/curve.py"):
+    for page in ("pages/1_load.py", "pages/2_feature_maps.py", "pages/3_curve.py"):
         app.switch_page(page).run()
         assert not app.exception, (page, app.exception)
-    app.switch_page("views/load.py").run()
+    app.switch_page("pages/1_load.py").run()
     assert metric(app, "Architecture") == "small_vgg"
     assert metric(app, "Baseline test accuracy") == "93.33%"
 
 
+@pytest.mark.parametrize("page", ["pages/1_load.py", "pages/2_feature_maps.py", "pages/3_curve.py",
+                                  "pages/4_magnitude.py"])
+def test_a_deep_link_to_any_page_draws_it_with_the_sidebar(page):
+    """Streamlit's pages/ mode: every page script draws the one shared sidebar itself."""
+    at = AppTest.from_file(APP, default_timeout=300)
+    at.switch_page(page).run()
+    assert not at.exception, at.exception
+    assert [link.label for link in at.sidebar.get("page_link")] == ["Prune", "Load", "Feature maps", "Curve",
+                                                                    "Magnitude"]
+    assert at.toggle(key="present") is not None and at.selectbox(key="device").value == "auto"
+
+
+def test_sidebar_choices_survive_a_page_switch(app):
+    app.selectbox(key="model").set_value("fmnist_resnet").run()
+    app.radio(key="mode").set_value("remove").run()
+    for page in ("pages/2_feature_maps.py", "pages/3_curve.py", "pages/1_load.py", "app.py"):
+        app.switch_page(page).run()
+        assert not app.exception, (page, app.exception)
+    assert app.selectbox(key="model").value == "fmnist_resnet" and app.radio(key="mode").value == "remove"
+
+
 def test_feature_map_page_shows_a_16_by_32_grid(app):
-    app.switch_page("views/feature_maps.py").run()
+    app.switch_page("pages/2_feature_maps.py").run()
     assert not app.exception
     assert any("16 x 32" in c.value for c in app.caption)
 
@@ -92,7 +137,7 @@ class Evil:
     ("evil.pt", _bytes({"model": Evil()}), "could run code"),
 ])
 def test_bad_upload_shows_an_error_and_keeps_the_model(app, name, data, reason):
-    app.switch_page("views/load.py").run()
+    app.switch_page("pages/1_load.py").run()
     _upload(app, name, data)
     assert not app.exception
     assert any(reason in e.value for e in app.error), [e.value for e in app.error]
@@ -101,7 +146,7 @@ def test_bad_upload_shows_an_error_and_keeps_the_model(app, name, data, reason):
 
 
 def test_good_upload_becomes_the_model(app):
-    app.switch_page("views/load.py").run()
+    app.switch_page("pages/1_load.py").run()
     model = models.build("small_resnet")
     _upload(app, "mine.pth", _bytes(model.state_dict()))
     assert not app.exception and not app.error
@@ -110,7 +155,7 @@ def test_good_upload_becomes_the_model(app):
 
 
 def test_siamese_feature_maps_are_an_8_by_16_grid(app):
-    app.switch_page("views/feature_maps.py").run()
+    app.switch_page("pages/2_feature_maps.py").run()
     app.selectbox(key="model").set_value("fmnist_siamese").run()
     assert not app.exception, app.exception
     assert any("8 x 16 grid" in c.value for c in app.caption)
@@ -120,19 +165,19 @@ def test_siamese_feature_maps_are_an_8_by_16_grid(app):
 def test_pair_networks_on_the_prune_page_with_binary_accuracy(app, model, channels, grid):
     app.selectbox(key="model").set_value(model).run()
     assert not app.exception, app.exception
-    assert app.slider[0].max == channels
-    app.slider[0].set_value(channels // 2).run()
+    assert live(app)["channels"] == channels
+    set_k(app, channels // 2)
     eng = engine.from_checkpoint(checkpoints.load(ROOT / "checkpoints" / f"{model}.pt"), device="cpu")
     assert eng.task == "binary"
-    assert metric(app, "Test accuracy") == f"{eng.correct(channels // 2) / eng.total:.2%}"
+    assert accuracy_text(app) == f"{eng.correct(channels // 2) / eng.total:.2%}"
     assert any("binary accuracy" in c.value for c in app.caption)
-    app.switch_page("views/feature_maps.py").run()
+    app.switch_page("pages/2_feature_maps.py").run()
     assert any(grid + " grid" in c.value for c in app.caption)
 
 
 def test_cifar_state_dict_is_recognised_but_missing_data_is_explained(app, tmp_path, monkeypatch):
     monkeypatch.setenv("PRUNE_EXPLORER_CACHE", str(tmp_path))  # nothing downloaded there
-    app.switch_page("views/load.py").run()
+    app.switch_page("pages/1_load.py").run()
     _upload(app, "resnet9.pt", _bytes(models.build("resnet9").state_dict()))
     errors = " ".join(e.value for e in app.error)
     assert "Recognised as 'resnet9'" in errors and "CIFAR-10 was not found" in errors and "--data-root" in errors
@@ -157,24 +202,24 @@ def test_own_image_folder_zip_becomes_the_test_data(app, tmp_path, monkeypatch):
             png = io.BytesIO()
             Image.fromarray(np.asarray(pixels)).save(png, format="PNG")
             zf.writestr(f"mine/{label}_class/{i}.png", png.getvalue())
-    app.switch_page("views/load.py").run()
+    app.switch_page("pages/1_load.py").run()
     app.file_uploader(key="upload_images").set_value(("mine.zip", buf.getvalue(), "application/zip")).run()
     assert not app.exception and not app.error, [e.value for e in app.error]
     assert app.toggle(key="use_own_data").value is True
-    app.switch_page("views/prune.py").run()
-    app.slider[0].set_value(400).run()
+    app.switch_page("app.py").run()
+    set_k(app, 400)
     folder = data.unpack_zip(buf.getvalue(), "mine.zip")
     own = data.load_image_folder(folder, (1, 28, 28), (0.2860,), (0.3530,))
     eng = engine.from_checkpoint(checkpoints.load(BUNDLED["vgg"]), device="cpu", split=own)
     assert eng.total == 40
-    assert metric(app, "Test accuracy") == f"{eng.correct(400) / 40:.2%}"
+    assert accuracy_text(app) == f"{eng.correct(400) / 40:.2%}"
 
 
 def test_magnitude_page_live_accuracy_and_retraining(app):
     from core import data, magnitude
     from core.engine import count_correct
 
-    app.switch_page("views/magnitude.py").run()
+    app.switch_page("pages/4_magnitude.py").run()
     assert not app.exception, app.exception
     assert app.selectbox(key="mag_model").value == "fmnist_lenet300"
     app.slider(key="mag_sparsity").set_value(95.0).run()
@@ -191,27 +236,22 @@ def test_magnitude_page_live_accuracy_and_retraining(app):
     assert metric(app, "Test accuracy (no retraining)") == f"{count_correct(pruned, split.x, split.y) / 1e4:.2%}"
 
 
-def test_scrubber_has_a_precomputed_step_per_k():
-    """The live scrubber: one frame per K with the curve's value, so the browser needs no server."""
+def test_live_slider_tiles_are_in_pruning_order_with_either_contrast():
+    """The bytes the browser draws: map i of the pruning order at offset i*H*W; 'layer' shares one grey
+    range, 'map' stretches each map to its own (so a weak channel is not black)."""
     import numpy as np
 
-    from ui import figures
+    from ui import live_slider
 
-    maps = np.random.default_rng(0).random((64, 3, 3))
-    scores = maps.mean((1, 2))
-    ranks = np.argsort(np.argsort(scores, kind="stable"), kind="stable")
-    accuracy = list(np.linspace(0.9, 0.1, 65))
-    fig = figures.scrubber(maps, scores, ranks, accuracy, k=5)
-    assert len(fig.frames) == 65 and len(fig.layout.sliders[0].steps) == 65 and fig.layout.sliders[0].active == 5
-    frame = fig.frames[40]
-    assert frame.data[1].x == (40,) and frame.data[1].y == (accuracy[40],)
-    assert "K = 40 of 64" in frame.layout.title.text
-    # the overlay colours exactly the pixels of the 40 lowest-ranked channels
-    _, rank_image, _ = figures.grid_layers(maps, scores, ranks, order_by_score=True)
-    scale = frame.data[0].colorscale
-    cut = [stop for stop, colour in scale if colour == figures.PRUNED_COLOUR][-1]
-    covered = np.unique(np.floor(rank_image[np.isfinite(rank_image)][rank_image[np.isfinite(rank_image)] / 64 < cut]))
-    assert covered.tolist() == list(range(40))
+    maps = np.random.default_rng(0).random((8, 2, 3))
+    maps[5] *= 0.01  # a weak channel
+    order = np.argsort(maps.mean((1, 2)), kind="stable")
+    layer = np.frombuffer(live_slider.tiles(maps, order, "layer"), np.uint8).reshape(8, 2, 3)
+    own = np.frombuffer(live_slider.tiles(maps, order, "map"), np.uint8).reshape(8, 2, 3)
+    assert order[0] == 5 and layer[0].max() <= 3 and own[0].max() == 255 and own[0].min() == 0
+    assert layer.max() == 255 and layer.min() == 0
+    assert np.array_equal(np.argsort(layer[3].ravel(), kind="stable"), np.argsort(maps[order[3]].ravel(), kind="stable"))
+    assert live_slider.k_ticks(512) == [0, 128, 256, 384, 512] and live_slider.k_ticks(64) == [0, 16, 32, 48, 64]
 
 
 def test_unrecognised_state_dict_can_be_loaded_as_a_picked_architecture(app):
@@ -219,7 +259,7 @@ def test_unrecognised_state_dict_can_be_loaded_as_a_picked_architecture(app):
     that still does not fit is explained by its first missing tensor."""
     sd = models.build("small_vgg").state_dict()
     shuffled = dict(reversed([(f"m{i}", v) for i, v in enumerate(sd.values())]))
-    app.switch_page("views/load.py").run()
+    app.switch_page("pages/1_load.py").run()
     _upload(app, "odd.pt", _bytes(shuffled))
     assert any("matches no registered architecture" in e.value for e in app.error)
     app.selectbox(key="upload_arch").set_value("small_vgg").run()

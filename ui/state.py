@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
+import time
 from pathlib import Path
 
 import streamlit as st
 
-from core import checkpoints, engine, magnitude
+from core import checkpoints, criteria, engine, magnitude
 from core import data as datasets
 from core.cache import EngineCache
 from core.checkpoints import Checkpoint
+from ui import keys
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLED_DIR = ROOT / "checkpoints"
@@ -33,18 +36,25 @@ def _checkpoint(digest: str, _data: bytes, name: str) -> Checkpoint:
     return checkpoints.from_bytes(_data, name=name)
 
 
+@st.cache_resource(max_entries=64, show_spinner=False)
+def _bundled_file(path: str, size: int, mtime_ns: int) -> Checkpoint:
+    """Read and hash a file once per (path, size, modification time): a replaced file is read again."""
+    data = Path(path).read_bytes()
+    return _checkpoint(hashlib.sha256(data).hexdigest(), data, Path(path).stem)
+
+
 def bundled_checkpoints() -> dict[str, Checkpoint]:
     """Every checkpoint in checkpoints/, keyed by file stem; a replaced file has a new digest."""
     found = {}
     for path in sorted(BUNDLED_DIR.glob("*.pt")):
-        data = path.read_bytes()
-        found[path.stem] = _checkpoint(hashlib.sha256(data).hexdigest(), data, path.stem)
+        info = path.stat()
+        found[path.stem] = _bundled_file(str(path), info.st_size, info.st_mtime_ns)
     return found
 
 
 def available_models() -> dict[str, Checkpoint]:
     models = dict(bundled_checkpoints())
-    for name, ckpt in st.session_state.setdefault("uploads", {}).items():
+    for name, ckpt in st.session_state.setdefault(keys.UPLOADS, {}).items():
         models[UPLOAD_PREFIX + name] = ckpt
     return models
 
@@ -63,18 +73,18 @@ def add_upload(name: str, data: bytes, arch: str | None = None) -> Checkpoint:
     except datasets.DataUnavailable as exc:
         raise checkpoints.CheckpointError(f"Recognised as '{ckpt.arch}', but its data set is not available "
                                           f"here. {exc}") from None
-    st.session_state.setdefault("uploads", {})[name] = ckpt
+    st.session_state.setdefault(keys.UPLOADS, {})[name] = ckpt
     if conv_layers(ckpt.digest, ckpt):
-        st.session_state["pending_model"] = UPLOAD_PREFIX + name  # applied before the sidebar is drawn
+        keys.hand_off(keys.MODEL, UPLOAD_PREFIX + name)  # the sidebar applies it on the next run
     return ckpt
 
 
 def current_checkpoint() -> Checkpoint:
-    return available_models()[st.session_state["model"]]
+    return available_models()[st.session_state[keys.MODEL]]
 
 
 def device() -> str:
-    return str(engine.pick_device(st.session_state.get("device", "auto")))
+    return str(engine.pick_device(st.session_state.get(keys.DEVICE, "auto")))
 
 
 @st.cache_resource(max_entries=32, show_spinner=False)
@@ -84,27 +94,108 @@ def conv_layers(digest: str, _ckpt: Checkpoint) -> list[engine.ConvInfo]:
 
 def current_engine() -> engine.Engine:
     """The shared engine for the session's model and layer."""
-    return engine_for(current_checkpoint(), st.session_state.get("layer"))
+    return engine_for(current_checkpoint(), st.session_state.get(keys.LAYER))
+
+
+def engine_key(ckpt: Checkpoint, layer: str | None = None) -> tuple:
+    """The shared cache's key: (checkpoint digest, data set or own images' digest, layer, device)."""
+    layer = layer or conv_layers(ckpt.digest, ckpt)[-1].name  # one cache entry whichever way it is named
+    own = own_data()
+    return ckpt.digest, own["digest"] if own else ckpt.dataset, layer, device()
+
+
+def current_engine_key() -> tuple:
+    return engine_key(current_checkpoint(), st.session_state.get(keys.LAYER))
 
 
 def engine_for(ckpt: Checkpoint, layer: str | None) -> engine.Engine:
     """The shared engine for a checkpoint and layer (None: the last conv); the first build shows progress."""
-    layer = layer or conv_layers(ckpt.digest, ckpt)[-1].name  # one cache entry whichever way it is named
-    own = own_data()
-    key = (ckpt.digest, own["digest"] if own else ckpt.dataset, layer, device())
+    key = engine_key(ckpt, layer)
+    layer, own = key[2], own_data()
     cache = engine_cache()
     cached = cache.lookup(key)
     if cached is not None:
         return cached
     with st.status(f"Preparing {ckpt.name}: one pass over the test set ...", expanded=True) as status:
         bar = st.progress(0.0)
+        warming = _warmer().progress
+        while key in warming and cache.lookup(key) is None:  # the background warm-up is building it
+            done, total, label = warming.get(key, (0, 1, ""))
+            bar.progress(done / max(total, 1), text=f"{label} (started when the server started)")
+            time.sleep(0.25)
         split = _image_folder(own["path"], ckpt.spec.input_shape, ckpt.dataset) if own else None
         eng = cache.get(key, lambda: engine.from_checkpoint(
             ckpt, layer=layer, device=device(), split=split,
             progress=lambda d, t, label: bar.progress(d / t, text=label)))
-        status.update(label=f"{ckpt.name} ready: {eng.total:,} test images cached ({eng.path})", state="complete",
+        status.update(label=f"{ckpt.name} ready: {eng.total:,} test images seen once", state="complete",
                       expanded=False)
     return eng
+
+
+class _Warmer:
+    """Builds the bundled models' engines in one background thread, into the shared cache, under
+    the keys `engine_for` uses; `progress` holds the one being built: {key: (done, total, label)}."""
+
+    def __init__(self):
+        self.progress: dict[tuple, tuple[int, int, str]] = {}
+        self.thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def start(self, jobs) -> None:
+        """Start the thread unless it was started before; `jobs()` lists (key, checkpoint, device)."""
+        with self._lock:
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._run, args=(jobs(),), name="warm-bundled-models",
+                                               daemon=True)
+                self.thread.start()
+
+    def _run(self, jobs) -> None:
+        cache = engine_cache()
+        built = []
+        for key, ckpt, dev in jobs:
+            self.progress[key] = (0, 1, f"Preparing {ckpt.name}")
+
+            def report(done, total, label, key=key):
+                self.progress[key] = (done, total, label)
+            try:
+                eng = cache.get(key, lambda: engine.from_checkpoint(ckpt, layer=key[2], device=dev, progress=report))
+            except Exception:  # a missing data set etc.: the page that needs it shows the reason
+                continue
+            finally:
+                self.progress.pop(key, None)
+            built.append(eng)
+            if eng.path == engine.PATH_FAST:  # both modes' curves: flipping zero/remove is then a lookup
+                for mode in engine.MODES:
+                    eng.curve(mode, "mean")
+        for eng in built:  # then the other criteria
+            if eng.path == engine.PATH_FAST:
+                for criterion in criteria.CRITERIA:
+                    for mode in engine.MODES:
+                        eng.curve(mode, criterion)
+
+
+@st.cache_resource(show_spinner=False)
+def _warmer() -> _Warmer:
+    return _Warmer()
+
+
+def warm_bundled_models() -> None:
+    """Once per server process: build every bundled model's engine (last conv, automatic device) in
+    the background, the default model first, so that the first visitor of each finds it ready.
+    Off under AppTest (no real server) and with PRUNE_EXPLORER_WARM=0."""
+    from streamlit.runtime import Runtime
+
+    warmer = _warmer()
+    if warmer.thread is not None or os.environ.get("PRUNE_EXPLORER_WARM", "1") == "0" \
+            or type(Runtime._instance) is not Runtime:
+        return
+    def jobs():
+        dev = str(engine.pick_device("auto"))
+        models = channel_models()
+        order = sorted(bundled_checkpoints(), key=lambda name: name != DEFAULT_MODEL)
+        return [((c.digest, c.dataset, conv_layers(c.digest, c)[-1].name, dev), c, dev)
+                for c in (models[name] for name in order if name in models)]
+    warmer.start(jobs)
 
 
 def curve(eng: engine.Engine, mode: str, criterion: str) -> list[float]:
@@ -116,6 +207,33 @@ def curve(eng: engine.Engine, mode: str, criterion: str) -> list[float]:
         counts = eng.curve(mode, criterion, progress=lambda d, t, label: bar.progress(d / t, text=label))
         bar.empty()
     return [c / eng.total for c in counts]
+
+
+@st.cache_resource(show_spinner=False)
+def _known_accuracies() -> dict:
+    return {}
+
+
+def accuracy_at(eng: engine.Engine, key: tuple, k: int, mode: str, criterion: str) -> tuple[float, dict[int, float]]:
+    """One K's exact accuracy where the whole curve is not precomputed (a middle layer), and every
+    accuracy of this engine (`key`: its `engine_key`), mode and criterion computed so far; shared
+    between sessions, since they are facts about the model, not anyone's choices."""
+    known = _known_accuracies().setdefault((key, mode, criterion), {})
+    if k not in known:
+        with st.spinner(f"Evaluating K = {k}: one pass of the rest of the network over the test set ..."):
+            known[k] = eng.correct(k, mode, criterion) / eng.total
+    return known[k], dict(known)
+
+
+def speed_note(eng: engine.Engine) -> str:
+    """Why the whole curve is (or is not) precomputed, in plain words."""
+    if eng.path == engine.PATH_FAST:
+        return ""
+    if eng.path == engine.PATH_HOOK:
+        return ("This model cannot be split at this layer, so every K runs the whole model over the test set; "
+                "the accuracy is computed when you release the slider.")
+    return ("After this layer, the network mixes channels before its classifier, so every K needs a pass of the "
+            "rest of the network over the test set; the accuracy is computed when you release the slider.")
 
 
 def pruned_parameters(eng: engine.Engine, k: int) -> int:
@@ -138,8 +256,8 @@ def chance_level(ckpt: Checkpoint) -> float | None:
 
 def own_data() -> dict | None:
     """This session's own test images, when uploaded and chosen in the sidebar."""
-    own = st.session_state.get("own_data")
-    return own if own and st.session_state.get("use_own_data") else None
+    own = st.session_state.get(keys.OWN_DATA)
+    return own if own and st.session_state.get(keys.USE_OWN_DATA) else None
 
 
 def add_own_data(name: str, data: bytes) -> dict:
@@ -149,8 +267,8 @@ def add_own_data(name: str, data: bytes) -> dict:
     split = _image_folder(str(path), ckpt.spec.input_shape, ckpt.dataset)
     own = {"name": name, "path": str(path), "digest": "image_folder:" + hashlib.sha256(data).hexdigest(),
            "images": len(split), "classes": list(split.spec.class_names)}
-    st.session_state["own_data"] = own
-    st.session_state["pending_use_own_data"] = True
+    st.session_state[keys.OWN_DATA] = own
+    keys.hand_off(keys.USE_OWN_DATA, True)  # the sidebar applies it on the next run
     return own
 
 

@@ -4,8 +4,9 @@ import streamlit as st
 from core import checkpoints
 from core import data as datasets
 from core.models import REGISTRY
-from ui import state
+from ui import keys, sidebar, state
 
+sidebar.show(sidebar.LOAD)
 st.title("Load a model")
 
 st.subheader("Bundled checkpoints")
@@ -25,15 +26,15 @@ st.markdown(
     "a whole pickled model is refused, because loading it could run code."
 )
 st.caption(f"Uploads are limited to {st.get_option('server.maxUploadSize')} MB (`.streamlit/config.toml`).")
-upload = st.file_uploader("Checkpoint file", type=["pt", "pth"], key="upload")
-if upload is not None and st.session_state.get("last_upload") != upload.file_id:
+upload = st.file_uploader("Checkpoint file", type=["pt", "pth"], key=keys.UPLOAD)
+if upload is not None and st.session_state.get(keys.LAST_UPLOAD) != upload.file_id:
     try:
         ckpt = state.add_upload(upload.name, upload.getvalue())
     except checkpoints.CheckpointError as exc:
         st.error(f"{upload.name} was not loaded. {exc}")
-        st.caption(f"Still using **{st.session_state['model']}**.")
-        if "matches no registered architecture" in str(exc):  # let the user say which it is
-            arch = st.selectbox("Load it as", list(REGISTRY), index=None, key="upload_arch",
+        st.caption(f"Still using **{st.session_state[keys.MODEL]}**.")
+        if isinstance(exc, checkpoints.UnknownArchitecture):  # let the user say which it is
+            arch = st.selectbox("Load it as", list(REGISTRY), index=None, key=keys.UPLOAD_ARCH,
                                 placeholder="pick the architecture it was saved from")
             if arch is not None:
                 try:
@@ -41,10 +42,10 @@ if upload is not None and st.session_state.get("last_upload") != upload.file_id:
                 except checkpoints.CheckpointError as exc2:
                     st.error(f"Not as '{arch}' either. {exc2}")
                 else:
-                    st.session_state["last_upload"] = upload.file_id
+                    st.session_state[keys.LAST_UPLOAD] = upload.file_id
                     st.rerun()
     else:
-        st.session_state["last_upload"] = upload.file_id
+        st.session_state[keys.LAST_UPLOAD] = upload.file_id
         if state.conv_layers(ckpt.digest, ckpt):
             st.rerun()
         st.info(f"{upload.name} is a '{ckpt.arch}' with no conv layer, so channel pruning does not apply. "
@@ -53,17 +54,17 @@ if upload is not None and st.session_state.get("last_upload") != upload.file_id:
 st.subheader("Your own test images")
 st.markdown("A zip of an image folder: one sub-folder per class, named so that they sort in the order of the "
             "model's classes (e.g. `0_tshirt/`, `1_trouser/`, ...). Images are resized to the model's input.")
-zipped = st.file_uploader("Image folder (.zip)", type=["zip"], key="upload_images")
-if zipped is not None and st.session_state.get("last_images") != zipped.file_id:
+zipped = st.file_uploader("Image folder (.zip)", type=["zip"], key=keys.UPLOAD_IMAGES)
+if zipped is not None and st.session_state.get(keys.LAST_IMAGES) != zipped.file_id:
     try:
         own = state.add_own_data(zipped.name, zipped.getvalue())
     except datasets.DataUnavailable as exc:
         st.error(f"{zipped.name} was not loaded. {exc}")
     else:
-        st.session_state["last_images"] = zipped.file_id
+        st.session_state[keys.LAST_IMAGES] = zipped.file_id
         st.rerun()
-if st.session_state.get("own_data"):
-    own = st.session_state["own_data"]
+if st.session_state.get(keys.OWN_DATA):
+    own = st.session_state[keys.OWN_DATA]
     st.caption(f"Uploaded: **{own['name']}**, {own['images']} images in classes {', '.join(own['classes'])}. "
                "Choose it under *Test data* in the sidebar.")
 

@@ -5,17 +5,18 @@ import io
 import streamlit as st
 
 from core import criteria, engine
-from ui import figures, state
+from ui import figures, keys, sidebar, state
 
+sidebar.show(sidebar.CURVE)
 st.title("Accuracy vs channels pruned")
 models = state.channel_models()
 c1, c2, c3, c4 = st.columns([0.4, 0.2, 0.25, 0.15])
 contrast = [m for m in ("fmnist_vgg", "fmnist_resnet") if m in models]  # seed 000's VGG-vs-ResNet contrast
-chosen = c1.multiselect("Models", list(models), default=contrast or [st.session_state["model"]], key="curve_models")
-modes = c2.multiselect("Modes", list(engine.MODES), default=[st.session_state["mode"]], key="curve_modes")
-crits = c3.multiselect("Criteria", list(criteria.CRITERIA), default=[st.session_state["criterion"]],
-                       key="curve_criteria")
-step = c4.number_input("Step in K", min_value=1, max_value=64, value=1, key="curve_step",
+chosen = c1.multiselect("Models", list(models), default=contrast or [st.session_state[keys.MODEL]], key=keys.CURVE_MODELS)
+modes = c2.multiselect("Modes", list(engine.MODES), default=[st.session_state[keys.MODE]], key=keys.CURVE_MODES)
+crits = c3.multiselect("Criteria", list(criteria.CRITERIA), default=[st.session_state[keys.CRITERION]],
+                       key=keys.CURVE_CRITERIA)
+step = c4.number_input("Step in K", min_value=1, max_value=64, value=1, key=keys.CURVE_STEP,
                        help="Seed 000 used 32; every K is cheap here.")
 
 series, rows = {}, []

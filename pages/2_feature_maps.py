@@ -2,17 +2,18 @@
 import streamlit as st
 
 from core import criteria
-from ui import figures, state
+from ui import figures, keys, sidebar, state
 
+sidebar.show(sidebar.FEATURE_MAPS)
 st.title("Averaged feature maps")
 eng = state.current_engine()
-criterion = st.session_state["criterion"]
-k = min(st.session_state.get("k", 0), eng.channels)
+criterion = st.session_state[keys.CRITERION]
+k = min(st.session_state.get(keys.K, 0), eng.channels)
 rows, cols = figures.grid_shape(eng.channels)
 st.caption(f"Layer **{eng.layer}**: each of the {eng.channels} small images is one channel's activation "
            f"averaged over all {eng.total:,} test images ({rows} x {cols} grid). Darker means less active. "
            f"The {k} channels pruned at the current K (ranked by {criteria.CRITERIA[criterion].label}) are red.")
-by_score = st.toggle("Order the grid by score (lowest first: the first pruned)", key="order_by_score")
+by_score = st.toggle("Order the grid by score (lowest first: the first pruned)", key=keys.ORDER_BY_SCORE)
 ranks = eng.ranking(criterion).argsort().numpy()
 fig = figures.feature_map_grid(eng.stats.mean_map.numpy(), eng.scores(criterion).numpy(), ranks, k, by_score)
 st.plotly_chart(fig, width="stretch")

@@ -3,8 +3,9 @@ import numpy as np
 import streamlit as st
 
 from core import magnitude
-from ui import figures, state
+from ui import figures, keys, sidebar, state
 
+sidebar.show(sidebar.MAGNITUDE)
 st.title("Magnitude pruning with retraining")
 st.caption("Han et al. 2015, *Learning both Weights and Connections*: set the weights with the smallest |w| to "
            "zero, then retrain the rest with the pruned weights held at zero.")
@@ -12,12 +13,12 @@ models = state.available_models()
 names = list(models)
 c1, c2, c3 = st.columns([0.4, 0.3, 0.3])
 name = c1.selectbox("Model", names, index=names.index("fmnist_lenet300") if "fmnist_lenet300" in names else 0,
-                    key="mag_model")
+                    key=keys.MAG_MODEL)
 ckpt = models[name]
-per_layer = c2.radio("Threshold", ["global", "per layer"], horizontal=True, key="mag_threshold",
+per_layer = c2.radio("Threshold", ["global", "per layer"], horizontal=True, key=keys.MAG_THRESHOLD,
                      help="global: one |w| threshold over every layer (the paper's way); per layer: the same "
                           "fraction pruned in each layer.") == "per layer"
-sparsity = c3.slider("Weights pruned (%)", 0.0, 99.9, 90.0, step=0.1, key="mag_sparsity") / 100
+sparsity = c3.slider("Weights pruned (%)", 0.0, 99.9, 90.0, step=0.1, key=keys.MAG_SPARSITY) / 100
 
 base_accuracy = state.magnitude_accuracy(ckpt, 0.0, False)
 accuracy = state.magnitude_accuracy(ckpt, sparsity, per_layer)
@@ -28,9 +29,9 @@ m1.metric("Test accuracy (no retraining)", f"{accuracy:.2%}", delta=f"{(accuracy
 m2.metric("Non-zero weights", f"{report.overall_nonzero:,} of {sum(report.total.values()):,}")
 m3.metric("Compression", f"{report.compression:.1f}x")
 
-retrained = st.session_state.setdefault("mag_retrained", {}).setdefault(ckpt.digest, [])
+retrained = st.session_state.setdefault(keys.MAG_RETRAINED, {}).setdefault(ckpt.digest, [])
 with st.form("retrain"):
-    epochs = st.number_input("Epochs", 1, 20, 1, key="mag_epochs")
+    epochs = st.number_input("Epochs", 1, 20, 1, key=keys.MAG_EPOCHS)
     go_retrain = st.form_submit_button(f"Retrain {int(epochs)} epoch(s) at this sparsity")
 if go_retrain:
     with st.status("Retraining on the server (your session only) ...", expanded=True) as status:
@@ -38,7 +39,6 @@ if go_retrain:
         model, after = state.magnitude_retrain(ckpt, sparsity, per_layer, int(epochs),
                                                lambda d, t, label: bar.progress(d / t, text=label))
         retrained.append({"sparsity": sparsity, "per_layer": per_layer, "epochs": int(epochs), "accuracy": after})
-        st.session_state["mag_last_model"] = model
         status.update(label=f"Retrained: {after:.2%} at {sparsity:.1%} sparsity", state="complete", expanded=False)
 if retrained:
     st.dataframe([{"sparsity": f"{r['sparsity']:.1%}", "threshold": "per layer" if r["per_layer"] else "global",
@@ -64,7 +64,7 @@ if first.ndim == 2 and first.shape[1] == int(np.prod(ckpt.spec.input_shape)) and
 
 st.subheader("Hidden neurons that fire for one test image")
 split = state.test_split(ckpt)
-index = st.number_input("Test image", 0, len(split) - 1, 0, key="mag_image")
+index = st.number_input("Test image", 0, len(split) - 1, 0, key=keys.MAG_IMAGE)
 fired = magnitude.firing_neurons(pruned, split.x[index])
 unpruned = magnitude.firing_neurons(state.base_model(ckpt), split.x[index])
 left, right = st.columns([0.25, 0.75])

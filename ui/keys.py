@@ -1,0 +1,72 @@
+"""Every `st.session_state` key of the app, in one place, and the one hand-off between runs.
+
+A page or helper never writes a string key of its own: it imports the name from here. Widget keys
+double as session-state keys (Streamlit stores a keyed widget's value under its key).
+
+The hand-off: Streamlit refuses a write to a widget's key once that widget has been drawn in the
+current run. An upload on the Load page happens after the sidebar (which draws the `MODEL` and
+`USE_OWN_DATA` widgets) has been drawn, so it cannot set them directly. Instead it calls
+`hand_off(MODEL, name)` and reruns; the next run's sidebar calls `apply_hand_offs()` before it
+draws any widget, which moves each handed-off value into its widget key. Nothing else is deferred.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import streamlit as st
+
+# --- choices shared by every page (sidebar widgets, also carried in the URL) -------------------
+MODEL = "model"            # name of the checkpoint in use (a bundled file stem or "upload: NAME")
+LAYER = "layer"            # the conv layer being pruned
+CRITERION = "criterion"    # ranking criterion, a key of core.criteria.CRITERIA
+MODE = "mode"              # pruning mode, a key of core.engine.MODES
+DEVICE = "device"          # "auto", "cpu" or "cuda"
+USE_OWN_DATA = "use_own_data"  # toggle: evaluate on the uploaded image folder instead of the test set
+PRESENT = "present"        # presentation mode: no sidebar, no captions, larger text
+CONTRAST = "contrast"      # grid colour scale: "layer" (one range for all maps) or "map" (each its own)
+AXIS = "axis"              # x axis of the curve and the slider readout: "K" or "%"
+
+# --- values that are not widgets ---------------------------------------------------------------
+K = "k"                    # channels pruned; survives page switches and model switches where it fits
+INITIALISED = "initialised"  # defaults and URL applied once per session
+HANDOFFS = "handoffs"      # {widget key: value} to apply before the next run's sidebar (see above)
+UPLOADS = "uploads"        # {file name: Checkpoint} this session uploaded
+OWN_DATA = "own_data"      # the uploaded image folder: {"name", "path", "digest", "images", "classes"}
+LAST_UPLOAD = "last_upload"    # file_id of the checkpoint upload already handled
+LAST_IMAGES = "last_images"    # file_id of the image-folder upload already handled
+MAG_RETRAINED = "mag_retrained"  # {checkpoint digest: [{sparsity, per_layer, epochs, accuracy}]}
+MAG_MODELS = "mag_models"  # {(digest, sparsity, per_layer): the session's retrained model}
+
+# --- widgets of one page -----------------------------------------------------------------------
+LIVE_SLIDER = "live_slider"    # the Prune page's live slider component (its state holds "k")
+EXIT_PRESENT = "exit_present"
+ORDER_BY_SCORE = "order_by_score"
+UPLOAD = "upload"
+UPLOAD_ARCH = "upload_arch"
+UPLOAD_IMAGES = "upload_images"
+CURVE_MODELS, CURVE_MODES, CURVE_CRITERIA, CURVE_STEP = "curve_models", "curve_modes", "curve_criteria", "curve_step"
+MAG_MODEL, MAG_THRESHOLD, MAG_SPARSITY = "mag_model", "mag_threshold", "mag_sparsity"
+MAG_EPOCHS, MAG_IMAGE, MAG_AXIS, MAG_SHOW = "mag_epochs", "mag_image", "mag_axis", "mag_show"
+
+# Sidebar widgets drawn on every page: kept when the page changes (see `keep_widget_values`).
+SHARED_WIDGETS = (MODEL, LAYER, CRITERION, MODE, DEVICE, USE_OWN_DATA, PRESENT, CONTRAST, AXIS)
+
+
+def hand_off(widget_key: str, value: Any) -> None:
+    """Set a widget's value at the start of the next run (the caller then calls `st.rerun()`)."""
+    st.session_state.setdefault(HANDOFFS, {})[widget_key] = value
+
+
+def apply_hand_offs() -> None:
+    """Called once per run by the sidebar, before it draws a widget."""
+    for widget_key, value in st.session_state.pop(HANDOFFS, {}).items():
+        st.session_state[widget_key] = value
+
+
+def keep_widget_values() -> None:
+    """Streamlit gives each page's widgets their own identity and forgets a widget's value when a
+    run does not draw it; re-assigning the shared sidebar widgets' values before they are drawn
+    carries them to the page being opened."""
+    for widget_key in SHARED_WIDGETS:
+        if widget_key in st.session_state:
+            st.session_state[widget_key] = st.session_state[widget_key]

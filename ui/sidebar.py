@@ -1,0 +1,153 @@
+"""The frame every page draws first: page config, styles, the session's defaults and the one sidebar.
+
+Each page script (app.py is the Prune page, the others are in pages/) starts with
+`sidebar.show(PAGE)`, so a deep link to any page on a fresh server draws that page with its sidebar,
+and Streamlit's AppTest and the real server run the same code.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import streamlit as st
+import torch
+
+from core import criteria, engine
+from ui import keys, state
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+
+
+@dataclass(frozen=True)
+class Page:
+    path: str    # relative to the repository root, as st.page_link wants it
+    title: str
+    icon: str
+    channel_controls: bool = True  # model, layer, criterion and mode apply to this page
+
+
+PRUNE = Page("app.py", "Prune", ":material/content_cut:")
+LOAD = Page("pages/1_load.py", "Load", ":material/upload_file:")
+FEATURE_MAPS = Page("pages/2_feature_maps.py", "Feature maps", ":material/grid_view:")
+CURVE = Page("pages/3_curve.py", "Curve", ":material/show_chart:", channel_controls=False)
+MAGNITUDE = Page("pages/4_magnitude.py", "Magnitude", ":material/filter_alt:", channel_controls=False)
+PAGES = (PRUNE, LOAD, FEATURE_MAPS, CURVE, MAGNITUDE)
+
+# Query parameters a link carries, so that it reopens the same view.
+URL_KEYS = (keys.MODEL, keys.LAYER, keys.CRITERION, keys.MODE, keys.K)
+
+
+def show(page: Page) -> None:
+    """Page config, styles, session defaults, background warm-up and the sidebar."""
+    st.set_page_config(page_title=f"{page.title} · Pruning explorer", page_icon=str(ASSETS / "logo.png"),
+                       layout="wide")
+    _init_session()
+    keys.apply_hand_offs()
+    keys.keep_widget_values()
+    _styles()
+    state.warm_bundled_models()
+    with st.sidebar:
+        st.markdown("**Pruning explorer**")
+        for p in PAGES:
+            st.page_link(p.path, label=p.title, icon=p.icon)
+        st.toggle("Presentation mode", key=keys.PRESENT,
+                  help="Hides this sidebar and the explanations and enlarges the text, for a projector. "
+                       "The link `?present=1` opens it directly.")
+        if page.channel_controls:
+            _channel_controls()
+        else:
+            _device_control()
+    if st.session_state.get(keys.PRESENT):
+        st.button("Exit presentation mode", key=keys.EXIT_PRESENT, on_click=_exit_presentation,
+                  type="tertiary", icon=":material/close_fullscreen:")
+
+
+def _exit_presentation() -> None:
+    st.session_state[keys.PRESENT] = False
+
+
+def _init_session() -> None:
+    """Once per session: defaults, overridden by the URL."""
+    if st.session_state.get(keys.INITIALISED):
+        return
+    models = state.channel_models()
+    query = st.query_params
+    st.session_state[keys.MODEL] = query.get("model") if query.get("model") in models else state.DEFAULT_MODEL
+    st.session_state[keys.CRITERION] = (query.get("criterion") if query.get("criterion") in criteria.CRITERIA
+                                        else "mean")
+    st.session_state[keys.MODE] = query.get("mode") if query.get("mode") in engine.MODES else "zero"
+    st.session_state[keys.DEVICE] = "auto"
+    st.session_state[keys.PRESENT] = query.get("present") in ("1", "true", "yes")
+    st.session_state[keys.CONTRAST] = "layer"
+    st.session_state[keys.AXIS] = "K"
+    if query.get("layer"):
+        st.session_state[keys.LAYER] = query.get("layer")
+    st.session_state[keys.K] = int(query.get("k")) if str(query.get("k", "")).isdigit() else 0
+    st.session_state[keys.INITIALISED] = True
+
+
+def _styles() -> None:
+    css = (ASSETS / "app.css").read_text()
+    if st.session_state.get(keys.PRESENT):
+        css += (ASSETS / "present.css").read_text()
+    st.html(f"<style>{css}</style>")
+
+
+def _model_label(models: dict) -> callable:
+    def label(key: str) -> str:
+        ckpt = models[key]
+        acc = ckpt.meta.get("test_accuracy")
+        return f"{key} ({acc:.1%})" if acc is not None else key
+    return label
+
+
+def _channel_controls() -> None:
+    models = state.channel_models()
+    st.header("Model")
+    st.selectbox("Checkpoint", list(models), key=keys.MODEL, format_func=_model_label(models),
+                 help="The bundled models were trained on Fashion-MNIST; the Load page lists them.")
+    ckpt = state.current_checkpoint()
+    st.caption(f"{ckpt.arch} · {ckpt.dataset}")
+    layers = state.conv_layers(ckpt.digest, ckpt)
+    names = [info.name for info in layers]
+    if st.session_state.get(keys.LAYER) not in names:  # first run, or a model without that layer
+        st.session_state[keys.LAYER] = names[-1]
+    channels = next(info.out_channels for info in layers if info.name == st.session_state[keys.LAYER])
+    st.session_state[keys.K] = min(st.session_state.get(keys.K, 0), channels)  # keep K where it fits
+    described = {info.name: f"{info.name} ({info.out_channels} channels)" for info in layers}
+    st.selectbox("Conv layer", names, key=keys.LAYER, format_func=described.get,
+                 help="Default: the last conv layer, whose whole accuracy curve is computed at once.")
+    own = st.session_state.get(keys.OWN_DATA)
+    if own:
+        st.toggle(f"Test data: my images ({own['name']})", key=keys.USE_OWN_DATA,
+                  help=f"Off: the checkpoint's own test set ({ckpt.dataset}).")
+    st.header("Pruning")
+    st.selectbox("Rank channels by", list(criteria.CRITERIA), key=keys.CRITERION,
+                 format_func=lambda c: criteria.CRITERIA[c].label,
+                 help="Channels with the lowest score are pruned first. Mean activation is the criterion of "
+                      "Hu et al. 2016 (*Network Trimming*, APoZ's sibling); the filter's L1 norm is that of "
+                      "Li et al. 2017 (*Pruning Filters for Efficient ConvNets*).")
+    st.radio("Pruning mode", list(engine.MODES), key=keys.MODE, horizontal=True,
+             help="\n\n".join(f"**{m}**: {text}" for m, text in engine.MODES.items()))
+    st.radio("Grid contrast", ["layer", "map"], key=keys.CONTRAST, horizontal=True,
+             format_func={"layer": "whole layer", "map": "each map"}.get,
+             help="Whole layer: one grey scale for all maps, so weak channels look dark. Each map: every map "
+                  "stretched to its own range, so the patterns of weak channels show too.")
+    st.radio("Slider axis", ["K", "%"], key=keys.AXIS, horizontal=True,
+             format_func={"K": "channels (K)", "%": "% of channels"}.get)
+    _device_control()
+
+
+def _device_control() -> None:
+    devices = ["auto", "cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    st.selectbox("Device", devices, key=keys.DEVICE)
+    st.caption(f"Running on **{state.device().upper()}**"
+               + ("" if torch.cuda.is_available() else " (no CUDA device on this server)"))
+
+
+def sync_url() -> None:
+    """Write the session's choices into the URL, so a copied link reopens the same view."""
+    for key in URL_KEYS:
+        value = st.session_state.get(key)
+        if value is not None and st.query_params.get(key) != str(value):
+            st.query_params[key] = str(value)
