@@ -22,10 +22,10 @@ from .graph import ACTIVATION_MODULES, BATCHNORMS, compact, is_activation, is_ba
 from .readout import ReadoutCache, find_readout
 
 MODES = {
-    "zero": "Zero the conv's weights and bias of each pruned channel (what the lab reports did); "
-            "a BatchNorm after it still adds a constant.",
-    "remove": "Silence each pruned channel: the conv and its BatchNorm are zeroed, so the channel outputs 0 "
-              "(as seed 003 did).",
+    "zero": "Set the pruned filters' weights and bias to zero. A BatchNorm after the conv still adds its "
+            "constant shift, so the channel is not silent.",
+    "remove": "Silence the pruned channels: the conv filter and its BatchNorm scale and shift are zeroed, so "
+              "the channel outputs exactly 0, as if the filter were removed.",
 }
 
 PATH_SPLIT = "fx split (prefix cached once)"
