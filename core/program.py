@@ -63,9 +63,12 @@ def _weights_only(data: bytes, what: str):
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # the unpickler's refusal, a corrupt member: either way, refused
-        first = (str(exc).splitlines() or [""])[0][:200]
-        raise ProgramError(f"Refused: the program's {what} is a pickle that holds more than plain tensors, which "
-                           f"could run code when loaded ({type(exc).__name__}: {first}).") from None
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        reason = next((ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln), None)
+        if reason is None:
+            raise ProgramError(f"Not a readable .pt2 archive: {what} is corrupt.") from None
+        raise ProgramError(f"Refused: {what} in this program is a pickle that holds more than plain tensors, so "
+                           f"loading it could run code ({reason.rstrip('.')}).") from None
 
 
 def _check_archive(data: bytes) -> str:
@@ -101,7 +104,7 @@ def _payloads(reader, config_name: str, base_dir: str, what: str) -> dict[str, t
     if config_name not in reader.get_file_names():
         legacy = base_dir + "model.pt"
         if legacy in reader.get_file_names():  # torch 2.7's layout: one pickled dict
-            obj = _weights_only(reader.read_bytes(legacy), what)
+            obj = _weights_only(reader.read_bytes(legacy), f"the {what} file")
             if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
                 raise ProgramError(f"Refused: the program's {what} are not a dict of tensors.")
             return obj
@@ -121,7 +124,7 @@ def _payloads(reader, config_name: str, base_dir: str, what: str) -> dict[str, t
     out: dict[str, torch.Tensor] = {}
     for fqn, meta in config.config.items():
         if meta.use_pickle:
-            value = _weights_only(reader.read_bytes(base_dir + meta.path_name), f"{what} '{fqn}'")
+            value = _weights_only(reader.read_bytes(base_dir + meta.path_name), f"the {what[:-1]} '{fqn}'")
             if not isinstance(value, torch.Tensor):
                 raise ProgramError(f"Refused: the program's {what} '{fqn}' is a {type(value).__name__}, not a tensor.")
         else:
@@ -213,7 +216,7 @@ def read_exported(data: bytes) -> torch.export.ExportedProgram:
     state_dict = _payloads(reader, "data/weights/model_weights_config.json", "data/weights/", "weights")
     constants = _payloads(reader, "data/constants/model_constants_config.json", "data/constants/", "constants")
     inputs_name = "data/sample_inputs/model.pt"
-    sample = _weights_only(reader.read_bytes(inputs_name), "sample inputs") \
+    sample = _weights_only(reader.read_bytes(inputs_name), "the sample input") \
         if inputs_name in reader.get_file_names() else None
     if sample is not None and not isinstance(sample, tuple):
         raise ProgramError("Refused: the program's sample inputs are not a tuple of tensors.")
