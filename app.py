@@ -38,4 +38,6 @@ st.caption(f"Test accuracy at K = {k}: **{acc:.2%}** ({correct:,} of {eng.total:
            f"{'binary accuracy: same or different pair' if eng.task == 'binary' else 'multi-class accuracy'}). "
            f"{ckpt.name}, layer {eng.layer}, mode {mode}. Drag the slider, use the arrow keys (PageUp/PageDown: "
            f"32 channels), or press play.")
+if eng.path != engine.PATH_FAST:
+    st.caption(state.evaluation_in_words(eng))
 sidebar.sync_url()

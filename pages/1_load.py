@@ -77,8 +77,9 @@ c1.metric("Architecture", ckpt.arch)
 c2.metric("Parameters", f"{state.parameter_count(ckpt):,}")
 c3.metric("Baseline test accuracy", f"{eng.correct(0) / eng.total:.2%}",
           help="Measured now on the whole test set" + (f"; the checkpoint records {baseline:.2%}" if baseline else ""))
-st.caption(f"{REGISTRY[ckpt.arch].summary}. Data set: **{ckpt.dataset}** ({eng.total:,} test images). "
-           f"Pruned layer: **{eng.layer}** ({eng.channels} channels). Evaluation path: {eng.path}.")
+st.caption(f"{state.summary_in_words(ckpt)}. Data set: **{ckpt.dataset}** ({eng.total:,} test images). "
+           f"Pruned layer: **{eng.layer}** ({eng.channels} channels). "
+           + state.evaluation_in_words(eng))
 st.dataframe([{"conv layer": i.name, "in": i.in_channels, "out": i.out_channels,
                "kernel": "x".join(map(str, i.kernel_size)), "output": "x".join(map(str, i.out_shape))}
               for i in state.conv_layers(ckpt.digest, ckpt)], hide_index=True)

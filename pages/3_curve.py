@@ -10,38 +10,50 @@ from ui import figures, keys, sidebar, state
 sidebar.show(sidebar.CURVE)
 st.title("Accuracy vs channels pruned")
 models = state.channel_models()
-c1, c2, c3, c4 = st.columns([0.4, 0.2, 0.25, 0.15])
-contrast = [m for m in ("fmnist_vgg", "fmnist_resnet") if m in models]  # seed 000's VGG-vs-ResNet contrast
-chosen = c1.multiselect("Models", list(models), default=contrast or [st.session_state[keys.MODEL]], key=keys.CURVE_MODELS)
-modes = c2.multiselect("Modes", list(engine.MODES), default=[st.session_state[keys.MODE]], key=keys.CURVE_MODES)
-crits = c3.multiselect("Criteria", list(criteria.CRITERIA), default=[st.session_state[keys.CRITERION]],
-                       key=keys.CURVE_CRITERIA)
-step = c4.number_input("Step in K", min_value=1, max_value=64, value=1, key=keys.CURVE_STEP,
-                       help="Seed 000 used 32; every K is cheap here.")
+c1, c2, c3, c4, c5 = st.columns([0.34, 0.16, 0.22, 0.14, 0.14])
+contrast = [m for m in ("fmnist_vgg", "fmnist_resnet") if m in models]  # a plain VGG against a shortcut
+chosen = c1.multiselect("Models", list(models), default=contrast or [st.session_state[keys.MODEL]],
+                        key=keys.CURVE_MODELS)
+modes = c2.multiselect("Modes", list(engine.MODES), default=list(engine.MODES), key=keys.CURVE_MODES,
+                       help="\n\n".join(f"**{m}**: {text}" for m, text in engine.MODES.items()))
+crits = c3.multiselect("Ranked by", list(criteria.CRITERIA), default=[st.session_state[keys.CRITERION]],
+                       key=keys.CURVE_CRITERIA, format_func=lambda c: criteria.CRITERIA[c].label)
+axis = c4.radio("x axis", ["K", "%"], key=keys.AXIS, format_func={"K": "K", "%": "% of channels"}.get,
+                help="% of channels compares layers of different widths (64, 128, 512 channels) on one axis.")
+step = c5.number_input("Step in K", min_value=1, max_value=64, value=1, key=keys.CURVE_STEP,
+                       help="Every K is exact and cheap here; a step of 32 gives the coarse curve of a sweep "
+                            "done by hand.")
 
-series, rows = {}, []
-for name in chosen:
+series, styles, rows, chances = {}, {}, [], {}
+for i, name in enumerate(chosen):
     ckpt = models[name]
     eng = state.engine_for(ckpt, layer=None)
+    chance = state.chance_level(ckpt)
+    if chance is not None:
+        chances[chance] = "chance (same or different pair)" if eng.task == "binary" else "chance"
+    ks = list(range(0, eng.channels + 1, int(step)))
+    if ks[-1] != eng.channels:
+        ks.append(eng.channels)
+    xs = [100 * k / eng.channels for k in ks] if axis == "%" else ks
     for mode in modes:
-        for crit in crits:
+        for j, crit in enumerate(crits):
             acc = state.curve(eng, mode, crit)
-            ks = list(range(0, eng.channels + 1, int(step)))
-            if ks[-1] != eng.channels:
-                ks.append(eng.channels)
-            series[f"{name} · {mode} · {crit}"] = (ks, [acc[k] for k in ks])
+            label = f"{name} · {mode}" + (f" · {criteria.CRITERIA[crit].label}" if len(crits) > 1 else "")
+            series[label] = (xs, [acc[k] for k in ks])
+            styles[label] = figures.series_style(i, mode, j, len(ks))
             rows += [[name, eng.layer, mode, crit, k, round(acc[k] * eng.total), eng.total, f"{acc[k]:.4f}"]
                      for k in ks]
 
 if not series:
     st.info("Choose at least one model, mode and criterion.")
     st.stop()
-fig = figures.accuracy_curve(series)
+fig = figures.accuracy_curve(series, chances=chances, styles=styles, percent=axis == "%", height=500,
+                             title="Test accuracy vs channels pruned at each model's last conv layer")
 st.plotly_chart(fig, width="stretch", config={"toImageButtonOptions": {"format": "png", "filename": "accuracy_vs_k",
                                                                         "scale": 2}})
 buf = io.StringIO()
 csv.writer(buf).writerows([["model", "layer", "mode", "criterion", "k", "correct", "total", "accuracy"]] + rows)
 st.download_button("Download CSV", buf.getvalue(), file_name="accuracy_vs_k.csv", mime="text/csv")
-st.caption("PNG: the camera icon at the chart's top right saves it as an image. Each model is pruned at its "
-           "last conv layer. With a shortcut around that layer (ResNet-style) accuracy degrades gracefully; a "
-           "plain VGG falls to chance.")
+st.caption("Colour: model; solid line: zero, dashed: remove; markers: a second or third ranking. PNG: the camera "
+           "icon at the chart's top right. With a shortcut around the pruned layer (ResNet-style) accuracy "
+           "degrades gracefully; a plain VGG falls to chance.")

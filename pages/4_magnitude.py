@@ -7,8 +7,8 @@ from ui import figures, keys, sidebar, state
 
 sidebar.show(sidebar.MAGNITUDE)
 st.title("Magnitude pruning with retraining")
-st.caption("Han et al. 2015, *Learning both Weights and Connections*: set the weights with the smallest |w| to "
-           "zero, then retrain the rest with the pruned weights held at zero.")
+st.caption("Set the weights with the smallest |w| to zero, then retrain the rest with the pruned weights held at "
+           "zero (Han et al. 2015, *Learning both Weights and Connections for Efficient Neural Networks*).")
 models = state.available_models()
 names = list(models)
 c1, c2, c3 = st.columns([0.4, 0.3, 0.3])
@@ -39,6 +39,7 @@ if go_retrain:
         model, after = state.magnitude_retrain(ckpt, sparsity, per_layer, int(epochs),
                                                lambda d, t, label: bar.progress(d / t, text=label))
         retrained.append({"sparsity": sparsity, "per_layer": per_layer, "epochs": int(epochs), "accuracy": after})
+        state.keep_retrained(ckpt, sparsity, per_layer, model)
         status.update(label=f"Retrained: {after:.2%} at {sparsity:.1%} sparsity", state="complete", expanded=False)
 if retrained:
     st.dataframe([{"sparsity": f"{r['sparsity']:.1%}", "threshold": "per layer" if r["per_layer"] else "global",
@@ -46,16 +47,27 @@ if retrained:
                    "vs baseline": f"{(r['accuracy'] - base_accuracy) * 100:+.2f} pts"} for r in retrained],
                  hide_index=True)
 
+log_axis = st.radio("Accuracy vs sparsity, x axis", ["log", "linear"], horizontal=True, key=keys.MAG_AXIS,
+                    format_func={"log": "weights remaining (log)", "linear": "weights pruned (linear)"}.get) == "log"
 grid = [0.0, 0.5, 0.7, 0.8, 0.85, 0.9, 0.92, 0.94, 0.96, 0.97, 0.98, 0.99, 0.995, 0.999]
 curve = [state.magnitude_accuracy(ckpt, s, per_layer) for s in grid]
 st.plotly_chart(figures.accuracy_vs_sparsity((grid, curve), [(r["sparsity"], r["accuracy"]) for r in retrained
-                                                             if r["per_layer"] == per_layer], (sparsity, accuracy)),
-                width="stretch")
+                                                             if r["per_layer"] == per_layer], (sparsity, accuracy),
+                                             log_remaining=log_axis), width="stretch")
 
-weights = {n: w.detach().numpy() for n, w in magnitude.prunable_weights(pruned).items()}
+# What the figures below show: the retrained model at this sparsity when there is one, else the pruned one.
+own = state.retrained_model(ckpt, sparsity, per_layer)
+shown = pruned
+if own is not None:
+    which = st.radio("Show the weights of", ["retrained", "pruned"], horizontal=True, key=keys.MAG_SHOW,
+                     format_func={"retrained": "the retrained model", "pruned": "the pruned model before retraining"}.get)
+    shown = own if which == "retrained" else pruned
+shown_report = magnitude.sparsity_of(shown)
+weights = {n: w.detach().cpu().numpy() for n, w in magnitude.prunable_weights(shown).items()}
 st.plotly_chart(figures.weight_histograms(weights), width="stretch")
-st.dataframe([{"layer": n, "weights": report.total[n], "non-zero": report.nonzero[n],
-               "kept": f"{report.nonzero[n] / report.total[n]:.1%}"} for n in report.total], hide_index=True)
+st.dataframe([{"layer": n, "weights": shown_report.total[n], "non-zero": shown_report.nonzero[n],
+               "kept": f"{shown_report.nonzero[n] / shown_report.total[n]:.1%}"} for n in shown_report.total],
+             hide_index=True)
 
 first_name, first = next(iter(weights.items()))
 if first.ndim == 2 and first.shape[1] == int(np.prod(ckpt.spec.input_shape)) and ckpt.spec.input_shape[0] == 1:
@@ -65,11 +77,12 @@ if first.ndim == 2 and first.shape[1] == int(np.prod(ckpt.spec.input_shape)) and
 st.subheader("Hidden neurons that fire for one test image")
 split = state.test_split(ckpt)
 index = st.number_input("Test image", 0, len(split) - 1, 0, key=keys.MAG_IMAGE)
-fired = magnitude.firing_neurons(pruned, split.x[index])
+fired = magnitude.firing_neurons(shown, split.x[index])
 unpruned = magnitude.firing_neurons(state.base_model(ckpt), split.x[index])
 left, right = st.columns([0.25, 0.75])
 if split.x.shape[1] == 1:
     left.image(((split.x[index, 0] - split.x[index, 0].min()) / (np.ptp(split.x[index, 0].numpy()) + 1e-8)).numpy(),
                width=140, caption=f"label: {split.spec.class_names[int(split.y[index])]}")
-right.dataframe([{"layer": n, "units": next(m.out_features for mn, m in pruned.named_modules() if mn == n),
-                  "firing (pruned)": fired[n], "firing (unpruned)": unpruned[n]} for n in fired], hide_index=True)
+label = "firing (retrained)" if shown is own and own is not None else "firing (pruned)"
+right.dataframe([{"layer": n, "units": next(m.out_features for mn, m in shown.named_modules() if mn == n),
+                  label: fired[n], "firing (unpruned)": unpruned[n]} for n in fired], hide_index=True)

@@ -215,6 +215,15 @@ def test_own_image_folder_zip_becomes_the_test_data(app, tmp_path, monkeypatch):
     assert accuracy_text(app) == f"{eng.correct(400) / 40:.2%}"
 
 
+def _histogram_data(at) -> list:
+    """The weight histograms' data, from the Plotly figure the page sent."""
+    for chart in at.get("plotly_chart"):
+        spec = json.loads(chart.proto.spec)
+        if any(trace.get("type") == "histogram" for trace in spec["data"]):
+            return [trace.get("x") for trace in spec["data"] if trace.get("type") == "histogram"]
+    raise AssertionError("no histogram on the page")
+
+
 def test_magnitude_page_live_accuracy_and_retraining(app):
     from core import data, magnitude
     from core.engine import count_correct
@@ -229,9 +238,16 @@ def test_magnitude_page_live_accuracy_and_retraining(app):
     split = data.load("fashion_mnist")
     assert metric(app, "Test accuracy (no retraining)") == f"{count_correct(pruned, split.x, split.y) / 1e4:.2%}"
     assert metric(app, "Compression") == "20.0x"
+    histograms_before = _histogram_data(app)
     app.button[0].click().run()  # the form's "Retrain 1 epoch(s)" button
     assert not app.exception, app.exception
     assert any("after retraining" in str(df.value.columns.tolist()) for df in app.dataframe)
+    # the figures now show the retrained model: same zeros, other surviving weights
+    assert app.radio(key="mag_show").value == "retrained"
+    assert _histogram_data(app) != histograms_before
+    assert any("firing (retrained)" in df.value.columns for df in app.dataframe)
+    app.radio(key="mag_show").set_value("pruned").run()
+    assert _histogram_data(app) == histograms_before
     # the shared base model is untouched by the session's retraining
     assert metric(app, "Test accuracy (no retraining)") == f"{count_correct(pruned, split.x, split.y) / 1e4:.2%}"
 

@@ -236,6 +236,35 @@ def speed_note(eng: engine.Engine) -> str:
             "rest of the network over the test set; the accuracy is computed when you release the slider.")
 
 
+@st.cache_data(max_entries=64, show_spinner=False)
+def feature_map_figure(key: tuple, criterion: str, k: int, by_score: bool, contrast: str, _eng: engine.Engine):
+    """The Feature maps page's grid, built once per (engine key, criterion, K, order, contrast)."""
+    from ui import figures
+
+    ranks = _eng.ranking(criterion).argsort().numpy()
+    rows, _ = figures.grid_shape(_eng.channels)
+    return figures.feature_map_grid(_eng.stats.mean_map.numpy(), _eng.scores(criterion).numpy(), ranks, k, by_score,
+                                    contrast=contrast, height=max(420, 34 * rows + 60))
+
+
+def summary_in_words(ckpt: Checkpoint) -> str:
+    """The summary of a checkpoint's architecture (registered, or a .pt2 program) without the
+    project's internal source names ("seed 000", "Seed 002's ..."), which mean nothing to a student."""
+    import re
+
+    text = re.sub(r"\s*\(seeds? [0-9, ]+\)", "", ckpt.spec.summary)
+    text = re.sub(r"^Seed \d+'s ", "", text)
+    return text[:1].upper() + text[1:]
+
+
+def evaluation_in_words(eng: engine.Engine) -> str:
+    """How this engine evaluates a K, for the UI; with the technical reason where the fast path does
+    not apply (`Engine.fast_reason`)."""
+    if eng.path == engine.PATH_FAST:
+        return "The whole accuracy curve of this layer comes from one pass over the test set."
+    return speed_note(eng) + (f" (Technical reason: {eng.fast_reason}.)" if eng.fast_reason else "")
+
+
 def pruned_parameters(eng: engine.Engine, k: int) -> int:
     """Weights removed with K filters: each filter's weights and bias, and its BatchNorm's scale and shift."""
     conv = eng.conv
@@ -314,6 +343,19 @@ def _magnitude_accuracy(digest: str, sparsity: float, per_layer: bool, _ckpt: Ch
 
 def magnitude_accuracy(ckpt: Checkpoint, sparsity: float, per_layer: bool) -> float:
     return _magnitude_accuracy(ckpt.digest, round(sparsity, 4), per_layer, ckpt)
+
+
+def keep_retrained(ckpt: Checkpoint, sparsity: float, per_layer: bool, model) -> None:
+    """Keep the session's retrained model for this sparsity, so the page's figures show it (the last 4)."""
+    kept = st.session_state.setdefault(keys.MAG_MODELS, {})
+    kept[(ckpt.digest, round(sparsity, 4), per_layer)] = model.cpu()
+    while len(kept) > 4:
+        kept.pop(next(iter(kept)))
+
+
+def retrained_model(ckpt: Checkpoint, sparsity: float, per_layer: bool):
+    """The session's retrained model at this sparsity and threshold, or None."""
+    return st.session_state.get(keys.MAG_MODELS, {}).get((ckpt.digest, round(sparsity, 4), per_layer))
 
 
 def magnitude_retrain(ckpt: Checkpoint, sparsity: float, per_layer: bool, epochs: int, progress):
