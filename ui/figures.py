@@ -16,6 +16,16 @@ DASHES = {"zero": "solid", "remove": "dash"}
 SYMBOLS = ["circle", "square", "diamond", "triangle-up", "x"]
 
 
+def readable(fig: go.Figure) -> go.Figure:
+    """Chart text at least 14 px everywhere (Streamlit's theme sets smaller tick labels)."""
+    for update in (fig.update_xaxes, fig.update_yaxes):
+        update(tickfont=dict(size=14), title_font=dict(size=15))
+    fig.update_annotations(font_size=15)
+    fig.update_layout(font=FONT, title_font=dict(size=17), legend_font=dict(size=15),
+                      hoverlabel=dict(font_size=14))
+    return fig
+
+
 def grid_shape(channels: int) -> tuple[int, int]:
     """Rows x columns of the feature-map grid: 16 x 32 for 512, 8 x 16 for 128, 8 x 8 for 64."""
     rows = 2 ** (int(math.log2(channels)) // 2) if channels > 1 else 1
@@ -95,7 +105,7 @@ def feature_map_grid(maps: np.ndarray, scores: np.ndarray, ranks: np.ndarray, k:
     _style_grid_axes(fig)
     fig.update_layout(title=title or f"{maps.shape[0]} averaged feature maps ({rows} x {cols})", font=FONT,
                       margin=dict(l=10, r=10, t=40, b=10), height=height or max(300, 30 * rows + 60))
-    return fig
+    return readable(fig)
 
 
 def accuracy_curve(series: dict[str, tuple[list[float], list[float]]], marker: tuple[float, float] | None = None,
@@ -123,7 +133,7 @@ def accuracy_curve(series: dict[str, tuple[list[float], list[float]]], marker: t
                       xaxis_ticksuffix="%" if percent else "", height=height,
                       margin=dict(l=10, r=10, t=50, b=10),
                       legend=dict(font=dict(size=15), orientation="v", x=1.01, y=1, xanchor="left"))
-    return fig
+    return readable(fig)
 
 
 def series_style(model_index: int, mode: str, criterion_index: int, points: int) -> dict:
@@ -163,7 +173,7 @@ def accuracy_vs_sparsity(before: tuple[list[float], list[float]], after: list[tu
     fig.update_layout(title="Test accuracy vs weights pruned", yaxis_title="test accuracy", yaxis_tickformat=".0%",
                       yaxis_range=[0, 1.02], margin=dict(l=10, r=10, t=40, b=10), font=FONT, height=420,
                       legend=dict(orientation="h", yanchor="bottom", y=1.0, x=1, xanchor="right"))
-    return fig
+    return readable(fig)
 
 
 def weight_histograms(weights: dict[str, np.ndarray], bins: int = 120) -> go.Figure:
@@ -180,7 +190,7 @@ def weight_histograms(weights: dict[str, np.ndarray], bins: int = 120) -> go.Fig
     fig.update_annotations(font=FONT)
     fig.update_layout(title="Weights left per layer (zeros left out; red band: pruned)", height=320, font=FONT,
                       margin=dict(l=10, r=10, t=70, b=10), bargap=0.02)
-    return fig
+    return readable(fig)
 
 
 def first_layer_maps(w: np.ndarray, image_shape: tuple[int, int]) -> go.Figure:
@@ -201,7 +211,7 @@ def first_layer_maps(w: np.ndarray, image_shape: tuple[int, int]) -> go.Figure:
     fig.update_annotations(font=FONT)
     fig.update_layout(title=f"First layer |W|, reshaped to the {h} x {wd} input", height=400, font=FONT,
                       margin=dict(l=10, r=10, t=80, b=10))
-    return fig
+    return readable(fig)
 
 
 def weight_matrix(w: np.ndarray, name: str) -> go.Figure:
@@ -218,4 +228,4 @@ def weight_matrix(w: np.ndarray, name: str) -> go.Figure:
     fig.update_xaxes(title="input pixel (row by row)")
     fig.update_layout(title=f"|W| of {name} (white: pruned)", height=360, font=FONT,
                       margin=dict(l=10, r=10, t=40, b=10))
-    return fig
+    return readable(fig)

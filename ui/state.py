@@ -193,8 +193,9 @@ def warm_bundled_models() -> None:
         dev = str(engine.pick_device("auto"))
         models = channel_models()
         order = sorted(bundled_checkpoints(), key=lambda name: name != DEFAULT_MODEL)
-        return [((c.digest, c.dataset, conv_layers(c.digest, c)[-1].name, dev), c, dev)
+        jobs = [((c.digest, c.dataset, conv_layers(c.digest, c)[-1].name, dev), c, dev)
                 for c in (models[name] for name in order if name in models)]
+        return jobs[:engine_cache().max_entries]  # never evict the default model by warming another
     warmer.start(jobs)
 
 
