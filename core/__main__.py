@@ -59,13 +59,22 @@ class _Bar:
 
 def parse_ks(spec: str, channels: int) -> list[int]:
     """`start:stop:step` (a Python range), a comma list, or one number; each K in 0..channels."""
+    if len(spec) > 100_000:
+        raise ValueError("--ks is too long.")
     try:
         parts = [int(p) for p in spec.split(":")] if ":" in spec else None
         if parts is not None and len(parts) > 3:
             raise ValueError
+        if parts:  # range-checked before the list is built: 0:100000000 must not allocate
+            span = range(*parts)
+            ends = [span[0], span[-1]] if span else []
+            if any(not 0 <= k <= channels for k in ends):
+                raise IndexError(next(k for k in ends if not 0 <= k <= channels))
         ks = list(range(*parts)) if parts else [int(p) for p in spec.split(",") if p.strip()]
+    except IndexError as exc:
+        raise ValueError(f"--ks: K must be between 0 and {channels} (the layer's channels); got {exc.args[0]}.") from None
     except (ValueError, TypeError):
-        raise ValueError(f"--ks '{spec}' is neither start:stop:step nor a comma list of integers.") from None
+        raise ValueError(f"--ks '{spec[:40]}' is neither start:stop:step nor a comma list of integers.") from None
     bad = [k for k in ks if not 0 <= k <= channels]
     if bad:
         raise ValueError(f"--ks: K must be between 0 and {channels} (the layer's channels); got {bad[0]}.")

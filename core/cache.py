@@ -2,7 +2,9 @@
 
 Keyed by (checkpoint content digest, data set, layer, device): a replaced file gets a new digest and
 is never served stale. Bounded in entries and bytes; an evicted engine is simply rebuilt on demand.
-Engines are read-only once built, so sharing them across sessions is safe.
+Engines are read-only once built, so sharing them across sessions is safe. The byte bound is never
+exceeded: an engine that alone needs more than the whole budget is refused (`OverBudget`, one
+sentence) and not kept.
 """
 from __future__ import annotations
 
@@ -11,6 +13,14 @@ from collections import OrderedDict
 from typing import Callable, Hashable
 
 from .engine import Engine
+
+
+class OverBudget(RuntimeError):
+    """An engine that alone needs more memory than the cache may hold; the message says so."""
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:,.0f} MB"
 
 
 class EngineCache:
@@ -31,7 +41,19 @@ class EngineCache:
             with self._lock:
                 if key in self._engines:
                     return self._engines[key]
-            engine = build()
+            try:
+                engine = build()
+                size = engine.cache_bytes()
+            except BaseException:
+                with self._lock:
+                    self._building.pop(key, None)
+                raise
+            if size > self.max_bytes:
+                with self._lock:
+                    self._building.pop(key, None)
+                raise OverBudget(f"This model's layer needs {_mb(size)} of memory for its test-set pass, more than "
+                                 f"the {_mb(self.max_bytes)} the server keeps for all models "
+                                 "(PRUNE_EXPLORER_MAX_CACHE_GB); choose an earlier layer or a smaller model.")
             with self._lock:
                 self._engines[key] = engine
                 self._building.pop(key, None)
@@ -50,7 +72,7 @@ class EngineCache:
             return sum(e.cache_bytes() for e in self._engines.values())
 
     def _evict(self) -> None:
-        # Least recently used first; the newest entry always stays, even if alone it is over budget.
+        # Least recently used first; the newest entry is within the budget on its own (checked in `get`).
         while len(self._engines) > 1 and (len(self._engines) > self.max_entries
                                           or sum(e.cache_bytes() for e in self._engines.values()) > self.max_bytes):
             self._engines.popitem(last=False)

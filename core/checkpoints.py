@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import data, models, program
+from . import data, models, program, untrusted
 
 
 class CheckpointError(ValueError):
@@ -52,23 +52,26 @@ class Checkpoint:
         """A fresh model in eval mode with the weights loaded; each call returns a new object."""
         if self.program is not None:
             return self.program.build()
+        _check_fits(self.arch, models.shapes(self.arch, self.arch_kwargs), self.state_dict)
         try:
             model = models.build(self.arch, **self.arch_kwargs)
         except TypeError as exc:
             raise CheckpointError(f"Architecture '{self.arch}' does not take these arguments: {exc}") from None
-        _check_fits(self.arch, model.state_dict(), self.state_dict)
         model.load_state_dict(self.state_dict, strict=True)
         return model.eval()
 
 
 def _check_fits(arch: str, expected: dict, given: dict) -> None:
-    """Name the first tensor that is missing, unexpected or of another shape, with both shapes."""
-    for key, tensor in expected.items():
+    """Name the first tensor that is missing, unexpected or of another shape, with both shapes.
+    `expected` and `given` map names to shapes or tensors (only shapes are read)."""
+    for key, want in expected.items():
         if key not in given:
-            raise CheckpointError(f"The weights do not fit '{arch}': tensor '{key}' {list(tensor.shape)} is missing.")
-        if tuple(given[key].shape) != tuple(tensor.shape):
-            raise CheckpointError(f"The weights do not fit '{arch}': '{key}' has shape {list(given[key].shape)} "
-                                  f"in the file, but '{arch}' expects {list(tensor.shape)}.")
+            raise CheckpointError(f"The weights do not fit '{arch}': tensor '{key}' {list(want.shape if isinstance(want, torch.Tensor) else want)} is missing.")
+        have = tuple(given[key].shape if isinstance(given[key], torch.Tensor) else given[key])
+        want = tuple(want.shape if isinstance(want, torch.Tensor) else want)
+        if have != want:
+            raise CheckpointError(f"The weights do not fit '{arch}': '{key}' has shape {list(have)} "
+                                  f"in the file, but '{arch}' expects {list(want)}.")
     extra = [k for k in given if k not in expected]
     if extra:
         raise CheckpointError(f"The weights do not fit '{arch}': unexpected tensor '{extra[0]}'"
@@ -85,6 +88,10 @@ def _torch_load(data: bytes):
     if not (data[:4] == b"PK\x03\x04" or data[:1] == b"\x80"):
         raise CheckpointError("Not a PyTorch checkpoint: the file does not start like anything torch.save "
                               "writes (is it an image, an archive or a text file?).")
+    try:
+        untrusted.check_checkpoint(data)  # bounded: sizes, pickle bombs, storages, before torch reads anything
+    except untrusted.Refused as exc:
+        raise CheckpointError(str(exc)) from None
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -117,14 +124,14 @@ def detect_arch(state_dict: dict[str, torch.Tensor]) -> tuple[str, dict, dict[st
     empty when the names already match.
     """
     theirs = _shapes(state_dict)
-    candidates = [(name, kwargs, _shapes(spec.builder(**kwargs).state_dict()))
+    candidates = [(name, kwargs, [(k, v) for k, v in models.shapes(name, kwargs).items() if not k.endswith(_COUNTER)])
                   for name, spec in models.REGISTRY.items() for kwargs in spec.variants]
     for name, kwargs, ours in candidates:
         if dict(ours) == dict(theirs):
             return name, kwargs, {}
     for name, kwargs, ours in candidates:  # the right names, a wrong shape: say which
         if set(dict(ours)) == set(dict(theirs)):
-            _check_fits(name, {k: torch.empty(s) for k, s in ours}, {k: torch.empty(s) for k, s in theirs})
+            _check_fits(name, dict(ours), dict(theirs))
     for name, kwargs, ours in candidates:
         if [shape for _, shape in ours] == [shape for _, shape in theirs]:
             renamed = {t: o for (t, _), (o, _) in zip(theirs, ours) if t != o}
@@ -144,7 +151,7 @@ def detect_arch(state_dict: dict[str, torch.Tensor]) -> tuple[str, dict, dict[st
 
 def _with_bn_counters(state: dict, arch: str, kwargs: dict) -> dict:
     """State dicts from PyTorch before 0.4.1 have no BatchNorm counters: add zeros."""
-    missing = {k: torch.tensor(0) for k in models.build(arch, **kwargs).state_dict()
+    missing = {k: torch.tensor(0) for k in models.shapes(arch, kwargs)
                if k.endswith(_COUNTER) and k not in state}
     return {**state, **missing} if missing else state
 
@@ -199,23 +206,227 @@ def _from_program(blob: bytes, name: str, dataset: str | None) -> Checkpoint:
     return Checkpoint(prog.root_type, {}, state, meta, hashlib.sha256(blob).hexdigest(), name, prog, spec)
 
 
+# ---------------------------------------------------------------------------------------------
+# Every value a file brings is checked here, type first, before it is hashed, formatted or used.
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+MAX_TENSORS = 20_000      # tensors in one state dict
+MAX_NAME_CHARS = 300      # a tensor's name
+MAX_TEXT_CHARS = 2_000    # a text in meta (e.g. the training command)
+MAX_META_PARTS = 2_000    # values in meta, nested ones included
+MAX_KWARG = 10**6         # an integer constructor argument (the parameter budget is checked after)
+_FINITE_CHUNK = 2**24     # values checked for NaN at a time: bounded temporaries
+
+
+def _kind(value) -> str:
+    """'a list', 'an int': the unpickler builds only allowlisted types, so the name is short and safe."""
+    name = type(value).__name__
+    return ("an " if name[:1] in "aeiou" else "a ") + name
+
+
+def _text(value, what: str, limit: int = MAX_TEXT_CHARS) -> str:
+    if not isinstance(value, str):
+        raise CheckpointError(f"{what} is {_kind(value)}, not a text.")
+    if len(value) > limit:
+        raise CheckpointError(f"{what} is {len(value):,} characters long, more than {limit:,}.")
+    return value
+
+
+def _number(value, what: str, low: float, high: float, integer: bool = False) -> float | int:
+    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if not ok or isinstance(value, bool):
+        raise CheckpointError(f"{what} is {_kind(value)}, not {'an integer' if integer else 'a number'}.")
+    if not (low <= value <= high):  # NaN fails both comparisons
+        raise CheckpointError(f"{what} is {value!r:.30}, outside {low:g} to {high:g}.")
+    return value
+
+
+def _plain(value, what: str, budget: list[int], depth: int = 0):
+    """Plain data (text, numbers, booleans, None, and lists and dicts of them), bounded in size."""
+    budget[0] -= 1
+    if budget[0] < 0 or depth > 8:
+        raise CheckpointError(f"{what} is too large or too deeply nested.")
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return _number(value, what, -2**63, 2**63, integer=True)
+    if isinstance(value, float):
+        return _number(value, what, -1e300, 1e300)
+    if isinstance(value, str):
+        return _text(value, what)
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, what, budget, depth + 1) for v in value]
+    if isinstance(value, dict):
+        return {_text(k, f"a key of {what}", 200): _plain(v, what, budget, depth + 1) for k, v in value.items()}
+    raise CheckpointError(f"{what} holds {_kind(value)}, not plain data.")
+
+
+def _meta(raw) -> dict:
+    """The bundled format's `meta`: known fields of the right type, the rest plain data."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"The checkpoint's 'meta' is {_kind(raw)}, not a dict.")
+    meta = _plain(raw, "The checkpoint's 'meta'", [MAX_META_PARTS])
+    for key in ("renamed_tensors", "fitting_datasets"):  # this product's own notes, never the file's
+        meta.pop(key, None)
+    if "dataset" in meta:
+        dataset = _text(meta["dataset"], "The checkpoint's 'meta.dataset'", 100)
+        if dataset not in data.DATASETS:
+            raise CheckpointError(f"The checkpoint's data set '{dataset[:60]}' is not a registered data set. "
+                                  f"Known: {', '.join(data.DATASETS)}.")
+    if "test_accuracy" in meta:
+        _number(meta["test_accuracy"], "The checkpoint's 'meta.test_accuracy'", 0.0, 1.0)
+    for key in ("test_correct", "test_total"):
+        if key in meta:
+            _number(meta[key], f"The checkpoint's 'meta.{key}'", 0, 10**9, integer=True)
+    for key in ("train_command", "torch_version"):
+        if key in meta:
+            _text(meta[key], f"The checkpoint's 'meta.{key}'")
+    if "class_names" in meta and not (isinstance(meta["class_names"], list)
+                                      and all(isinstance(c, str) for c in meta["class_names"])):
+        raise CheckpointError("The checkpoint's 'meta.class_names' is not a list of texts.")
+    return meta
+
+
+def _arch(value) -> str:
+    arch = _text(value, "The checkpoint's 'arch'", 100)
+    if arch not in models.REGISTRY:
+        raise CheckpointError(f"Unknown architecture '{arch[:60]}'. Registered: {', '.join(sorted(models.REGISTRY))}.")
+    return arch
+
+
+def _arch_kwargs(arch: str, raw) -> dict:
+    """Constructor arguments the builder takes, each of its default's type and in range."""
+    import inspect
+
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"The checkpoint's 'arch_kwargs' is {_kind(raw)}, not a dict.")
+    params = inspect.signature(models.REGISTRY[arch].builder).parameters
+    kwargs = {}
+    for key, value in raw.items():
+        name = _text(key, "A name in 'arch_kwargs'", 100)
+        if name not in params or params[name].default is inspect.Parameter.empty:
+            raise CheckpointError(f"Architecture '{arch}' takes no argument '{name[:60]}' (it takes: "
+                                  f"{', '.join(p for p in params if p != 'self') or 'none'}).")
+        default, what = params[name].default, f"'arch_kwargs.{name}'"
+        if isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise CheckpointError(f"{what} is {_kind(value)}, not True or False.")
+        elif isinstance(default, int):
+            _number(value, what, 1, MAX_KWARG, integer=True)
+        elif isinstance(default, float):
+            _number(value, what, 0.0, float(MAX_KWARG))
+        else:
+            _text(value, what, 40)
+        kwargs[name] = value
+    return kwargs
+
+
+def _check_model(arch: str, kwargs: dict, dataset: str) -> None:
+    """Size the model the arguments describe before it is built, and check it takes the
+    architecture's input and gives as many outputs as its data set has classes."""
+    spec = models.REGISTRY[arch]
+    try:
+        count, out = models.size(arch, kwargs)
+    except (TypeError, ValueError, RuntimeError, IndexError) as exc:
+        first = str(exc).splitlines()[0][:120] if str(exc) else _kind(exc)
+        raise CheckpointError(f"'{arch}' with arch_kwargs {kwargs} does not make a model that takes "
+                              f"{'x'.join(map(str, spec.input_shape))} inputs ({first}).") from None
+    if count > untrusted.max_params():
+        raise CheckpointError(f"Refused: '{arch}' with arch_kwargs {kwargs} has {count:,} parameters, more than the "
+                              f"{untrusted.max_params():,} this server accepts (PRUNE_EXPLORER_MAX_PARAMS).")
+    outputs = 1 if len(out) == 1 else int(torch.Size(out[1:]).numel())
+    if len(out) > 2 or outputs < 1:
+        raise CheckpointError(f"'{arch}' with arch_kwargs {kwargs} gives outputs of shape {list(out)}, not logits.")
+    if dataset:
+        problem = _fit_problem(data.DATASETS[dataset], spec.input_shape, outputs)
+        if problem:
+            raise CheckpointError(f"This checkpoint does not fit its data set '{dataset}': {problem}.")
+
+
+def _state_dict(raw, what: str = "The state dict") -> dict[str, torch.Tensor]:
+    """A dict of text names to tensors, names checked before they are used."""
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{what} is {_kind(raw)}, not a dict of tensors.")
+    if len(raw) > MAX_TENSORS:
+        raise CheckpointError(f"{what} has {len(raw):,} tensors, more than {MAX_TENSORS:,}.")
+    for key, value in raw.items():
+        if not isinstance(key, str):
+            raise CheckpointError(f"{what} has a key that is {_kind(key)}, not a tensor name.")
+        _text(key, "A tensor name", MAX_NAME_CHARS)
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"'{key}' in the state dict is {_kind(value)}, not a tensor.")
+    return dict(raw)
+
+
+def _check_tensors(state: dict[str, torch.Tensor], strict_dtypes: bool = True) -> None:
+    """Floating-point weights (BatchNorm's counter an integer), dense, within the budget, and finite.
+    Sizes come from the storages, never from views: `torch.zeros(1).expand(10**9)` costs nothing here."""
+    seen: set[tuple[int, torch.dtype]] = set()
+    budget = untrusted.max_params()
+    for key, t in state.items():
+        if t.layout != torch.strided or t.is_quantized or t.device.type != "cpu":
+            raise CheckpointError(f"Tensor '{key}' is not a plain dense tensor ({t.layout}); save plain weights.")
+        if t.dim() > 8 or any(d < 0 for d in t.shape):
+            raise CheckpointError(f"Tensor '{key}' has an impossible shape.")
+        if key.endswith(_COUNTER) and strict_dtypes:
+            if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool or t.numel() != 1:
+                raise CheckpointError(f"Tensor '{key}' should be one integer (a BatchNorm's step counter).")
+            continue
+        if t.dtype not in FLOAT_DTYPES and (strict_dtypes or t.dtype.is_complex):
+            raise CheckpointError(f"Tensor '{key}' holds {str(t.dtype).removeprefix('torch.')} values; a model's "
+                                  "weights are floating-point numbers (float32, float64, float16 or bfloat16).")
+        if t.dtype not in FLOAT_DTYPES:
+            continue
+        if torch.Size(t.shape).numel() > budget:
+            raise CheckpointError(f"Refused: tensor '{key}' has {t.numel():,} values, more than the "
+                                  f"{budget:,} parameters this server accepts (PRUNE_EXPLORER_MAX_PARAMS).")
+        storage = t.untyped_storage()
+        mark = (storage.data_ptr(), t.dtype)
+        if mark in seen:
+            continue
+        seen.add(mark)
+        flat = torch.empty(0, dtype=t.dtype).set_(storage, 0, (storage.nbytes() // t.element_size(),))
+        for start in range(0, flat.numel(), _FINITE_CHUNK):
+            if not bool(torch.isfinite(flat[start:start + _FINITE_CHUNK]).all()):
+                raise CheckpointError(f"Tensor '{key}' holds NaN or infinite values: the model is broken "
+                                      "(a diverged training run?), so its accuracies would mean nothing.")
+
+
 def from_bytes(data: bytes, name: str = "", arch: str | None = None, dataset: str | None = None) -> Checkpoint:
     """Read a checkpoint. `arch` forces the architecture of a plain state dict (the user's pick);
     `dataset` is the data set a `.pt2` program is evaluated on (checked to fit)."""
+    if not isinstance(data, (bytes, bytearray)):
+        raise CheckpointError("A checkpoint must be given as bytes.")
+    data = bytes(data)
     if program.is_program(data):
-        return _from_program(data, name, dataset)
+        try:  # bounded checks of the archive's pickles before the program's own reader sees them
+            untrusted.check_archive(data, stored_only=False, max_bytes=program.MAX_UNCOMPRESSED_BYTES)
+        except untrusted.Refused as exc:
+            raise CheckpointError(str(exc)) from None
+        ckpt = _from_program(data, name, dataset)
+        ckpt.meta = {**_meta({k: v for k, v in ckpt.meta.items() if k not in ("dataset", "fitting_datasets")}),
+                     "dataset": ckpt.meta["dataset"], "fitting_datasets": ckpt.meta["fitting_datasets"]}
+        _check_tensors(ckpt.state_dict, strict_dtypes=False)
+        return ckpt
     obj = _torch_load(data)
     digest = hashlib.sha256(data).hexdigest()
-    if isinstance(obj, dict) and "state_dict" in obj and "arch" in obj:
-        arch = obj["arch"]
-        if arch not in models.REGISTRY:
-            raise CheckpointError(f"Unknown architecture '{arch}'. Registered: {', '.join(sorted(models.REGISTRY))}.")
-        ckpt = Checkpoint(arch, dict(obj.get("arch_kwargs", {})), obj["state_dict"], dict(obj.get("meta", {})),
-                          digest, name)
+    if isinstance(obj, dict) and all(isinstance(k, str) for k in obj) and "state_dict" in obj and "arch" in obj:
+        arch = _arch(obj["arch"])
+        kwargs = _arch_kwargs(arch, obj.get("arch_kwargs"))
+        meta = _meta(obj.get("meta"))
+        state = _state_dict(obj["state_dict"])
+        _check_model(arch, kwargs, meta.get("dataset", models.REGISTRY[arch].dataset))
+        ckpt = Checkpoint(arch, kwargs, state, meta, digest, name)
     elif isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        obj = _state_dict(obj)
+        _check_tensors(obj)  # before the shapes are compared: refuse complex or NaN weights first
         if arch is not None:
-            if arch not in models.REGISTRY:
-                raise CheckpointError(f"Unknown architecture '{arch}'.")
+            if not isinstance(arch, str) or arch not in models.REGISTRY:
+                raise CheckpointError(f"Unknown architecture '{str(arch)[:60]}'.")
             kwargs, renamed = {}, {}
         else:
             arch, kwargs, renamed = detect_arch(obj)
@@ -224,12 +435,7 @@ def from_bytes(data: bytes, name: str = "", arch: str | None = None, dataset: st
         ckpt = Checkpoint(arch, kwargs, state, meta, digest, name)
     else:
         raise CheckpointError("This file holds no state dict: expected a dict of tensors or the bundled format.")
-    for key, tensor in ckpt.state_dict.items():
-        if not isinstance(tensor, torch.Tensor):
-            raise CheckpointError(f"'{key}' in the state dict is a {type(tensor).__name__}, not a tensor.")
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise CheckpointError(f"Tensor '{key}' holds NaN or infinite values: the model is broken "
-                                  "(a diverged training run?), so its accuracies would mean nothing.")
+    _check_tensors(ckpt.state_dict)
     ckpt.build_model()  # fail now, with the shapes named, rather than later
     return ckpt
 

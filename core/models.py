@@ -40,6 +40,29 @@ def build(arch: str, **kwargs) -> nn.Module:
     return REGISTRY[arch].builder(**kwargs)
 
 
+def _meta_model(arch: str, kwargs: dict) -> nn.Module:
+    """The model built on PyTorch's meta device: shapes only, no memory, no initialisation cost."""
+    with torch.device("meta"):
+        return REGISTRY[arch].builder(**kwargs)
+
+
+def shapes(arch: str, kwargs: dict | None = None) -> dict[str, tuple[int, ...]]:
+    """Every state-dict tensor's shape, without allocating the model."""
+    return {k: tuple(v.shape) for k, v in _meta_model(arch, kwargs or {}).state_dict().items()}
+
+
+def size(arch: str, kwargs: dict) -> tuple[int, tuple[int, ...]]:
+    """(number of parameters and buffers, output shape for a batch of 2) of the model these arguments
+    describe, from a meta-device build and forward pass: nothing is allocated, so a checkpoint's
+    `arch_kwargs` are sized before the model is built. Raises TypeError, ValueError or RuntimeError
+    when the arguments do not make a model that takes the architecture's input."""
+    model = _meta_model(arch, kwargs)
+    count = sum(t.numel() for t in model.state_dict().values())
+    with torch.no_grad():
+        out = model.eval()(torch.empty((2, *REGISTRY[arch].input_shape), device="meta"))
+    return count, tuple(out.shape)
+
+
 def prunable_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     """Layer name -> weight tensor of every Linear and Conv2d, in module order (biases are not pruned)."""
     return {name: m.weight for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}

@@ -13,7 +13,7 @@ from torch import nn
 
 from conftest import BUNDLED, ROOT
 from core import checkpoints, data, engine, models
-from core.cache import EngineCache
+from core.cache import EngineCache, OverBudget
 
 
 class WritesMarker:
@@ -104,7 +104,7 @@ def test_cli_model_without_conv_and_missing_data(tmp_path):
 
 def test_app_shows_each_reason_and_keeps_the_model(tmp_path):
     at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=300)
-    at.switch_page("views/load.py").run()
+    at.switch_page("pages/1_load.py").run()
     assert any("limited to 100 MB" in c.value for c in at.caption)
     for name, (raw, reason) in bad_files(tmp_path).items():
         at.file_uploader(key="upload").set_value((name, raw, "application/octet-stream")).run()
@@ -180,10 +180,16 @@ def test_engine_cache_is_bounded_and_eviction_is_harmless():
     assert cache.lookup("vgg") is None  # evicted
     assert cache.get("vgg", build(BUNDLED["vgg"])).correct(300, "remove") == a  # rebuilt, same answer
     assert builds == [BUNDLED["vgg"], BUNDLED["resnet"], BUNDLED["vgg"]]
-    small = EngineCache(max_entries=10, max_bytes=1)
+    one = cache.lookup("vgg").cache_bytes()
+    small = EngineCache(max_entries=10, max_bytes=int(one * 1.5))
     small.get("vgg", build(BUNDLED["vgg"]))
     small.get("resnet", build(BUNDLED["resnet"]))
-    assert small.lookup("vgg") is None and small.lookup("resnet") is not None  # bytes bound: newest stays
+    assert small.lookup("vgg") is None and small.lookup("resnet") is not None  # bytes bound: LRU evicted
+    assert small.nbytes() <= small.max_bytes
+    tiny = EngineCache(max_entries=10, max_bytes=one // 2)
+    with pytest.raises(OverBudget, match="more than the .* MB the server keeps for all models"):
+        tiny.get("vgg", build(BUNDLED["vgg"]))
+    assert tiny.lookup("vgg") is None and tiny.nbytes() == 0  # refused, not kept
 
 
 def test_replaced_file_is_never_served_stale(tmp_path):
