@@ -63,6 +63,33 @@ def test_prune_page_live_slider_gets_the_engines_exact_curve(app, vgg_engine):
         assert app.query_params["k"] == [str(k)] or app.query_params["k"] == str(k)
 
 
+def test_contrast_axis_and_presentation_mode_reach_the_live_view():
+    at = AppTest.from_file(APP, default_timeout=300)
+    at.query_params.update({"present": "1"})
+    at.run()
+    assert at.toggle(key="present").value is True and live(at)["present"] is True
+    assert any("display: none" in h.proto.body for h in at.get("html"))  # the sidebar and captions hidden
+    layer_tiles = live(at)["tiles"]
+    at.radio(key="contrast").set_value("map").run()
+    assert live(at)["tiles"] != layer_tiles
+    at.radio(key="axis").set_value("%").run()
+    assert live(at)["axis"] == "%"
+    at.button(key="exit_present").click().run()
+    assert at.toggle(key="present").value is False and live(at)["present"] is False
+
+
+def test_a_middle_layer_shows_last_known_values_and_says_why(app):
+    """A middle layer's curve is not precomputed: the live view gets the accuracies known so far."""
+    app.selectbox(key="layer").set_value("features.4.0").run()
+    assert not app.exception, app.exception
+    data = live(app)
+    assert data["accuracy"] is None and data["k"] == 0 and dict(data["known"]).keys() == {0}
+    assert "computed when you release the slider" in data["note"]
+    set_k(app, 100)
+    assert {k for k, _ in live(app)["known"]} == {0, 100}
+    assert any("computed when you release" in c.value for c in app.main.caption)
+
+
 def test_url_reopens_the_same_view(vgg_engine):
     at = AppTest.from_file(APP, default_timeout=300)
     at.query_params.update({"k": "300", "mode": "remove"})

@@ -41,11 +41,12 @@ def show(page: Page) -> None:
     """Page config, styles, session defaults, background warm-up and the sidebar."""
     st.set_page_config(page_title=f"{page.title} · Pruning explorer", page_icon=str(ASSETS / "logo.png"),
                        layout="wide")
-    _init_session()
+    _styles()
+    with st.spinner("Reading the models ..."):  # the first run of a session reads every checkpoint
+        _init_session()
+        state.warm_bundled_models()
     keys.apply_hand_offs()
     keys.keep_widget_values()
-    _styles()
-    state.warm_bundled_models()
     with st.sidebar:
         st.markdown("**Pruning explorer**")
         for p in PAGES:
@@ -88,7 +89,7 @@ def _init_session() -> None:
 
 def _styles() -> None:
     css = (ASSETS / "app.css").read_text()
-    if st.session_state.get(keys.PRESENT):
+    if st.session_state.get(keys.PRESENT, st.query_params.get("present") in ("1", "true", "yes")):
         css += (ASSETS / "present.css").read_text()
     st.html(f"<style>{css}</style>")
 
@@ -124,9 +125,11 @@ def _channel_controls() -> None:
     st.header("Pruning")
     st.selectbox("Rank channels by", list(criteria.CRITERIA), key=keys.CRITERION,
                  format_func=lambda c: criteria.CRITERIA[c].label,
-                 help="Channels with the lowest score are pruned first. Mean activation is the criterion of "
-                      "Hu et al. 2016 (*Network Trimming*, APoZ's sibling); the filter's L1 norm is that of "
-                      "Li et al. 2017 (*Pruning Filters for Efficient ConvNets*).")
+                 help="Channels with the lowest score are pruned first. Mean activation (and mean |activation| "
+                      "for activations that can be negative, such as LeakyReLU) is one of the criteria compared by "
+                      "Molchanov et al. 2017, *Pruning Convolutional Neural Networks for Resource Efficient "
+                      "Inference*; the filter's L1 norm is the criterion of Li et al. 2017, *Pruning Filters for "
+                      "Efficient ConvNets*, and needs no data.")
     st.radio("Pruning mode", list(engine.MODES), key=keys.MODE, horizontal=True,
              help="\n\n".join(f"**{m}**: {text}" for m, text in engine.MODES.items()))
     st.radio("Grid contrast", ["layer", "map"], key=keys.CONTRAST, horizontal=True,
