@@ -1,4 +1,4 @@
-"""CLI: `python -m core {info,export,rank,sweep,magnitude,train} ...` (see README)."""
+"""CLI: `python -m core {info,export,rank,sweep,sensitivity,magnitude,train} ...` (see README)."""
 from __future__ import annotations
 
 import argparse
@@ -184,6 +184,33 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_sensitivity(args) -> int:
+    from . import checkpoints, data, sensitivity
+
+    ckpt = checkpoints.load(args.checkpoint, dataset=args.dataset)
+    if args.dataset:
+        ckpt.meta["dataset"] = args.dataset
+    try:
+        fractions = [float(f) for f in args.fractions.split(",") if f.strip()]
+    except ValueError:
+        raise ValueError(f"--fractions '{args.fractions}' is not a comma list of numbers.") from None
+    split = data.load(ckpt.dataset, train=False, data_root=args.data_root)
+    model = ckpt.build_model()
+    tied = sensitivity.ties(model)
+    rows = []
+    bar = _Bar()
+    for row in sensitivity.sensitivity(model, split.x, split.y, ckpt.spec.task, args.criterion, args.mode,
+                                       fractions, args.device, progress=bar):
+        rows.append(row)
+    _write_csv(args.out, ["layer", "channels", "fraction", "k", "correct", "total", "accuracy"],
+               [[r.layer, r.channels, f"{r.fraction:g}", r.k, r.correct, r.total, f"{r.accuracy:.4f}"] for r in rows])
+    for layer in dict.fromkeys(r.layer for r in rows):
+        accs = " ".join(f"{r.accuracy:.3f}" for r in rows if r.layer == layer)
+        print(f"{layer:>20s}  {accs}" + (f"  (tied by {tied[layer]})" if layer in tied else ""))
+    print(f"wrote {args.out}: {len(rows)} rows (mode {args.mode}, criterion {args.criterion})")
+    return 0
+
+
 def cmd_sweep(args) -> int:
     _, eng, bar = _engine(args)
     ks = parse_ks(args.ks, eng.channels) if args.ks else list(range(eng.channels + 1))
@@ -299,6 +326,17 @@ def parser() -> argparse.ArgumentParser:
                    help="zero: conv weights and bias zeroed; remove: the channel outputs 0 (BatchNorm zeroed too)")
     s.add_argument("--ks", default=None, help="start:stop:step (Python range) or a comma list; default every K")
     s.set_defaults(func=cmd_sweep)
+    se = sub.add_parser("sensitivity", help="each conv layer pruned alone by each fraction of its channels, to CSV")
+    se.add_argument("checkpoint")
+    se.add_argument("--dataset", default=None, choices=sorted(DATASETS))
+    se.add_argument("--criterion", default="mean", choices=list(CRITERIA))
+    se.add_argument("--mode", default="zero", choices=list(MODES))
+    se.add_argument("--fractions", default=",".join(f"{i / 10:g}" for i in range(11)),
+                    help="fractions of each layer's channels to prune (default 0,0.1,...,1)")
+    se.add_argument("--out", required=True)
+    se.add_argument("--data-root", default=None)
+    se.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    se.set_defaults(func=cmd_sensitivity)
     m = sub.add_parser("magnitude", help="magnitude pruning with retraining (Han et al. 2015), per step to CSV")
     m.add_argument("checkpoint")
     m.add_argument("--dataset", default=None, choices=sorted(DATASETS),
@@ -312,7 +350,7 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--data-root", default=None)
     m.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     m.set_defaults(func=cmd_magnitude)
-    for sp in (t, i, e, r, s, m):
+    for sp in (t, i, e, r, s, se, m):
         sp.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     return p
 

@@ -185,8 +185,11 @@ class Engine:
 
     def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, layer: str | None = None,
                  task: str = "multiclass", device: str | torch.device = "auto", batch_size: int = 1000,
-                 progress: Progress | None = None, fast: bool = True):
+                 progress: Progress | None = None, fast: bool = True, boundary_budget: int | None = None):
         self.device = pick_device(device) if isinstance(device, str) else device
+        # The boundary tensors of a middle layer are kept up to this many bytes; batches beyond it
+        # are recomputed through the prefix when evaluated (exact either way, slower).
+        self.boundary_budget = boundary_budget if boundary_budget is not None else default_boundary_budget()
         self.model = copy.deepcopy(model).eval().to(self.device)
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -215,9 +218,11 @@ class Engine:
                 else:
                     self.fast_reason = why
         self.boundary_bytes = 0  # the size of everything crossing the split, whether kept or not
+        self.base_correct: int | None = None  # K = 0, counted during the one pass
         self.stats, self._cache = self._capture(progress)
         self._rankings: dict[str, torch.Tensor] = {}
         self._curves: dict[tuple[str, str], list[int]] = {}
+        self._answers: dict[tuple[str, str, int], int] = {}  # (mode, criterion, K) -> correct, once computed
 
     @property
     def path(self) -> str:
@@ -226,9 +231,14 @@ class Engine:
             return PATH_HOOK
         return PATH_FAST if len(self._readouts) == len(MODES) else PATH_SPLIT
 
+    @property
+    def recomputed_batches(self) -> int:
+        """Batches whose boundary did not fit the budget: their prefix runs again at each evaluation."""
+        return sum(batch is None for batch in self._cache)
+
     def cache_bytes(self) -> int:
         """Memory held by the cached pass (boundary tensors and read-out features)."""
-        held = [t for batch in self._cache for t in batch] + [t for r in self._readouts.values() for t in r.tensors()]
+        held = [t for batch in self._cache if batch is not None for t in batch] + [t for r in self._readouts.values() for t in r.tensors()]
         unique = {t.data_ptr(): t for t in held}  # the `on` features are shared between modes
         return sum(t.numel() * t.element_size() for t in unique.values())
 
@@ -247,6 +257,7 @@ class Engine:
         sums = abs_sums = None
         calls = 0
         cache = []
+        base = 0
         batches = range(0, self.total, self.batch_size)
         for step, i in enumerate(batches):
             xb = self.x[i:i + self.batch_size].to(self.device)
@@ -254,9 +265,12 @@ class Engine:
                 boundary = self._split.prefix(xb)
                 self.boundary_bytes += sum(t.numel() * t.element_size() for t in boundary)
                 logits, acts = self._split.suffixes["zero"](*boundary, ones)
+                base += int((predictions(logits, self.task).cpu() == self.y[i:i + self.batch_size]).sum())
                 self._add_readout_batch(boundary, logits, self.y[i:i + self.batch_size], first=step == 0)
                 if len(self._readouts) < len(MODES):
-                    cache.append(boundary)
+                    kept = sum(t.numel() * t.element_size() for b in cache if b is not None for t in b)
+                    size = sum(t.numel() * t.element_size() for t in boundary)
+                    cache.append(boundary if kept + size <= self.boundary_budget else None)
             else:
                 acts = self._hooked_activations(xb)
             for act in acts:
@@ -266,6 +280,8 @@ class Engine:
             calls = len(acts)
             if progress:
                 progress(step + 1, len(batches), "capturing activations")
+        if self._split is not None:
+            self.base_correct = base
         n = self.total * calls
         stats = ChannelStats((sums / n).float().cpu(), (abs_sums / n).float().cpu())
         return stats, cache
@@ -326,15 +342,56 @@ class Engine:
             return self._readouts[mode].correct(mask)
         if self._split is None:
             return self._hooked_correct(mask, mode)
-        suffix = self._split.suffixes[mode]
-        correct = 0
-        for boundary, i in zip(self._cache, range(0, self.total, self.batch_size)):
-            logits, _ = suffix(*boundary, mask)
-            correct += int((predictions(logits, self.task).cpu() == self.y[i:i + self.batch_size]).sum())
-        return correct
+        return sum(self._batch_correct(j, mask, mode) for j in range(len(self._cache)))
+
+    def _batch_correct(self, j: int, mask: torch.Tensor, mode: str) -> int:
+        i = j * self.batch_size
+        boundary = self._cache[j]
+        if boundary is None:  # over the memory budget: run the prefix again for this batch
+            boundary = self._split.prefix(self.x[i:i + self.batch_size].to(self.device))
+        logits, _ = self._split.suffixes[mode](*boundary, mask)
+        return int((predictions(logits, self.task).cpu() == self.y[i:i + self.batch_size]).sum())
 
     def correct(self, k: int, mode: str = "zero", criterion: str = "mean") -> int:
-        return self.correct_for_mask(self.mask_for(k, criterion), mode)
+        """Exact count with the K lowest-ranked channels pruned; remembered, so asking again is a lookup."""
+        key = (mode, criterion, k)
+        if k == 0 and self.base_correct is not None:  # nothing pruned: counted during the one pass
+            return self.base_correct
+        if key not in self._answers:
+            curve = self._curves.get((mode, criterion))
+            self._answers[key] = curve[k] if curve is not None else \
+                self.correct_for_mask(self.mask_for(k, criterion), mode)
+        return self._answers[key]
+
+    def known(self, k: int, mode: str = "zero", criterion: str = "mean") -> int | None:
+        """The exact count if it is already known (a lookup, never a computation)."""
+        curve = self._curves.get((mode, criterion))
+        return curve[k] if curve is not None else self._answers.get((mode, criterion, k))
+
+    @property
+    def fast(self) -> bool:
+        """Every K and the whole curve cost milliseconds (the cumulative-sum read-out applies)."""
+        return len(self._readouts) == len(MODES)
+
+    @torch.no_grad()
+    def sample_answer(self, k: int, mode: str = "zero", criterion: str = "mean") -> "SampleAnswer":
+        """The count on the first batch of test images only: a quick, labelled estimate while the
+        exact count over every image is computed (a middle layer costs a suffix pass per K)."""
+        mask = self.mask_for(k, criterion).to(self.device)
+        n = min(self.batch_size, self.total)
+        if mode in self._readouts:
+            cache = self._readouts[mode]
+            correct = int((cache._predict(cache.logits(cache.features(mask, cache.on[0], cache.off[0])))
+                           == cache.labels[0]).sum())
+        elif self._split is None:
+            correct = count_correct(_masked_copy(self, mask, mode), self.x[:n], self.y[:n], self.task, self.device)
+        else:
+            correct = self._batch_correct(0, mask, mode)
+        return SampleAnswer(correct, n, self.total)
+
+    def coarse_ks(self, points: int = 17) -> list[int]:
+        """K at every 1/(points-1) of the channels (17 points: every 1/16), always with 0 and P."""
+        return sorted({round(i * self.channels / (points - 1)) for i in range(points)})
 
     def sweep(self, ks: Iterable[int], mode: str = "zero", criterion: str = "mean",
               progress: Progress | None = None) -> list[tuple[int, int]]:
@@ -404,11 +461,40 @@ class Engine:
         return acts
 
     def _hooked_correct(self, mask: torch.Tensor, mode: str) -> int:
-        model = copy.deepcopy(self.model)  # hooks go on a private copy, never on the shared one
-        where = model.get_submodule(self.bn_name) if (mode == "remove" and self.bn_name) else \
-            model.get_submodule(self.layer)
-        where.register_forward_hook(lambda m, i, o: o * mask.view(1, -1, 1, 1))
-        return count_correct(model, self.x, self.y, self.task, self.device, self.batch_size)
+        return count_correct(_masked_copy(self, mask, mode), self.x, self.y, self.task, self.device, self.batch_size)
+
+
+def _masked_copy(eng: Engine, mask: torch.Tensor, mode: str) -> nn.Module:
+    model = copy.deepcopy(eng.model)  # hooks go on a private copy, never on the shared one
+    where = model.get_submodule(eng.bn_name) if (mode == "remove" and eng.bn_name) else model.get_submodule(eng.layer)
+    where.register_forward_hook(lambda m, i, o: o * mask.view(1, -1, 1, 1))
+    return model
+
+
+@dataclass(frozen=True)
+class SampleAnswer:
+    """Accuracy on a fixed sample of the test set, with a 95% Wilson interval for the whole set."""
+
+    correct: int
+    n: int
+    total: int  # images in the whole test set
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.n
+
+    def interval(self, z: float = 1.96) -> tuple[float, float]:
+        p, n = self.accuracy, self.n
+        centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+        half = z * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5 / (1 + z * z / n)
+        return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def default_boundary_budget() -> int:
+    """Bytes of boundary tensors one middle-layer engine keeps (PRUNE_EXPLORER_MAX_BOUNDARY_GB, default 1)."""
+    import os
+
+    return int(float(os.environ.get("PRUNE_EXPLORER_MAX_BOUNDARY_GB", 1)) * 2**30)
 
 
 def _following_batchnorm(model: nn.Module, layer: str) -> str | None:

@@ -1,0 +1,84 @@
+"""Every layer at lecture speed: middle-layer answers (memory budget, sample, memo) and the sensitivity map."""
+import subprocess
+import sys
+
+import pytest
+
+from conftest import BUNDLED, ROOT
+from core import checkpoints, data, engine, sensitivity
+
+
+@pytest.fixture(scope="module")
+def vgg():
+    ckpt = checkpoints.load(BUNDLED["vgg"])
+    split = data.load(ckpt.dataset)
+    return ckpt, split.x[:2000], split.y[:2000]
+
+
+def _naive(eng, k, mode, criterion="mean"):
+    return engine.naive_correct(eng, k, mode, criterion)
+
+
+def test_middle_layer_over_its_memory_budget_recomputes_and_stays_exact(vgg):
+    ckpt, x, y = vgg
+    full = engine.Engine(ckpt.build_model(), x, y, layer="features.4.0", device="cpu")
+    budget = full.cache_bytes() // 2 + 1  # room for one batch of two
+    eng = engine.Engine(ckpt.build_model(), x, y, layer="features.4.0", device="cpu", boundary_budget=budget)
+    assert eng.path == engine.PATH_SPLIT and eng.recomputed_batches == 1 and eng.cache_bytes() <= budget
+    p = eng.channels
+    for mode in engine.MODES:
+        for k in (1, p // 2):
+            assert eng.correct(k, mode) == full.correct(k, mode) == _naive(eng, k, mode), (mode, k)
+
+
+def test_sample_answer_is_the_first_batch_and_known_answers_are_lookups(vgg):
+    ckpt, x, y = vgg
+    eng = engine.Engine(ckpt.build_model(), x, y, layer="features.2.0", device="cpu")
+    k = eng.channels // 2
+    sample = eng.sample_answer(k, "remove")
+    first = engine.Engine(ckpt.build_model(), x[:1000], y[:1000], layer="features.2.0", device="cpu")
+    assert (sample.n, sample.total) == (1000, 2000)
+    assert sample.correct == _naive(first, k, "remove")  # exactly the first 1,000 images
+    low, high = sample.interval()
+    assert low < sample.accuracy < high and high - low < 0.07
+    assert eng.known(k, "remove") is None
+    exact = eng.correct(k, "remove")
+    assert eng.known(k, "remove") == exact == _naive(eng, k, "remove")
+    assert eng.coarse_ks() == [round(i * eng.channels / 16) for i in range(17)]
+    assert eng.correct(0) == eng.base_correct == _naive(eng, 0, "zero")  # counted in the one pass
+
+
+def test_sensitivity_rows_equal_the_naive_procedure(vgg):
+    ckpt, x, y = vgg
+    model = ckpt.build_model()
+    rows = list(sensitivity.sensitivity(model, x[:1000], y[:1000], criterion="mean", mode="remove",
+                                        fractions=(0.3, 1), device="cpu"))
+    assert [r.layer for r in rows] == [n for n in engine.conv_layer_names(model) for _ in range(2)]
+    for r in rows:
+        eng = engine.Engine(model, x[:1000], y[:1000], layer=r.layer, device="cpu", fast=False)
+        assert r.k == round(r.fraction * r.channels) and r.total == 1000
+        assert r.correct == _naive(eng, r.k, "remove"), r
+
+
+def test_layers_tied_by_a_residual_add_or_concatenation_are_marked():
+    resnet = checkpoints.load(BUNDLED["resnet"]).build_model()
+    tied = sensitivity.ties(resnet)
+    assert tied["res3.1.0"] == "residual add" and "layer3.0" in tied and "prep.0.0" not in tied
+    assert sensitivity.ties(checkpoints.load(BUNDLED["vgg"]).build_model()) == {}
+    mobilenet = checkpoints.load(ROOT / "checkpoints" / "fmnist_mobilenet.pt2").build_model()
+    tied = sensitivity.ties(mobilenet)
+    assert tied["branch1.0"] == tied["branch3.0"] == "concatenation" and tied["blocks.2.pw"] == "residual add"
+    assert "head" not in tied
+
+
+def test_cli_sensitivity_writes_one_row_per_layer_and_fraction(tmp_path):
+    out = tmp_path / "s.csv"
+    res = subprocess.run([sys.executable, "-m", "core", "sensitivity", str(BUNDLED["resnet"]), "--fractions",
+                          "0.5,1", "--mode", "remove", "--out", str(out), "--device", "cpu"], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    lines = out.read_text().splitlines()
+    assert lines[0] == "layer,channels,fraction,k,correct,total,accuracy" and len(lines) == 1 + 6 * 2
+    last = [line.split(",") for line in lines if line.startswith("res3.1.0,")]
+    assert last[1][:5] == ["res3.1.0", "512", "1", "512", "9064"]  # the shortcut keeps 90.64%
+    assert "(tied by residual add)" in res.stdout
