@@ -20,16 +20,25 @@ st.dataframe(
 
 st.subheader("Upload your own")
 st.markdown(
-    "A state dict saved with `torch.save(model.state_dict(), 'model.pt')` for one of the registered "
+    "**Any CNN** as a `torch.export` program (`.pt2`): "
+    "`torch.export.save(torch.export.export(model.eval(), (example,), "
+    "dynamic_shapes=({0: torch.export.Dim('batch')},)), 'model.pt2')`. Its graph and weights are read "
+    "without running anything in the file, and only known tensor operators are accepted. "
+    "Or a state dict saved with `torch.save(model.state_dict(), 'model.pt')` for one of the registered "
     f"architectures ({', '.join(f'`{a}`' for a in REGISTRY)}), or a checkpoint in this app's format "
-    "(`{'arch', 'arch_kwargs', 'state_dict', 'meta'}`). Files are read with `weights_only=True`: "
+    "(`{'arch', 'arch_kwargs', 'state_dict', 'meta'}`), read with `weights_only=True`: "
     "a whole pickled model is refused, because loading it could run code."
 )
 st.caption(f"Uploads are limited to {st.get_option('server.maxUploadSize')} MB (`.streamlit/config.toml`).")
-upload = st.file_uploader("Checkpoint file", type=["pt", "pth"], key=keys.UPLOAD)
-if upload is not None and st.session_state.get(keys.LAST_UPLOAD) != upload.file_id:
+dataset = st.selectbox("Test a .pt2 program on", ["", *datasets.DATASETS], key=keys.UPLOAD_DATASET,
+                       format_func=lambda d: datasets.DATASETS[d].title if d else "the first data set that fits",
+                       help="A program says what input it takes and how many outputs it gives; the data set "
+                            "must have that image shape and that many classes (one output: a yes/no task).")
+upload = st.file_uploader("Checkpoint file", type=["pt", "pth", "pt2"], key=keys.UPLOAD)
+handled = (upload.file_id, dataset) if upload is not None else None
+if upload is not None and st.session_state.get(keys.LAST_UPLOAD) != handled:
     try:
-        ckpt = state.add_upload(upload.name, upload.getvalue())
+        ckpt = state.add_upload(upload.name, upload.getvalue(), dataset=dataset or None)
     except checkpoints.CheckpointError as exc:
         st.error(f"{upload.name} was not loaded. {exc}")
         st.caption(f"Still using **{st.session_state[keys.MODEL]}**.")
@@ -42,10 +51,10 @@ if upload is not None and st.session_state.get(keys.LAST_UPLOAD) != upload.file_
                 except checkpoints.CheckpointError as exc2:
                     st.error(f"Not as '{arch}' either. {exc2}")
                 else:
-                    st.session_state[keys.LAST_UPLOAD] = upload.file_id
+                    st.session_state[keys.LAST_UPLOAD] = handled
                     st.rerun()
     else:
-        st.session_state[keys.LAST_UPLOAD] = upload.file_id
+        st.session_state[keys.LAST_UPLOAD] = handled
         if state.conv_layers(ckpt.digest, ckpt):
             st.rerun()
         st.info(f"{upload.name} is a '{ckpt.arch}' with no conv layer, so channel pruning does not apply. "

@@ -320,3 +320,30 @@ def test_magnitude_on_a_program_writes_a_program(tmp_path):
     weights = [m.weight for m in pruned.build_model().modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     zeros = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
     assert 0.49 < zeros < 0.51
+
+
+def test_app_loads_an_uploaded_program_and_refuses_a_crafted_one(tmp_path):
+    from streamlit.testing.v1 import AppTest
+
+    from ui import keys
+
+    marker = tmp_path / "CODE_RAN"
+    good = _export(_randomised(Zoo(), 6), tmp_path / "zoo.pt2")
+    bad = _rewrite(good, tmp_path / "bad.pt2", _pickle_in_weight(marker))
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=300)
+    at.switch_page("pages/1_load.py").run()
+    at.file_uploader(key=keys.UPLOAD).set_value(("bad.pt2", bad.read_bytes(), "application/octet-stream")).run()
+    assert not at.exception and not marker.exists()
+    assert any("could run code" in e.value for e in at.error)
+    assert at.selectbox(key=keys.MODEL).value == "fmnist_vgg"  # the refusal changed nothing
+    at.file_uploader(key=keys.UPLOAD).set_value(("zoo.pt2", good.read_bytes(), "application/octet-stream")).run()
+    assert not at.exception, at.exception
+    assert at.selectbox(key=keys.MODEL).value == "upload: zoo.pt2"
+    assert next(m.value for m in at.metric if m.label == "Architecture") == "Zoo"
+    at.switch_page("app.py").run()  # the Prune page: the program's last conv, its exact accuracy
+    assert not at.exception, at.exception
+    ckpt = checkpoints.load(good)
+    eng = engine.from_checkpoint(ckpt, device="cpu")
+    assert at.selectbox(key=keys.LAYER).value == eng.layer == "last"
+    text = next(c.value for c in at.main.caption if c.value.startswith("Test accuracy at K ="))
+    assert f"**{eng.correct(0) / eng.total:.2%}**" in text

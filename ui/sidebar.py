@@ -31,7 +31,8 @@ LOAD = Page("pages/1_load.py", "Load", ":material/upload_file:")
 FEATURE_MAPS = Page("pages/2_feature_maps.py", "Feature maps", ":material/grid_view:")
 CURVE = Page("pages/3_curve.py", "Curve", ":material/show_chart:", channel_controls=False)
 MAGNITUDE = Page("pages/4_magnitude.py", "Magnitude", ":material/filter_alt:", channel_controls=False)
-PAGES = (PRUNE, LOAD, FEATURE_MAPS, CURVE, MAGNITUDE)
+SENSITIVITY = Page("pages/5_sensitivity.py", "Sensitivity", ":material/grid_on:")
+PAGES = (PRUNE, LOAD, FEATURE_MAPS, CURVE, SENSITIVITY, MAGNITUDE)
 
 # Query parameters a link carries, so that it reopens the same view.
 URL_KEYS = (keys.MODEL, keys.LAYER, keys.CRITERION, keys.MODE, keys.K)

@@ -46,7 +46,7 @@ def _bundled_file(path: str, size: int, mtime_ns: int) -> Checkpoint:
 def bundled_checkpoints() -> dict[str, Checkpoint]:
     """Every checkpoint in checkpoints/, keyed by file stem; a replaced file has a new digest."""
     found = {}
-    for path in sorted(BUNDLED_DIR.glob("*.pt")):
+    for path in sorted([*BUNDLED_DIR.glob("*.pt"), *BUNDLED_DIR.glob("*.pt2")]):  # .pt2: torch.export programs
         info = path.stat()
         found[path.stem] = _bundled_file(str(path), info.st_size, info.st_mtime_ns)
     return found
@@ -64,10 +64,15 @@ def channel_models() -> dict[str, Checkpoint]:
     return {k: c for k, c in available_models().items() if conv_layers(c.digest, c)}
 
 
-def add_upload(name: str, data: bytes, arch: str | None = None) -> Checkpoint:
+def add_upload(name: str, data: bytes, arch: str | None = None, dataset: str | None = None) -> Checkpoint:
     """Validate an uploaded file; on success it becomes this session's model. Raises CheckpointError.
-    `arch`: the architecture the user picked for a state dict that was not recognised."""
-    ckpt = checkpoints.from_bytes(data, name=name, arch=arch)
+    `arch`: the architecture the user picked for a state dict that was not recognised; `dataset`: the
+    data set the user picked for a `.pt2` program (checked to fit it)."""
+    ckpt = checkpoints.from_bytes(data, name=name, arch=arch, dataset=dataset)
+    if not ckpt.dataset:
+        raise checkpoints.CheckpointError(
+            f"No registered data set fits this program (input {'x'.join(map(str, ckpt.spec.input_shape))}, "
+            f"{ckpt.program.signature.outputs} outputs); test it from the command line with --image-folder DIR.")
     try:
         datasets.load(ckpt.dataset)
     except datasets.DataUnavailable as exc:
