@@ -268,22 +268,115 @@ def normalisation_for(dataset: str, channels: int) -> tuple[tuple[float, ...], t
     return (0.5,) * channels, (0.5,) * channels
 
 
+# ---------------------------------------------------------------------------------------------
+# One's own images: a folder, or an uploaded zip of one, bounded before anything is decoded
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
+
+
+def _env_int(name: str, default: int) -> int:
+    try:
+        value = int(float(os.environ.get(name, default)))
+    except ValueError:
+        return default
+    return value if value > 0 else default
+
+
+def image_limits() -> dict[str, int]:
+    """The bounds on one's own images (environment variables, see README)."""
+    return {"files": _env_int("PRUNE_EXPLORER_MAX_IMAGES", 10_000),
+            "bytes": _env_int("PRUNE_EXPLORER_MAX_ZIP_MB", 200) * 2**20,
+            "pixels": _env_int("PRUNE_EXPLORER_MAX_IMAGE_PIXELS", 4096 * 4096),
+            "total_pixels": _env_int("PRUNE_EXPLORER_MAX_TOTAL_PIXELS", 200_000_000),
+            "unpacked": _env_int("PRUNE_EXPLORER_MAX_UNPACKED", 8)}
+
+
+def uploads_dir() -> Path:
+    return cache_dir() / "uploads"
+
+
+def _shown(path: Path) -> str:
+    """How a folder is named to the user: never the server's path for an upload."""
+    try:
+        path.resolve().relative_to(uploads_dir().resolve())
+        return "the uploaded images"
+    except ValueError:
+        return str(path)
+
+
+def check_local(name: str, data_root: str | Path | None = None) -> None:
+    """Quickly, without downloading: is the test split of a registered data set here? Raises DataUnavailable."""
+    if not isinstance(name, str) or name not in DATASETS:
+        raise DataUnavailable(f"Unknown data set '{str(name)[:60]}'. Known: {', '.join(sorted(DATASETS))}.")
+    base = name.removesuffix("_pairs")
+    try:
+        locate(base, False, data_root, allow_download=False)
+    except DataUnavailable as exc:
+        raise DataUnavailable(str(exc).replace(" or run once with internet so torchvision can download it",
+                                               " or run the command line once with internet")) from None
+
+
+def _image_size(source, label: str, limits: dict) -> int:
+    """Pixels of one image, read from its header (nothing decoded); refuses what is no image or too large."""
+    from PIL import Image, UnidentifiedImageError
+
+    too_large = (f"{label} is larger than the {limits['pixels']:,} pixels per image this server accepts "
+                 "(PRUNE_EXPLORER_MAX_IMAGE_PIXELS)")
+    try:
+        with Image.open(source) as img:
+            w, h = img.size
+    except Image.DecompressionBombError:
+        raise DataUnavailable(too_large + ".") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise DataUnavailable(f"{label} is not an image this server can read ({type(exc).__name__}).") from None
+    if w * h > limits["pixels"]:
+        raise DataUnavailable(f"{too_large}: it is {w} x {h}.")
+    return w * h
+
+
 def load_image_folder(path: str | Path, input_shape: tuple[int, ...], mean: tuple[float, ...],
                       std: tuple[float, ...]) -> DataSplit:
-    """One's own data in torchvision's ImageFolder layout (a folder per class), resized to the model's input."""
+    """One's own data in torchvision's ImageFolder layout (a folder per class), resized to the model's input.
+    Bounded before decoding: the number of images, pixels per image and in all (see `image_limits`)."""
+    from PIL import Image
     from torchvision import datasets, transforms
 
     path = Path(path)
+    shown = _shown(path)
     if not path.is_dir():
+        if shown == "the uploaded images":
+            raise DataUnavailable("The uploaded images are no longer on the server (it keeps the last "
+                                  f"{image_limits()['unpacked']} zips); upload the zip again.")
         raise DataUnavailable(f"Image folder {path} does not exist.")
+    os.utime(path)  # recently used: kept by the uploads' LRU bound
     channels, h, w = input_shape
     tf = transforms.Compose(([transforms.Grayscale(channels)] if channels in (1, 3) else [])
                             + [transforms.Resize((h, w)), transforms.ToTensor(), transforms.Normalize(mean, std)])
+    limits = image_limits()
     try:
         ds = datasets.ImageFolder(str(path), transform=tf)
     except (FileNotFoundError, OSError) as exc:
-        raise DataUnavailable(f"{path} is not an image folder (one sub-folder of images per class): {exc}") from None
-    xs, ys = zip(*(ds[i] for i in range(len(ds))))
+        reason = str(exc).replace(str(path), "it") if shown != str(path) else str(exc)
+        raise DataUnavailable(f"{shown} is not an image folder (one sub-folder of images per class): "
+                              f"{reason[:200]}") from None
+    if len(ds) > limits["files"]:
+        raise DataUnavailable(f"{shown} holds {len(ds):,} images, more than the {limits['files']:,} this server "
+                              "accepts (PRUNE_EXPLORER_MAX_IMAGES).")
+    total = 0
+    for file, _ in ds.samples:
+        total += _image_size(file, f"'{Path(file).relative_to(path).as_posix()[:120]}' in {shown}", limits)
+        if total > limits["total_pixels"]:
+            raise DataUnavailable(f"{shown} holds more than {limits['total_pixels']:,} pixels in all "
+                                  "(PRUNE_EXPLORER_MAX_TOTAL_PIXELS).")
+    xs, ys = [], []
+    for i, (file, _) in enumerate(ds.samples):
+        try:
+            x, y = ds[i]
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+            raise DataUnavailable(f"'{Path(file).relative_to(path).as_posix()[:120]}' in {shown} could not be read "
+                                  f"as an image ({type(exc).__name__}).") from None
+        xs.append(x)
+        ys.append(y)
     # Folders named with the class index first ("3_dress") keep that index even if some class is absent.
     prefixes = [re.match(r"^(\d+)", c) for c in ds.classes]
     if all(prefixes):
@@ -293,21 +386,128 @@ def load_image_folder(path: str | Path, input_shape: tuple[int, ...], mean: tupl
     return DataSplit(spec, False, torch.stack(xs), torch.tensor(ys), str(path))
 
 
+def _zip_members(zf, label: str, limits: dict) -> tuple[list, str]:
+    """The image members to unpack and the folder holding the class folders; every refusal one sentence."""
+    import stat
+    import zipfile
+    from pathlib import PurePosixPath
+
+    infos = zf.infolist()
+    if len(infos) > 4 * limits["files"]:
+        raise DataUnavailable(f"{label} has {len(infos):,} entries, more than this server accepts.")
+    files, names, folders = [], set(), set()
+    for info in infos:
+        name = info.filename
+        parts = PurePosixPath(name).parts
+        if name.startswith("/") or ".." in parts or "\\" in name or ":" in (parts[0] if parts else ""):
+            raise DataUnavailable(f"{label} tries to write outside its folder ({name[:80]}); refused.")
+        if any(len(p.encode()) > 200 for p in parts) or len(name) > 1000:
+            raise DataUnavailable(f"{label} holds a name longer than 200 characters ({name[:40]}...); refused.")
+        if stat.S_ISLNK(info.external_attr >> 16):
+            raise DataUnavailable(f"{label} holds a symbolic link ({name[:80]}); only images and folders are accepted.")
+        if info.flag_bits & 0x1:
+            raise DataUnavailable(f"{label} is encrypted; upload an unencrypted zip.")
+        if info.is_dir():
+            folders.add(PurePosixPath(name).as_posix().rstrip("/"))
+            continue
+        if any(p.startswith(".") or p == "__MACOSX" for p in parts):
+            continue  # macOS and editor leftovers, ignored as ImageFolder ignores them
+        if not name.lower().endswith(IMAGE_EXTENSIONS):
+            continue  # ImageFolder reads images only
+        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            raise DataUnavailable(f"{label} uses a compression this server does not read; zip it again.")
+        if name in names:
+            raise DataUnavailable(f"{label} holds '{name[:80]}' twice.")
+        names.add(name)
+        files.append(info)
+    for name in names:  # a file and a folder of the same name cannot both be unpacked
+        parents = [p.as_posix() for p in PurePosixPath(name).parents][:-1]
+        clash = next((p for p in parents if p in names), None)
+        if clash is not None or name in folders:
+            raise DataUnavailable(f"{label} holds both a file and a folder named '{(clash or name)[:80]}'.")
+    if not files:
+        raise DataUnavailable(f"{label} holds no images ({', '.join(IMAGE_EXTENSIONS)}) in class folders.")
+    if len(files) > limits["files"]:
+        raise DataUnavailable(f"{label} holds {len(files):,} images, more than the {limits['files']:,} this server "
+                              "accepts (PRUNE_EXPLORER_MAX_IMAGES).")
+    total = sum(i.file_size for i in files)
+    if total > limits["bytes"]:
+        raise DataUnavailable(f"{label} unpacks to {total / 2**20:,.0f} MB, more than the "
+                              f"{limits['bytes'] // 2**20:,} MB this server accepts (PRUNE_EXPLORER_MAX_ZIP_MB).")
+    tops = {PurePosixPath(i.filename).parts[0] for i in files}
+    root = ""
+    if len(tops) == 1 and all(len(PurePosixPath(i.filename).parts) >= 3 for i in files):
+        root = tops.pop()  # one folder holding the class folders
+    if any(len(PurePosixPath(i.filename).parts) < (3 if root else 2) for i in files):
+        raise DataUnavailable(f"{label} has images outside class folders: put each class's images in a folder "
+                              "named after the class (e.g. 3_dress/img1.png).")
+    return files, root
+
+
+def _prune_uploads(keep: Path, limit: int) -> None:
+    """Keep the `limit` most recently used unpacked zips (and `keep`); remove the others."""
+    import shutil
+    import time
+
+    try:
+        entries = [p for p in uploads_dir().iterdir() if p.is_dir()]
+    except OSError:
+        return
+    stale = [p for p in entries if p.name.startswith(".tmp-") and time.time() - p.stat().st_mtime > 3600]
+    done = sorted((p for p in entries if not p.name.startswith(".tmp-") and p != keep),
+                  key=lambda p: p.stat().st_mtime, reverse=True)
+    for p in stale + done[max(limit - 1, 0):]:
+        shutil.rmtree(p, ignore_errors=True)
+
+
 def unpack_zip(data: bytes, name: str) -> Path:
-    """An uploaded zip of an image folder, unpacked into the cache (never outside it)."""
+    """An uploaded zip of an image folder, unpacked into the cache (never outside it), after every
+    member was checked: names, links, count, sizes, and each image's header (kind and pixels).
+    Folders are keyed by the zip's digest; only the most recently used few are kept."""
     import hashlib
     import io
+    import shutil
+    import tempfile
     import zipfile
+    import zlib
 
-    target = cache_dir() / "uploads" / hashlib.sha256(data).hexdigest()[:16]
+    label = f"'{str(name)[:80]}'"
+    limits = image_limits()
+    target = uploads_dir() / hashlib.sha256(data).hexdigest()[:16]
     try:
-        with zipfile.ZipFile(io.BytesIO(data)) as zf:
-            for member in zf.namelist():
-                dest = (target / member).resolve()
-                if not dest.is_relative_to(target.resolve()):
-                    raise DataUnavailable(f"{name} tries to write outside its folder ({member}); refused.")
-            zf.extractall(target)
-    except zipfile.BadZipFile:
-        raise DataUnavailable(f"{name} is not a zip file.") from None
-    entries = [p for p in target.iterdir() if p.is_dir()]
-    return entries[0] if len(entries) == 1 and any(q.is_dir() for q in entries[0].iterdir()) else target
+        zf = zipfile.ZipFile(io.BytesIO(data))
+        files, root = _zip_members(zf, label, limits)
+        if target.is_dir():
+            os.utime(target)
+            return target / root if root else target
+        uploads_dir().mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=uploads_dir()))
+        try:
+            total = 0
+            for info in files:
+                body = zf.read(info)  # at most its declared size: zipfile stops there and checks the CRC
+                total += _image_size(io.BytesIO(body), f"'{info.filename[:120]}' in {label}", limits)
+                if total > limits["total_pixels"]:
+                    raise DataUnavailable(f"{label} holds more than {limits['total_pixels']:,} pixels in all "
+                                          "(PRUNE_EXPLORER_MAX_TOTAL_PIXELS).")
+                dest = (tmp / info.filename).resolve()
+                if not dest.is_relative_to(tmp.resolve()):
+                    raise DataUnavailable(f"{label} tries to write outside its folder ({info.filename[:80]}); refused.")
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                dest.write_bytes(body)
+            try:
+                os.replace(tmp, target)
+            except OSError:  # the same zip, unpacked at the same time by another session
+                shutil.rmtree(tmp, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError, ValueError) as exc:
+        if isinstance(exc, DataUnavailable):
+            raise
+        raise DataUnavailable(f"{label} is not a readable zip file.") from None
+    except OSError as exc:
+        raise DataUnavailable(f"{label} could not be unpacked on the server ({exc.strerror or type(exc).__name__}).") \
+            from None
+    _prune_uploads(target, limits["unpacked"])
+    return target / root if root else target

@@ -74,11 +74,18 @@ def add_upload(name: str, data: bytes, arch: str | None = None, dataset: str | N
             f"No registered data set fits this program (input {'x'.join(map(str, ckpt.spec.input_shape))}, "
             f"{ckpt.program.signature.outputs} outputs); test it from the command line with --image-folder DIR.")
     try:
+        datasets.check_local(ckpt.dataset)  # never a download on upload: that could take minutes offline
         datasets.load(ckpt.dataset)
     except datasets.DataUnavailable as exc:
         raise checkpoints.CheckpointError(f"Recognised as '{ckpt.arch}', but its data set is not available "
                                           f"here. {exc}") from None
-    st.session_state.setdefault(keys.UPLOADS, {})[name] = ckpt
+    uploads = st.session_state.setdefault(keys.UPLOADS, {})
+    uploads.pop(name, None)
+    uploads[name] = ckpt
+    current = str(st.session_state.get(keys.MODEL, "")).removeprefix(UPLOAD_PREFIX)
+    limit = max(1, int(os.environ.get("PRUNE_EXPLORER_MAX_SESSION_UPLOADS", 3)))
+    for old in [n for n in uploads if n not in (name, current)][:max(0, len(uploads) - limit)]:
+        del uploads[old]  # each session keeps its last few uploads (the one in use stays)
     if conv_layers(ckpt.digest, ckpt):
         keys.hand_off(keys.MODEL, UPLOAD_PREFIX + name)  # the sidebar applies it on the next run
     return ckpt
