@@ -82,3 +82,26 @@ def test_cli_sensitivity_writes_one_row_per_layer_and_fraction(tmp_path):
     last = [line.split(",") for line in lines if line.startswith("res3.1.0,")]
     assert last[1][:5] == ["res3.1.0", "512", "1", "512", "9064"]  # the shortcut keeps 90.64%
     assert "(tied by residual add)" in res.stdout
+
+
+def test_sensitivity_page_draws_the_rows_so_far_and_offers_to_resume(vgg):
+    from streamlit.testing.v1 import AppTest
+
+    from ui import keys
+
+    ckpt, x, y = vgg
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=300)
+    at.switch_page("pages/5_sensitivity.py").run()
+    assert not at.exception, at.exception
+    assert [b.label for b in at.button if b.key == keys.SENSITIVITY_START] == ["Compute the sensitivity map"]
+    # Rows a stopped run left behind (real ones, on a sample of the test set), for the session's key.
+    rows = list(sensitivity.sensitivity(ckpt.build_model(), x[:500], y[:500], mode="zero",
+                                        layers=["features.6.0"], device="cpu"))
+    key = (ckpt.digest, ckpt.dataset, "mean", "zero")
+    at.session_state[keys.SENSITIVITY_ROWS] = {key: rows}
+    at.run()
+    assert not at.exception, at.exception
+    assert [b.label for b in at.button if b.key == keys.SENSITIVITY_START] == ["Resume"]
+    assert any("1 of 4 layers done" in c.value for c in at.caption)
+    heatmap = at.get("plotly_chart")[0]
+    assert '"features.6.0"' in heatmap.proto.spec and f'"{rows[5].accuracy:.0%}"' in heatmap.proto.spec
