@@ -158,11 +158,12 @@ class LiveSlider {
     const width = this.root.clientWidth;
     if (!width) return;
     const top = scrollOffset(this.q(".pe-figures"));
-    const caption = 30;
+    const caption = d.present ? 0 : 30;  // presentation mode hides the caption (live_slider.css)
     const avail = Math.max(180, window.innerHeight - top - caption - 24);
     const gw0 = d.cols * (d.w + 1) - 1, gh0 = d.rows * (d.h + 1) - 1;
     const aspect = gw0 / gh0;
-    let gh = Math.min(avail, (width * 0.62) / aspect);
+    // The grid gets what the curve can spare (the curve keeps at least 380 px or 38% of the width).
+    let gh = Math.min(avail, Math.max(width * 0.62, width - 380) / aspect);
     let gw = gh * aspect;
     this.size(this.grid, Math.floor(gw), Math.floor(gh));
     this.q(".pe-grid-box").style.width = Math.floor(gw) + "px";

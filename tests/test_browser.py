@@ -147,6 +147,14 @@ def test_live_slider_moves_metric_and_marker_while_dragging_and_tells_the_server
     assert slider.input_value() == "480" and live_accuracy(page) == f"{vgg.correct(480) / 1e4:.2%}"
     wait_for_server_k(page, 480)
     shoot(page, "prune")
+
+    slider.press("Home")  # play sweeps K from 0 to P in the browser, then tells the server P
+    wait_for_server_k(page, 0)
+    page.get_by_role("button", name="Play: sweep K from 0 to the last channel").click()
+    page.wait_for_timeout(1500)
+    assert 0 < int(slider.input_value()) < 512 and server_k(page) == 0
+    wait_for_server_k(page, 512, timeout=30_000)
+    assert live_accuracy(page) == f"{vgg.correct(512) / 1e4:.2%}"
     page.close()
 
 
