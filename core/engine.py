@@ -220,6 +220,12 @@ class Engine:
         self.boundary_bytes = 0  # the size of everything crossing the split, whether kept or not
         self.base_correct: int | None = None  # K = 0, counted during the one pass
         self.stats, self._cache = self._capture(progress)
+        self._bounds = [(i, min(i + batch_size, self.total)) for i in range(0, self.total, batch_size)]
+        if self.device.type == "cuda" and self._cache and None not in self._cache and \
+                8 * self.boundary_bytes < torch.cuda.mem_get_info(self.device)[0]:
+            # One chunk per evaluation on a GPU: ten launches of each kernel become one (same arithmetic).
+            self._cache = [tuple(torch.cat(parts) for parts in zip(*self._cache))]
+            self._bounds = [(0, self.total)]
         self._rankings: dict[str, torch.Tensor] = {}
         self._curves: dict[tuple[str, str], list[int]] = {}
         self._answers: dict[tuple[str, str, int], int] = {}  # (mode, criterion, K) -> correct, once computed
@@ -344,13 +350,17 @@ class Engine:
             return self._hooked_correct(mask, mode)
         return sum(self._batch_correct(j, mask, mode) for j in range(len(self._cache)))
 
-    def _batch_correct(self, j: int, mask: torch.Tensor, mode: str) -> int:
-        i = j * self.batch_size
+    def _batch_correct(self, j: int, mask: torch.Tensor, mode: str, limit: int | None = None) -> int:
+        """Right answers in cached chunk j (its first `limit` images only, if given)."""
+        start, end = self._bounds[j]
+        end = min(end, start + limit) if limit else end
         boundary = self._cache[j]
         if boundary is None:  # over the memory budget: run the prefix again for this batch
-            boundary = self._split.prefix(self.x[i:i + self.batch_size].to(self.device))
+            boundary = self._split.prefix(self.x[start:end].to(self.device))
+        elif limit:
+            boundary = tuple(t[: end - start] for t in boundary)
         logits, _ = self._split.suffixes[mode](*boundary, mask)
-        return int((predictions(logits, self.task).cpu() == self.y[i:i + self.batch_size]).sum())
+        return int((predictions(logits, self.task).cpu() == self.y[start:end]).sum())
 
     def correct(self, k: int, mode: str = "zero", criterion: str = "mean") -> int:
         """Exact count with the K lowest-ranked channels pruned; remembered, so asking again is a lookup."""
@@ -386,7 +396,7 @@ class Engine:
         elif self._split is None:
             correct = count_correct(_masked_copy(self, mask, mode), self.x[:n], self.y[:n], self.task, self.device)
         else:
-            correct = self._batch_correct(0, mask, mode)
+            correct = self._batch_correct(0, mask, mode, limit=n)
         return SampleAnswer(correct, n, self.total)
 
     def coarse_ks(self, points: int = 17) -> list[int]:

@@ -1,6 +1,7 @@
 """Benchmark: the engine against the naive procedure and against one plain test-set pass.
 
     python scripts/bench.py [--device cpu|cuda|all] [--naive-ks 3] [--models vgg,resnet]
+    python scripts/bench.py --layers [--device ...] [--models vgg,resnet,mobilenet] [--sensitivity]
 
 Every number is measured in this run, on this machine. Every accuracy the engine gives is
 checked against the naive procedure (copy the model, zero the weights, evaluate everything) at
@@ -22,9 +23,11 @@ sys.path.insert(0, str(ROOT))
 
 from core import checkpoints, data, engine  # noqa: E402
 
-MODELS = {"vgg": ROOT / "checkpoints" / "fmnist_vgg.pt", "resnet": ROOT / "checkpoints" / "fmnist_resnet.pt"}
+MODELS = {"vgg": ROOT / "checkpoints" / "fmnist_vgg.pt", "resnet": ROOT / "checkpoints" / "fmnist_resnet.pt",
+          "mobilenet": ROOT / "checkpoints" / "fmnist_mobilenet.pt2"}
 TARGETS = {"curve / floor": ("<=", 2.0), "naive / curve": (">=", 200.0), "slider median ms": ("<", 20.0),
-           "cache / boundary": ("<=", 1.1)}
+           "cache / boundary": ("<=", 1.1), "sample s": ("<", 1.0), "(sample+exact) / suffix": ("<=", 1.2),
+           "known K ms": ("<", 20.0), "coarse / suffix": ("<=", 17.0), "sensitivity / floor": ("<=", 25.0)}
 
 
 def clock(fn, device):
@@ -77,6 +80,55 @@ def bench_model(name: str, device: torch.device, naive_ks: int, failures: list[s
     return row
 
 
+def bench_layers(name: str, device: torch.device, failures: list[str], with_sensitivity: bool) -> None:
+    """Every conv layer of one model: the slider's answers at a middle layer, memory, coarse curve."""
+    from core import sensitivity
+
+    ckpt = checkpoints.load(MODELS[name])
+    split = data.load(ckpt.dataset)
+    x, y = split.x, split.y
+    model = ckpt.build_model()
+    engine.count_correct(model.to(device), x[:1000], y[:1000], device=device)
+    _, floor = clock(lambda: engine.count_correct(model, x, y, device=device), device)
+    rng = random.Random(1)
+    print(f"\n{name} on {device}: every conv layer ({len(y):,} images; floor {floor:.2f} s; budget "
+          f"{engine.default_boundary_budget() / 2**30:.1f} GB per engine)")
+    print(f"  {'layer':>14s} {'P':>4s} {'path':5s} {'cold s':>7s} {'sample s':>9s} {'exact s':>8s} {'suffix s':>9s} "
+          f"{'(s+e)/suf':>9s} {'known ms':>9s} {'coarse s':>9s} {'coarse/suf':>10s} {'held MB':>8s} {'recomp':>6s}")
+    for layer in engine.conv_layer_names(model):
+        eng, cold = clock(lambda: engine.Engine(ckpt.build_model(), x, y, layer=layer, device=device), device)
+        p, mode = eng.channels, "remove"
+        k = rng.randrange(1, p)
+        sample, t_sample = clock(lambda: eng.sample_answer(k, mode), device)
+        exact, t_exact = clock(lambda: eng.correct(k, mode), device)
+        _, t_suffix = clock(lambda: eng.correct_for_mask(eng.mask_for(k + 1), mode), device)  # the suffix alone
+        lookups = []
+        for _ in range(50):
+            _, t = clock(lambda: eng.correct(k, mode), device)
+            lookups.append(t)
+        coarse, t_coarse = clock(lambda: [eng.correct(c, mode) for c in eng.coarse_ks()], device)
+        naive = engine.naive_correct(eng, k, mode)
+        if naive != exact:
+            failures.append(f"{name} {layer} K={k}: engine {exact} != naive {naive}")
+        fast = eng.fast
+        ratio = (t_sample + t_exact) / t_suffix
+        print(f"  {layer:>14s} {p:4d} {'fast' if fast else 'split':5s} {cold:7.2f} {t_sample:9.3f} {t_exact:8.3f} "
+              f"{t_suffix:9.3f} {ratio:9.2f} {1000 * statistics.median(lookups):9.3f} {t_coarse:9.2f} "
+              f"{t_coarse / t_suffix:10.1f} {eng.cache_bytes() / 2**20:8.1f} {eng.recomputed_batches:6d}")
+        if not fast:
+            dev = str(device.type)
+            print(f"  {'':>14s} sample: {verdict('sample s', t_sample, dev)}; exact after it: "
+                  f"{verdict('(sample+exact) / suffix', ratio, dev)}; known K: "
+                  f"{verdict('known K ms', 1000 * statistics.median(lookups), dev)}; coarse: "
+                  f"{verdict('coarse / suffix', t_coarse / t_suffix, dev)}; naive checked at K={k}")
+        del eng
+    if with_sensitivity:
+        rows, t_map = clock(lambda: list(sensitivity.sensitivity(ckpt.build_model(), x, y, ckpt.spec.task,
+                                                                 device=str(device))), device)
+        print(f"  sensitivity map ({len(rows)} cells): {t_map:.1f} s = {t_map / floor:.1f} plain evaluations  "
+              f"{verdict('sensitivity / floor', t_map / floor, device.type)}")
+
+
 def verdict(metric: str, value: float, device: str = "cpu") -> str:
     if device != "cpu":
         return "(targets are for CPU)"
@@ -112,8 +164,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="all", choices=["all", "cpu", "cuda"])
     ap.add_argument("--naive-ks", type=int, default=3, help="naive evaluations per model and mode (timed, checked)")
-    ap.add_argument("--models", default="vgg,resnet")
+    ap.add_argument("--models", default=None, help="default vgg,resnet (with --layers: vgg,resnet,mobilenet)")
+    ap.add_argument("--layers", action="store_true", help="every conv layer: sample, exact, known K, coarse curve")
+    ap.add_argument("--sensitivity", action="store_true", help="with --layers: also time the sensitivity map")
     args = ap.parse_args()
+    args.models = args.models or ("vgg,resnet,mobilenet" if args.layers else "vgg,resnet")
     devices = [torch.device("cpu")] if args.device in ("all", "cpu") else []
     if args.device in ("all", "cuda"):
         if torch.cuda.is_available():
@@ -127,7 +182,10 @@ def main() -> int:
     failures: list[str] = []
     for device in devices:
         for name in args.models.split(","):
-            print_row(bench_model(name, device, args.naive_ks, failures))
+            if args.layers:
+                bench_layers(name, device, failures, args.sensitivity)
+            else:
+                print_row(bench_model(name, device, args.naive_ks, failures))
     if failures:
         print("\nACCURACY MISMATCHES:\n  " + "\n  ".join(failures))
         return 1
