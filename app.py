@@ -40,4 +40,4 @@ st.caption(f"Test accuracy at K = {k}: **{acc:.2%}** ({correct:,} of {eng.total:
            f"32 channels), or press play.")
 if eng.path != engine.PATH_FAST:
     st.caption(state.evaluation_in_words(eng))
-sidebar.sync_url()
+st.query_params[keys.K] = str(k)  # the released K, so a copied link reopens this view

@@ -124,8 +124,10 @@ def test_a_deep_link_to_any_page_draws_it_with_the_sidebar(page):
     at = AppTest.from_file(APP, default_timeout=300)
     at.switch_page(page).run()
     assert not at.exception, at.exception
-    assert [link.label for link in at.sidebar.get("page_link")] == ["Prune", "Load", "Feature maps", "Curve",
-                                                                    "Magnitude"]
+    from ui import sidebar
+
+    titles = [link.label for link in at.sidebar.get("page_link")]
+    assert titles == [p.title for p in sidebar.PAGES] and titles[0] == "Prune" and "Magnitude" in titles
     assert at.toggle(key="present") is not None and at.selectbox(key="device").value == "auto"
 
 

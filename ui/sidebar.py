@@ -59,6 +59,7 @@ def show(page: Page) -> None:
             _channel_controls()
         else:
             _device_control()
+    sync_url()
     if st.session_state.get(keys.PRESENT):
         st.button("Exit presentation mode", key=keys.EXIT_PRESENT, on_click=_exit_presentation,
                   type="tertiary", icon=":material/close_fullscreen:")
