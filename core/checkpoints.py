@@ -241,8 +241,9 @@ def _number(value, what: str, low: float, high: float, integer: bool = False) ->
     return value
 
 
-def _plain(value, what: str, budget: list[int], depth: int = 0):
+def _plain(value, path: str, budget: list[int], depth: int = 0):
     """Plain data (text, numbers, booleans, None, and lists and dicts of them), bounded in size."""
+    what = f"The checkpoint's '{path[:80]}'"
     budget[0] -= 1
     if budget[0] < 0 or depth > 8:
         raise CheckpointError(f"{what} is too large or too deeply nested.")
@@ -255,37 +256,38 @@ def _plain(value, what: str, budget: list[int], depth: int = 0):
     if isinstance(value, str):
         return _text(value, what)
     if isinstance(value, (list, tuple)):
-        return [_plain(v, what, budget, depth + 1) for v in value]
+        return [_plain(v, f"{path}[{i}]", budget, depth + 1) for i, v in enumerate(value)]
     if isinstance(value, dict):
-        return {_text(k, f"a key of {what}", 200): _plain(v, what, budget, depth + 1) for k, v in value.items()}
-    raise CheckpointError(f"{what} holds {_kind(value)}, not plain data.")
+        return {_text(k, f"A key in {what}", 200): _plain(v, f"{path}.{k}", budget, depth + 1)
+                for k, v in value.items()}
+    raise CheckpointError(f"{what} is {_kind(value)}, not plain data.")
 
 
 def _meta(raw) -> dict:
-    """The bundled format's `meta`: known fields of the right type, the rest plain data."""
+    """The bundled format's `meta`: known fields of the right type first, then all of it plain data."""
     if raw is None:
         return {}
     if not isinstance(raw, dict):
         raise CheckpointError(f"The checkpoint's 'meta' is {_kind(raw)}, not a dict.")
-    meta = _plain(raw, "The checkpoint's 'meta'", [MAX_META_PARTS])
-    for key in ("renamed_tensors", "fitting_datasets"):  # this product's own notes, never the file's
-        meta.pop(key, None)
-    if "dataset" in meta:
-        dataset = _text(meta["dataset"], "The checkpoint's 'meta.dataset'", 100)
+    if "dataset" in raw:
+        dataset = _text(raw["dataset"], "The checkpoint's 'meta.dataset'", 100)
         if dataset not in data.DATASETS:
             raise CheckpointError(f"The checkpoint's data set '{dataset[:60]}' is not a registered data set. "
                                   f"Known: {', '.join(data.DATASETS)}.")
-    if "test_accuracy" in meta:
-        _number(meta["test_accuracy"], "The checkpoint's 'meta.test_accuracy'", 0.0, 1.0)
+    if "test_accuracy" in raw:
+        _number(raw["test_accuracy"], "The checkpoint's 'meta.test_accuracy'", 0.0, 1.0)
     for key in ("test_correct", "test_total"):
-        if key in meta:
-            _number(meta[key], f"The checkpoint's 'meta.{key}'", 0, 10**9, integer=True)
+        if key in raw:
+            _number(raw[key], f"The checkpoint's 'meta.{key}'", 0, 10**9, integer=True)
     for key in ("train_command", "torch_version"):
-        if key in meta:
-            _text(meta[key], f"The checkpoint's 'meta.{key}'")
-    if "class_names" in meta and not (isinstance(meta["class_names"], list)
-                                      and all(isinstance(c, str) for c in meta["class_names"])):
+        if key in raw:
+            _text(raw[key], f"The checkpoint's 'meta.{key}'")
+    if "class_names" in raw and not (isinstance(raw["class_names"], list)
+                                     and all(isinstance(c, str) for c in raw["class_names"])):
         raise CheckpointError("The checkpoint's 'meta.class_names' is not a list of texts.")
+    meta = _plain(raw, "meta", [MAX_META_PARTS])
+    for key in ("renamed_tensors", "fitting_datasets"):  # this product's own notes, never the file's
+        meta.pop(key, None)
     return meta
 
 

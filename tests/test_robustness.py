@@ -1,18 +1,27 @@
 """Hostile and broken input, many users at once: nothing crashes, nothing leaks, nothing is lost."""
+import hashlib
 import io
+import json
 import os
+import re
+import resource
+import struct
 import subprocess
 import sys
 import threading
+import time
+import zipfile
+import zlib
 from pathlib import Path
 
 import pytest
 import torch
 from streamlit.testing.v1 import AppTest
+from PIL import Image
 from torch import nn
 
 from conftest import BUNDLED, ROOT
-from core import checkpoints, data, engine, models
+from core import checkpoints, data, engine, models, untrusted
 from core.cache import EngineCache, OverBudget
 
 
@@ -193,12 +202,30 @@ def test_engine_cache_is_bounded_and_eviction_is_harmless():
 
 
 def test_replaced_file_is_never_served_stale(tmp_path):
+    """The shared cache is keyed by the file's content: a file replaced under the same name gets a new
+    engine with the new model's answers, never the old cached one."""
+    split = data.load("fashion_mnist")
+    x, y = split.x[:300], split.y[:300]
+    cache, builds = EngineCache(max_entries=4), []
+
+    def engine_for(path):
+        ckpt = checkpoints.load(path)
+
+        def build():
+            builds.append(ckpt.arch)
+            return engine.Engine(ckpt.build_model(), x, y, device="cpu")
+        return cache.get((ckpt.digest, "fashion_mnist", None, "cpu"), build)
+
     path = tmp_path / "model.pt"
     path.write_bytes(BUNDLED["vgg"].read_bytes())
-    first = checkpoints.load(path)
+    first = engine_for(path)
+    assert engine_for(path) is first  # the same file: served from the cache
     path.write_bytes(BUNDLED["resnet"].read_bytes())
-    second = checkpoints.load(path)
-    assert first.digest != second.digest and second.arch == "small_resnet"
+    second = engine_for(path)
+    assert second is not first and builds == ["small_vgg", "small_resnet"]
+    truth = engine.Engine(checkpoints.load(BUNDLED["resnet"]).build_model(), x, y, device="cpu")
+    assert [second.correct(k, "remove") for k in (0, 256, 500)] == [truth.correct(k, "remove") for k in (0, 256, 500)]
+    assert second.curve("zero") != first.curve("zero")
 
 
 def test_cli_writes_only_the_output_file(tmp_path):
@@ -233,3 +260,327 @@ def test_hook_fallback_never_touches_the_shared_model():
     assert eng.path == engine.PATH_HOOK
     eng.correct(2, "zero")
     assert not eng.model.conv._forward_hooks and not eng.model._forward_hooks
+
+
+# ---------------------------------------------------------------------------------------------
+# Hostile files: each refused with one sentence, in bounded time and memory (measured in a child
+# process), and the uploader's session keeps working.
+
+def bomb_ops(depth: int = 30, base: int = 100_000) -> bytes:
+    """Pickle instructions for a 'billion laughs': t(i+1) = (t(i), t(i)) through the memo, 2^depth to hash."""
+    out = [b")", b"r" + struct.pack("<I", base)]  # EMPTY_TUPLE, LONG_BINPUT
+    for i in range(depth):  # LONG_BINGET t(i) beside t(i) on the stack, TUPLE2, LONG_BINPUT: one object left
+        out += [b"j" + struct.pack("<I", base + i), b"\x86", b"r" + struct.pack("<I", base + i + 1)]
+    return b"".join(out)
+
+
+def with_pickle_patch(raw: bytes, placeholder: str, ops: bytes) -> bytes:
+    """`raw` (a torch.save zip) with the string `placeholder` in its pickle replaced by `ops`."""
+    zin = zipfile.ZipFile(io.BytesIO(raw))
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as zo:
+        for info in zin.infolist():
+            body = zin.read(info)
+            if info.filename.endswith("data.pkl"):
+                text = placeholder.encode()
+                body = body.replace(b"X" + struct.pack("<I", len(text)) + text, ops)
+            zo.writestr(info.filename, body)
+    return out.getvalue()
+
+
+def declared_numel(raw: bytes, numel: int) -> bytes:
+    """A torch.save zip of one 1-value storage whose pickle declares `numel` values instead."""
+    zin = zipfile.ZipFile(io.BytesIO(raw))
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as zo:
+        for info in zin.infolist():
+            body = zin.read(info)
+            if info.filename.endswith("data.pkl"):
+                body = re.sub(rb"(X\x03\x00\x00\x00cpuq.)K\x01", lambda m: m.group(1) + b"J" + struct.pack("<i", numel),
+                              body, count=1)
+            zo.writestr(info.filename, body)
+    return out.getvalue()
+
+
+def deflated(raw: bytes) -> bytes:
+    zin = zipfile.ZipFile(io.BytesIO(raw))
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as zo:
+        for info in zin.infolist():
+            zo.writestr(info.filename, zin.read(info))
+    return out.getvalue()
+
+
+def hostile_checkpoints() -> dict[str, tuple[bytes, str]]:
+    """name -> (file bytes, the sentence the user must read)."""
+    sd = models.build("small_vgg").state_dict()
+    good = {"arch": "small_vgg", "arch_kwargs": {}, "state_dict": sd, "meta": {"dataset": "fashion_mnist"}}
+    bomb = "(a decompression bomb)"
+    floats = {k: v for k, v in sd.items() if v.is_floating_point()}
+    return {
+        "bomb_arch.pt": (with_pickle_patch(saved({**good, "arch": "PLACEHOLDER"}), "PLACEHOLDER", bomb_ops()), bomb),
+        "bomb_key.pt": (with_pickle_patch(saved({"PLACEHOLDER": torch.zeros(1), **sd}), "PLACEHOLDER", bomb_ops()),
+                        bomb),
+        "bomb_dataset.pt": (with_pickle_patch(saved({**good, "meta": {"dataset": "PLACEHOLDER"}}), "PLACEHOLDER",
+                                              bomb_ops()), bomb),
+        "bomb_shallow.pt": (with_pickle_patch(saved({**good, "arch": "PLACEHOLDER"}), "PLACEHOLDER", bomb_ops(18)),
+                            "The checkpoint's 'arch' is a tuple, not a text."),
+        "width.pt": (saved({**good, "arch_kwargs": {"width": 10**6}}), "has 1,167,093,582 parameters, more than the "
+                                                                      "50,000,000 this server accepts"),
+        "expand.pt": (saved({"features.0.0.weight": torch.zeros(1).expand(10**9)}), "more than the 50,000,000"),
+        "storage.pt": (declared_numel(saved({"w": torch.zeros(1)}), 2**30), "MB of tensors, more than the 381 MB"),
+        "deflated.pt": (deflated(saved(good)), "is compressed, which torch.save never does"),
+        "complex.pt": (saved({**sd, **{k: v.to(torch.complex64) for k, v in floats.items()}}), "holds complex64 values"),
+        "complex_nan.pt": (saved({**sd, "classifier.bias": torch.full((10,), complex(float("nan"), 0))}),
+                           "holds complex64 values"),
+        "int.pt": (saved({**sd, **{k: v.long() for k, v in floats.items()}}), "holds int64 values"),
+        "bool.pt": (saved({**sd, "classifier.bias": torch.ones(10, dtype=torch.bool)}), "holds bool values"),
+        "nan_view.pt": (saved({**sd, "classifier.weight": torch.full((1,), float("inf")).expand(10, 512)}),
+                        "NaN or infinite"),
+        "accuracy_text.pt": (saved({**good, "meta": {"test_accuracy": "high"}}),
+                             "The checkpoint's 'meta.test_accuracy' is a str, not a number."),
+        "accuracy_nan.pt": (saved({**good, "meta": {"test_accuracy": float("nan")}}), "outside 0 to 1"),
+        "in_channels.pt": (saved({**good, "arch_kwargs": {"in_channels": 3},
+                                  "state_dict": models.build("small_vgg", in_channels=3).state_dict()}),
+                           "does not make a model that takes 1x28x28 inputs"),
+        "classes0.pt": (saved({**good, "arch_kwargs": {"num_classes": 0}}), "'arch_kwargs.num_classes' is 0"),
+        "classes5.pt": (saved({**good, "arch_kwargs": {"num_classes": 5},
+                               "state_dict": models.build("small_vgg", num_classes=5).state_dict()}),
+                        "the model gives 5 outputs, but 'fashion_mnist' has 10 classes"),
+        "pairs.pt": (saved({**good, "meta": {"dataset": "fashion_mnist_pairs"}}),
+                     "does not fit its data set 'fashion_mnist_pairs'"),
+        "arch_list.pt": (saved({**good, "arch": ["small_vgg"]}), "The checkpoint's 'arch' is a list, not a text."),
+        "kwargs_text.pt": (saved({**good, "arch_kwargs": {"width": "512"}}), "'arch_kwargs.width' is a str"),
+        "kwargs_negative.pt": (saved({**good, "arch_kwargs": {"width": -5}}), "'arch_kwargs.width' is -5"),
+        "kwargs_list.pt": (saved({**good, "arch_kwargs": [1]}), "'arch_kwargs' is a list, not a dict"),
+        "kwargs_unknown.pt": (saved({**good, "arch_kwargs": {"depth": 3}}), "takes no argument 'depth'"),
+        "meta_list.pt": (saved({**good, "meta": [1]}), "The checkpoint's 'meta' is a list, not a dict."),
+        "dataset_int.pt": (saved({**good, "meta": {"dataset": 7}}), "'meta.dataset' is an int, not a text."),
+        "int_keys.pt": (saved({**good, "state_dict": {1: torch.zeros(1)}}), "has a key that is an int"),
+        "plain_int_keys.pt": (saved({1: torch.zeros(1)}), "has a key that is an int"),
+    }
+
+
+CHILD = r"""
+import json, os, resource, sys, time
+sys.path.insert(0, sys.argv[1])
+import torch
+from core import checkpoints, data
+torch.set_num_threads(1)
+def read(path):
+    raw = open(path, "rb").read()
+    if sys.argv[2] == "zip":
+        return data.load_image_folder(data.unpack_zip(raw, os.path.basename(path)), (1, 28, 28), (0.5,), (0.5,))
+    return checkpoints.from_bytes(raw, os.path.basename(path))
+read(sys.argv[3])  # warm up on a good file: imports, first allocations
+size = int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()
+resource.setrlimit(resource.RLIMIT_AS, (size + (3 << 30), resource.RLIM_INFINITY))  # never the machine's memory
+peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+base = peak()
+for path in sys.argv[4:]:
+    start, message = time.perf_counter(), "ACCEPTED"
+    try:
+        read(path)
+    except (checkpoints.CheckpointError, data.DataUnavailable) as exc:
+        message = str(exc)
+    except BaseException as exc:
+        message = "CRASH " + type(exc).__name__ + ": " + str(exc)[:200]
+    print(json.dumps([os.path.basename(path), time.perf_counter() - start, peak() - base, message]), flush=True)
+"""
+
+
+def refused_in_child(tmp_path, kind: str, files: dict[str, bytes], good: bytes) -> dict[str, tuple[float, int, str]]:
+    """Each file read in one child process with an address-space limit: name -> (seconds, MB grown, message)."""
+    folder = tmp_path / f"in_{kind}"
+    folder.mkdir()
+    for name, raw in {"good": good, **files}.items():
+        (folder / name).write_bytes(raw)
+    env = {**os.environ, "PRUNE_EXPLORER_CACHE": str(tmp_path / "cache")}
+    res = subprocess.run([sys.executable, "-c", CHILD, str(ROOT), kind, str(folder / "good"),
+                          *[str(folder / n) for n in files]], capture_output=True, text=True, timeout=240, env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return {name: (seconds, grown, message) for name, seconds, grown, message in map(json.loads, res.stdout.split("\n")[:-1])}
+
+
+def test_hostile_checkpoints_are_refused_in_bounded_time_and_memory(tmp_path):
+    files = hostile_checkpoints()
+    results = refused_in_child(tmp_path, "checkpoint", {n: raw for n, (raw, _) in files.items()},
+                               saved(models.build("small_vgg").state_dict()))
+    assert set(results) == set(files)
+    for name, (seconds, grown, message) in results.items():
+        assert files[name][1] in message, (name, message)
+        assert "\n" not in message and "Traceback" not in message and "/" not in message.split("'")[0], (name, message)
+        assert seconds < 5 and grown < 600, (name, seconds, grown)  # the bombs alone would take minutes and GBs
+
+
+@pytest.mark.parametrize("name", ["bomb_key.pt", "width.pt", "deflated.pt"])
+def test_cli_info_refuses_bombs_quickly_with_bounded_memory(tmp_path, name):
+    raw, reason = hostile_checkpoints()[name]
+    path = tmp_path / name
+    path.write_bytes(raw)
+    err = tmp_path / "stderr"
+    start = time.perf_counter()
+    with open(err, "w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "core", "info", str(path)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                                stderr=stderr, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_CPU, (60, 60)))
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.perf_counter() - start > 90:
+                proc.kill()
+                pytest.fail(f"{name}: `info` still running after 90 s")
+            time.sleep(0.05)
+    message = err.read_text()
+    assert os.waitstatus_to_exitcode(status) == 2 and reason in message and "Traceback" not in message, message
+    assert usage.ru_maxrss < 1_500_000, usage.ru_maxrss  # KB: torch itself and a small model, not gigabytes
+
+
+def test_pickle_scan_accepts_every_registered_architecture_quickly():
+    for arch in models.REGISTRY:
+        raw = saved(models.build(arch).state_dict())
+        start = time.perf_counter()
+        untrusted.check_checkpoint(raw)
+        assert time.perf_counter() - start < 0.5, arch
+    legacy = io.BytesIO()
+    torch.save(models.build("small_vgg").state_dict(), legacy, _use_new_zipfile_serialization=False)
+    assert checkpoints.from_bytes(legacy.getvalue()).arch == "small_vgg"  # pre-1.6 files: five pickles, scanned
+    legacy_bomb = b"\x80\x02" + bomb_ops() + b"."
+    with pytest.raises(checkpoints.CheckpointError, match="decompression bomb"):
+        checkpoints.from_bytes(legacy_bomb)
+    many = b"\x80\x02]q\x00(" + b"K\x00" * 1_000_000 + b"e."  # 2 MB of instructions: refused at the budget
+    start = time.perf_counter()
+    with pytest.raises(untrusted.Refused, match="pickle instructions"):
+        untrusted.scan_pickle(many)
+    assert time.perf_counter() - start < 10
+
+
+def test_parameter_budget_comes_from_the_environment(monkeypatch):
+    raw = saved({"arch": "small_vgg", "arch_kwargs": {}, "state_dict": models.build("small_vgg").state_dict(),
+                 "meta": {}})
+    monkeypatch.setenv("PRUNE_EXPLORER_MAX_PARAMS", "100000")
+    with pytest.raises(checkpoints.CheckpointError, match="more than the .* this server accepts"):
+        checkpoints.from_bytes(raw)
+    monkeypatch.delenv("PRUNE_EXPLORER_MAX_PARAMS")
+    assert checkpoints.from_bytes(raw).arch == "small_vgg"
+
+
+def test_ks_range_is_checked_before_the_list_is_built():
+    from core.__main__ import parse_ks
+
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match="between 0 and 512"):
+        parse_ks("0:100000000", 512)
+    with pytest.raises(ValueError, match="neither"):
+        parse_ks("1" * 5000 + ":2", 512)
+    assert time.perf_counter() - start < 0.5
+    assert parse_ks("0:513:32", 512)[-1] == 512 and parse_ks("512:-1:-256", 512) == [512, 256, 0]
+
+
+def test_data_set_that_needs_a_download_is_refused_at_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("PRUNE_EXPLORER_CACHE", str(tmp_path))
+    for name in ("mnist", "cifar10", "mnist_pairs"):
+        start = time.perf_counter()
+        with pytest.raises(data.DataUnavailable, match="was not found"):
+            data.check_local(name)
+        assert time.perf_counter() - start < 1, name
+    data.check_local("fashion_mnist")  # here (the Debian package or the cache)
+
+
+# ---------------------------------------------------------------------------------------------
+# Zips of one's own images
+
+def png(width: int = 28, height: int = 28) -> bytes:
+    buf = io.BytesIO()
+    Image.new("L", (min(width, 64), min(height, 64))).save(buf, format="PNG")
+    raw = bytearray(buf.getvalue())
+    if (width, height) != (min(width, 64), min(height, 64)):  # only the header claims the size
+        raw[16:24] = struct.pack(">II", width, height)
+        raw[29:33] = struct.pack(">I", zlib.crc32(bytes(raw[12:29])))
+    return bytes(raw)
+
+
+def zipped(entries) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, body in entries:
+            if isinstance(body, zipfile.ZipInfo):
+                zf.writestr(body, name)
+            else:
+                zf.writestr(name, body)
+    return buf.getvalue()
+
+
+def hostile_zips() -> dict[str, tuple[bytes, str]]:
+    link = zipfile.ZipInfo("cls/link.png")
+    link.external_attr = 0o120777 << 16
+    return {
+        "empty.zip": (zipped([]), "'empty.zip' holds no images"),
+        "text.zip": (zipped([("cls/a.png", b"hello")]), "'cls/a.png' in 'text.zip' is not an image"),
+        "symlink.zip": (zipped([("/etc/passwd", link)]), "holds a symbolic link"),
+        "wide.zip": (zipped([("cls/a.png", png(15000, 15000))]), "larger than the 16,777,216 pixels per image"),
+        "long_name.zip": (zipped([("cls/" + "a" * 300 + ".png", png())]), "a name longer than 200 characters"),
+        "clash.zip": (zipped([("cls/a.png", png()), ("cls/a.png/b.png", png())]),
+                      "both a file and a folder named 'cls/a.png'"),
+        "flat.zip": (zipped([("a.png", png())]), "images outside class folders"),
+        "inflates.zip": (zipped([("cls/a.png", bytes(300 * 2**20))]), "unpacks to 300 MB, more than the 200 MB"),
+        "many.zip": (zipped([(f"cls/{i}.png", b"") for i in range(10_001)]), "more than the 10,000"),
+        "pixels.zip": (zipped([(f"cls/{i}.png", png(4000, 4000)) for i in range(14)]), "more than 200,000,000 pixels"),
+        "slip.zip": (zipped([("../../evil.png", png())]), "tries to write outside its folder"),
+        "not_a_zip.zip": (b"PK\x03\x04 nothing", "is not a readable zip file"),
+    }
+
+
+def test_hostile_zips_are_refused_in_bounded_time_and_memory(tmp_path):
+    files = hostile_zips()
+    good = zipped([("mine/0_a/1.png", png()), ("mine/1_b/2.png", png())])
+    results = refused_in_child(tmp_path, "zip", {n: raw for n, (raw, _) in files.items()}, good)
+    for name, (seconds, grown, message) in results.items():
+        assert files[name][1] in message, (name, message)
+        assert "\n" not in message and str(tmp_path) not in message, (name, message)
+        assert seconds < 5 and grown < 600, (name, seconds, grown)
+    kept = [p.name for p in (tmp_path / "cache" / "uploads").iterdir()]
+    assert kept == [hashlib.sha256(good).hexdigest()[:16]]  # the good zip only: nothing refused is left behind
+
+
+def test_unpacked_zips_are_reused_and_bounded(tmp_path, monkeypatch):
+    monkeypatch.setenv("PRUNE_EXPLORER_CACHE", str(tmp_path))
+    monkeypatch.setenv("PRUNE_EXPLORER_MAX_UNPACKED", "2")
+    zips = [zipped([(f"mine/0_a/{i}.png", png()), ("mine/1_b/x.png", png())]) for i in range(3)]
+    first = data.unpack_zip(zips[0], "a.zip")
+    assert data.unpack_zip(zips[0], "a.zip") == first  # the same zip: the same folder
+    time.sleep(0.02)
+    data.unpack_zip(zips[1], "b.zip")
+    time.sleep(0.02)
+    data.unpack_zip(zips[2], "c.zip")
+    assert len(list((tmp_path / "uploads").iterdir())) == 2 and not first.exists()  # least recently used removed
+    with pytest.raises(data.DataUnavailable, match="no longer on the server; upload the zip again|no longer on the"):
+        data.load_image_folder(first, (1, 28, 28), (0.5,), (0.5,))
+
+
+# ---------------------------------------------------------------------------------------------
+# The uploader's session keeps working
+
+def test_session_keeps_working_after_hostile_uploads(tmp_path, monkeypatch):
+    monkeypatch.setenv("PRUNE_EXPLORER_CACHE", str(tmp_path))  # no MNIST here: it must not be downloaded
+    files = hostile_checkpoints()
+    sd = models.build("small_vgg").state_dict()
+    mnist = saved({"arch": "small_vgg", "arch_kwargs": {}, "state_dict": sd, "meta": {"dataset": "mnist"}})
+    uploads = [(n, *files[n]) for n in ("bomb_arch.pt", "bomb_dataset.pt", "width.pt", "accuracy_text.pt",
+                                        "pairs.pt", "in_channels.pt", "complex.pt")]
+    uploads.append(("mnist.pt", mnist, "MNIST was not found"))
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=300)
+    at.switch_page("pages/1_load.py").run()
+    for name, raw, reason in uploads:
+        start = time.perf_counter()
+        at.file_uploader(key="upload").set_value((name, raw, "application/octet-stream")).run()
+        assert time.perf_counter() - start < 30, name
+        assert not at.exception, (name, at.exception)
+        assert any(reason in e.value for e in at.error), (name, [e.value for e in at.error])
+        assert at.selectbox(key="model").value == "fmnist_vgg"
+    at.file_uploader(key="upload_images").set_value(("wide.zip", hostile_zips()["wide.zip"][0], "application/zip"))
+    at.run()
+    assert not at.exception and any("pixels per image" in e.value for e in at.error), [e.value for e in at.error]
+    at.switch_page("app.py").run()
+    assert not at.exception, at.exception
+    assert at.selectbox(key="model").value == "fmnist_vgg"
