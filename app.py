@@ -5,8 +5,9 @@ marker in the browser while it is dragged; the server hears K on release.
 """
 import streamlit as st
 
-from core import criteria, engine
-from ui import keys, live_slider, sidebar, state
+with st.spinner("Starting the explorer ..."):  # the server's first run imports PyTorch: show a frame meanwhile
+    from core import criteria, engine
+    from ui import keys, live_slider, sidebar, state
 
 sidebar.show(sidebar.PRUNE)
 st.markdown("### Prune the least active channels")

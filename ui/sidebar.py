@@ -43,18 +43,23 @@ def show(page: Page) -> None:
     st.set_page_config(page_title=f"{page.title} · Pruning explorer", page_icon=str(ASSETS / "logo.png"),
                        layout="wide")
     _styles()
-    with st.spinner("Reading the models ..."):  # the first run of a session reads every checkpoint
-        _init_session()
-        state.warm_bundled_models()
+    first_run = not st.session_state.get(keys.INITIALISED)
+    if first_run:
+        _init_choices()
     keys.apply_hand_offs()
     keys.keep_widget_values()
-    with st.sidebar:
+    with st.sidebar:  # drawn before the models are read, so the first paint has the frame
         st.markdown("**Pruning explorer**")
         for p in PAGES:
             st.page_link(p.path, label=p.title, icon=p.icon)
         st.toggle("Presentation mode", key=keys.PRESENT,
                   help="Hides this sidebar and the explanations and enlarges the text, for a projector. "
                        "The link `?present=1` opens it directly.")
+    if first_run:
+        with st.spinner("Reading the models ..."):  # a session's first run reads every checkpoint
+            _init_model()
+    state.warm_bundled_models()
+    with st.sidebar:
         if page.channel_controls:
             _channel_controls()
         else:
@@ -69,13 +74,9 @@ def _exit_presentation() -> None:
     st.session_state[keys.PRESENT] = False
 
 
-def _init_session() -> None:
-    """Once per session: defaults, overridden by the URL."""
-    if st.session_state.get(keys.INITIALISED):
-        return
-    models = state.channel_models()
+def _init_choices() -> None:
+    """A session's first run: the defaults that need no model, overridden by the URL."""
     query = st.query_params
-    st.session_state[keys.MODEL] = query.get("model") if query.get("model") in models else state.DEFAULT_MODEL
     st.session_state[keys.CRITERION] = (query.get("criterion") if query.get("criterion") in criteria.CRITERIA
                                         else "mean")
     st.session_state[keys.MODE] = query.get("mode") if query.get("mode") in engine.MODES else "zero"
@@ -86,6 +87,13 @@ def _init_session() -> None:
     if query.get("layer"):
         st.session_state[keys.LAYER] = query.get("layer")
     st.session_state[keys.K] = int(query.get("k")) if str(query.get("k", "")).isdigit() else 0
+
+
+def _init_model() -> None:
+    """A session's first run, after the sidebar's frame is drawn: the model, from the URL if it names one."""
+    models = state.channel_models()
+    model = st.query_params.get("model")
+    st.session_state[keys.MODEL] = model if model in models else state.DEFAULT_MODEL
     st.session_state[keys.INITIALISED] = True
 
 

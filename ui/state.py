@@ -133,7 +133,7 @@ def engine_for(ckpt: Checkpoint, layer: str | None) -> engine.Engine:
         warming = _warmer().progress
         while key in warming and cache.lookup(key) is None:  # the background warm-up is building it
             done, total, label = warming.get(key, (0, 1, ""))
-            bar.progress(done / max(total, 1), text=f"{label} (started when the server started)")
+            bar.progress(done / max(total, 1), text=f"{label} (being prepared in the background)")
             time.sleep(0.25)
         split = _image_folder(own["path"], ckpt.spec.input_shape, ckpt.dataset) if own else None
         eng = cache.get(key, lambda: engine.from_checkpoint(
