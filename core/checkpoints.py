@@ -422,6 +422,7 @@ def from_bytes(data: bytes, name: str = "", arch: str | None = None, dataset: st
         meta = _meta(obj.get("meta"))
         state = _state_dict(obj["state_dict"])
         _check_model(arch, kwargs, meta.get("dataset", models.REGISTRY[arch].dataset))
+        _check_tensors(state)
         ckpt = Checkpoint(arch, kwargs, state, meta, digest, name)
     elif isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         obj = _state_dict(obj)
@@ -437,7 +438,6 @@ def from_bytes(data: bytes, name: str = "", arch: str | None = None, dataset: st
         ckpt = Checkpoint(arch, kwargs, state, meta, digest, name)
     else:
         raise CheckpointError("This file holds no state dict: expected a dict of tensors or the bundled format.")
-    _check_tensors(ckpt.state_dict)
     ckpt.build_model()  # fail now, with the shapes named, rather than later
     return ckpt
 

@@ -4,6 +4,7 @@ Callers (checkpoint loader, CLI, sidebar) only know names, as in timm's `create_
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Callable
 
@@ -46,9 +47,21 @@ def _meta_model(arch: str, kwargs: dict) -> nn.Module:
         return REGISTRY[arch].builder(**kwargs)
 
 
+_SHAPES: dict[tuple, dict[str, tuple[int, ...]]] = {}
+_SHAPES_LOCK = threading.Lock()
+
+
 def shapes(arch: str, kwargs: dict | None = None) -> dict[str, tuple[int, ...]]:
-    """Every state-dict tensor's shape, without allocating the model."""
-    return {k: tuple(v.shape) for k, v in _meta_model(arch, kwargs or {}).state_dict().items()}
+    """Every state-dict tensor's shape, without allocating the model (remembered for the last few)."""
+    key = (arch, tuple(sorted((kwargs or {}).items())))
+    found = _SHAPES.get(key)
+    if found is None:
+        found = {k: tuple(v.shape) for k, v in _meta_model(arch, kwargs or {}).state_dict().items()}
+        with _SHAPES_LOCK:
+            while len(_SHAPES) >= 64:
+                _SHAPES.pop(next(iter(_SHAPES)))
+            _SHAPES[key] = found
+    return dict(found)
 
 
 def size(arch: str, kwargs: dict) -> tuple[int, tuple[int, ...]]:

@@ -405,12 +405,12 @@ def refused_in_child(tmp_path, kind: str, files: dict[str, bytes], good: bytes) 
 def test_hostile_checkpoints_are_refused_in_bounded_time_and_memory(tmp_path):
     files = hostile_checkpoints()
     results = refused_in_child(tmp_path, "checkpoint", {n: raw for n, (raw, _) in files.items()},
-                               saved(models.build("small_vgg").state_dict()))
+                               BUNDLED["vgg"].read_bytes())
     assert set(results) == set(files)
     for name, (seconds, grown, message) in results.items():
         assert files[name][1] in message, (name, message)
         assert "\n" not in message and "Traceback" not in message and "/" not in message.split("'")[0], (name, message)
-        assert seconds < 5 and grown < 600, (name, seconds, grown)  # the bombs alone would take minutes and GBs
+        assert seconds < 3 and grown < 300, (name, seconds, grown)  # the bombs alone would take minutes and GBs
 
 
 @pytest.mark.parametrize("name", ["bomb_key.pt", "width.pt", "deflated.pt"])
@@ -538,7 +538,7 @@ def test_hostile_zips_are_refused_in_bounded_time_and_memory(tmp_path):
     for name, (seconds, grown, message) in results.items():
         assert files[name][1] in message, (name, message)
         assert "\n" not in message and str(tmp_path) not in message, (name, message)
-        assert seconds < 5 and grown < 600, (name, seconds, grown)
+        assert seconds < 3 and grown < 300, (name, seconds, grown)
     kept = [p.name for p in (tmp_path / "cache" / "uploads").iterdir()]
     assert kept == [hashlib.sha256(good).hexdigest()[:16]]  # the good zip only: nothing refused is left behind
 
