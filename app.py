@@ -22,8 +22,9 @@ if eng.path == engine.PATH_FAST:  # the whole curve from one pass: every K is kn
     acc, baseline, known = accuracy[k], accuracy[0], {}
 else:  # a middle layer: each K costs a pass of the rest of the network, computed on release
     accuracy = None
-    baseline = state.accuracy_at(eng, key, 0, mode, criterion)[0]
-    acc, known = state.accuracy_at(eng, key, k, mode, criterion)
+    acc, known = state.accuracy_at(eng, k, mode, criterion)  # a sample's estimate first, then the exact count
+    baseline = known[0] if 0 in known else state.accuracy_at(eng, 0, mode, criterion)[0]
+    state.start_coarse_curve(eng, mode, criterion)  # every 1/16 of the channels, in the background
 
 live_slider.live_slider(
     engine_key=key + (criterion,), maps=eng.stats.mean_map.numpy(), scores=eng.scores(criterion).numpy(),
@@ -41,4 +42,19 @@ st.caption(f"Test accuracy at K = {k}: **{acc:.2%}** ({correct:,} of {eng.total:
            f"32 channels), or press play.")
 if eng.path != engine.PATH_FAST:
     st.caption(state.evaluation_in_words(eng))
+
+    @st.fragment(run_every=2)
+    def coarse_curve_progress() -> None:
+        """Counts the background coarse curve's points; redraws the page once when they are all in."""
+        done, total = state.coarse_progress(eng, mode, criterion)
+        shown = st.session_state.setdefault(keys.COARSE_SHOWN, set())
+        job = key + (mode, criterion)
+        if done < total:
+            st.progress(done / total, text=f"Coarse curve: {done} of {total} points (every 1/16 of the channels), "
+                                           "computed in the background; each is exact.")
+        elif job not in shown:
+            shown.add(job)
+            st.rerun()
+
+    coarse_curve_progress()
 st.query_params[keys.K] = str(k)  # the released K, so a copied link reopens this view

@@ -102,7 +102,9 @@ def _engine(args):
     eng = engine.from_checkpoint(ckpt, layer=args.layer, device=args.device, data_root=args.data_root,
                                  progress=bar, split=split)
     print(f"{args.checkpoint}: {ckpt.arch}, layer {eng.layer} ({eng.channels} channels), "
-          f"{eng.total} test images, device {eng.device}, path: {eng.path}", file=sys.stderr)
+          f"{eng.total} test images, device {eng.device}, path: {eng.path}"
+          + (f"; {eng.recomputed_batches} batches over the memory budget are recomputed per evaluation"
+             if eng.recomputed_batches else ""), file=sys.stderr)
     return ckpt, eng, bar
 
 

@@ -223,9 +223,12 @@ class Engine:
         self._bounds = [(i, min(i + batch_size, self.total)) for i in range(0, self.total, batch_size)]
         if self.device.type == "cuda" and self._cache and None not in self._cache and \
                 8 * self.boundary_bytes < torch.cuda.mem_get_info(self.device)[0]:
-            # One chunk per evaluation on a GPU: ten launches of each kernel become one (same arithmetic).
-            self._cache = [tuple(torch.cat(parts) for parts in zip(*self._cache))]
+            # One chunk per evaluation on a GPU: ten launches of each kernel become one; and channels-last
+            # convolutions (measured on an H200 at a middle layer of a CIFAR ResNet9: 38 -> 27 ms per K).
+            self._cache = [tuple(_channels_last(torch.cat(parts)) for parts in zip(*self._cache))]
             self._bounds = [(0, self.total)]
+            for suffix in self._split.suffixes.values():
+                suffix.to(memory_format=torch.channels_last)
         self._rankings: dict[str, torch.Tensor] = {}
         self._curves: dict[tuple[str, str], list[int]] = {}
         self._answers: dict[tuple[str, str, int], int] = {}  # (mode, criterion, K) -> correct, once computed
@@ -378,6 +381,14 @@ class Engine:
         curve = self._curves.get((mode, criterion))
         return curve[k] if curve is not None else self._answers.get((mode, criterion, k))
 
+    def answers(self, mode: str = "zero", criterion: str = "mean") -> dict[int, int]:
+        """Every K whose exact count is known so far (the whole curve where it is computed)."""
+        curve = self._curves.get((mode, criterion))
+        if curve is not None:
+            return dict(enumerate(curve))
+        known = {k: c for (m, c_name, k), c in list(self._answers.items()) if m == mode and c_name == criterion}
+        return {0: self.base_correct, **known} if self.base_correct is not None else known
+
     @property
     def fast(self) -> bool:
         """Every K and the whole curve cost milliseconds (the cumulative-sum read-out applies)."""
@@ -472,6 +483,10 @@ class Engine:
 
     def _hooked_correct(self, mask: torch.Tensor, mode: str) -> int:
         return count_correct(_masked_copy(self, mask, mode), self.x, self.y, self.task, self.device, self.batch_size)
+
+
+def _channels_last(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t
 
 
 def _masked_copy(eng: Engine, mask: torch.Tensor, mode: str) -> nn.Module:

@@ -84,10 +84,20 @@ def bench_layers(name: str, device: torch.device, failures: list[str], with_sens
     """Every conv layer of one model: the slider's answers at a middle layer, memory, coarse curve."""
     from core import sensitivity
 
-    ckpt = checkpoints.load(MODELS[name])
-    split = data.load(ckpt.dataset)
-    x, y = split.x, split.y
-    model = ckpt.build_model()
+    if name == "resnet9":  # CIFAR-shaped (3x32x32, 10,000 images), random weights: timings, not accuracies
+        from core import models
+
+        torch.manual_seed(0)
+        model, x = models.build("resnet9").eval(), torch.randn(10000, 3, 32, 32)
+        with torch.no_grad():
+            y = torch.cat([model(x[i:i + 1000]).argmax(1) for i in range(0, 10000, 1000)])
+        y[::3] = (y[::3] + 1) % 10
+        ckpt = checkpoints.Checkpoint("resnet9", {}, model.state_dict())
+    else:
+        ckpt = checkpoints.load(MODELS[name])
+        split = data.load(ckpt.dataset)
+        x, y = split.x, split.y
+        model = ckpt.build_model()
     engine.count_correct(model.to(device), x[:1000], y[:1000], device=device)
     _, floor = clock(lambda: engine.count_correct(model, x, y, device=device), device)
     rng = random.Random(1)
@@ -164,7 +174,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="all", choices=["all", "cpu", "cuda"])
     ap.add_argument("--naive-ks", type=int, default=3, help="naive evaluations per model and mode (timed, checked)")
-    ap.add_argument("--models", default=None, help="default vgg,resnet (with --layers: vgg,resnet,mobilenet)")
+    ap.add_argument("--models", default=None, help="default vgg,resnet (with --layers: vgg,resnet,mobilenet; "
+                                                   "resnet9 = a CIFAR-shaped ResNet9 on random data, for timings)")
     ap.add_argument("--layers", action="store_true", help="every conv layer: sample, exact, known K, coarse curve")
     ap.add_argument("--sensitivity", action="store_true", help="with --layers: also time the sensitivity map")
     args = ap.parse_args()

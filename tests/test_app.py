@@ -83,10 +83,12 @@ def test_a_middle_layer_shows_last_known_values_and_says_why(app):
     app.selectbox(key="layer").set_value("features.4.0").run()
     assert not app.exception, app.exception
     data = live(app)
-    assert data["accuracy"] is None and data["k"] == 0 and dict(data["known"]).keys() == {0}
+    coarse = {round(i * 128 / 16) for i in range(17)}  # filled in by the background coarse curve
+    known = {k for k, _ in data["known"]}
+    assert data["accuracy"] is None and data["k"] == 0 and 0 in known and known <= coarse
     assert "computed when you release the slider" in data["note"]
     set_k(app, 100)
-    assert {k for k, _ in live(app)["known"]} == {0, 100}
+    assert {0, 100} <= {k for k, _ in live(app)["known"]} <= coarse | {100}
     assert any("computed when you release" in c.value for c in app.main.caption)
 
 
@@ -302,8 +304,9 @@ def test_live_slider_tiles_are_in_pruning_order_with_either_contrast():
 def test_unrecognised_state_dict_can_be_loaded_as_a_picked_architecture(app):
     """Keys in another order and under other names: not recognised, so the user picks; a state dict
     that still does not fit is explained by its first missing tensor."""
-    sd = models.build("small_vgg").state_dict()
-    shuffled = dict(reversed([(f"m{i}", v) for i, v in enumerate(sd.values())]))
+    sd = models.build("small_vgg").state_dict()  # (integer BatchNorm counters left out: weights must be floats)
+    shuffled = dict(reversed([(f"m{i}", v) for i, v in enumerate(v for k, v in sd.items()
+                                                                 if "num_batches_tracked" not in k)]))
     app.switch_page("pages/1_load.py").run()
     _upload(app, "odd.pt", _bytes(shuffled))
     assert any("matches no registered architecture" in e.value for e in app.error)

@@ -5,6 +5,7 @@ What is shared between sessions (checkpoints, engines) is read-only; what one us
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import threading
@@ -204,7 +205,9 @@ def warm_bundled_models() -> None:
     def jobs():
         dev = str(engine.pick_device("auto"))
         models = channel_models()
-        order = sorted(bundled_checkpoints(), key=lambda name: name != DEFAULT_MODEL)
+        first = (DEFAULT_MODEL, "fmnist_resnet")  # the lecture's comparison: a plain VGG against a shortcut
+        order = sorted(bundled_checkpoints(), key=lambda name: (name not in first, first.index(name)
+                                                                if name in first else 0, name))
         jobs = [((c.digest, c.dataset, conv_layers(c.digest, c)[-1].name, dev), c, dev)
                 for c in (models[name] for name in order if name in models)]
         return jobs[:engine_cache().max_entries]  # never evict the default model by warming another
@@ -222,20 +225,66 @@ def curve(eng: engine.Engine, mode: str, criterion: str) -> list[float]:
     return [c / eng.total for c in counts]
 
 
-@st.cache_resource(show_spinner=False)
-def _known_accuracies() -> dict:
-    return {}
-
-
-def accuracy_at(eng: engine.Engine, key: tuple, k: int, mode: str, criterion: str) -> tuple[float, dict[int, float]]:
+def accuracy_at(eng: engine.Engine, k: int, mode: str, criterion: str) -> tuple[float, dict[int, float]]:
     """One K's exact accuracy where the whole curve is not precomputed (a middle layer), and every
-    accuracy of this engine (`key`: its `engine_key`), mode and criterion computed so far; shared
-    between sessions, since they are facts about the model, not anyone's choices."""
-    known = _known_accuracies().setdefault((key, mode, criterion), {})
-    if k not in known:
-        with st.spinner(f"Evaluating K = {k}: one pass of the rest of the network over the test set ..."):
-            known[k] = eng.correct(k, mode, criterion) / eng.total
-    return known[k], dict(known)
+    accuracy of this engine, mode and criterion known so far (the engine remembers them: they are
+    facts about the model, shared by every session). While the exact count runs (a pass of the rest
+    of the network over every test image), an estimate from a fixed sample is shown, labelled as one."""
+    if eng.known(k, mode, criterion) is None:
+        sample = eng.sample_answer(k, mode, criterion)
+        low, high = sample.interval()
+        note = st.info(f"K = {k}: about **{sample.accuracy:.1%}** on a sample (the first {sample.n:,} test images; "
+                       f"95% interval {low:.1%} to {high:.1%}). The exact count over all {sample.total:,} images "
+                       "follows ...", icon=":material/hourglass_top:")
+        with _foreground(eng), st.spinner(f"Evaluating K = {k} on every test image ..."):
+            eng.correct(k, mode, criterion)
+        note.empty()
+    known = {kk: c / eng.total for kk, c in eng.answers(mode, criterion).items()}
+    return known[k], known
+
+
+@st.cache_resource(show_spinner=False)
+def _background() -> dict:
+    """{(engine id, mode, criterion): thread} coarse curves being computed, and busy counters."""
+    return {"threads": {}, "busy": {}, "lock": threading.Lock()}
+
+
+@contextlib.contextmanager
+def _foreground(eng: engine.Engine):
+    """While a session waits for an exact count, background coarse curves of that engine pause."""
+    shared = _background()
+    with shared["lock"]:
+        shared["busy"][id(eng)] = shared["busy"].get(id(eng), 0) + 1
+    try:
+        yield
+    finally:
+        with shared["lock"]:
+            shared["busy"][id(eng)] -= 1
+
+
+def start_coarse_curve(eng: engine.Engine, mode: str, criterion: str) -> None:
+    """Compute the 17-point coarse curve of a middle layer in a background thread, once per engine,
+    mode and criterion; it yields to any session waiting for an exact count."""
+    shared = _background()
+    job = (id(eng), mode, criterion)
+    with shared["lock"]:
+        if job in shared["threads"]:
+            return
+
+        def run() -> None:
+            for k in eng.coarse_ks():
+                while shared["busy"].get(id(eng), 0):
+                    time.sleep(0.05)
+                eng.correct(k, mode, criterion)
+
+        shared["threads"][job] = threading.Thread(target=run, daemon=True, name=f"coarse curve {mode} {criterion}")
+        shared["threads"][job].start()
+
+
+def coarse_progress(eng: engine.Engine, mode: str, criterion: str) -> tuple[int, int]:
+    """(coarse points known, coarse points in all)."""
+    ks = eng.coarse_ks()
+    return sum(eng.known(k, mode, criterion) is not None for k in ks), len(ks)
 
 
 def speed_note(eng: engine.Engine) -> str:
