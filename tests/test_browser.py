@@ -113,6 +113,10 @@ def test_a_deep_link_on_a_fresh_server_shows_that_page_with_its_sidebar(server, 
     for title in ("Prune", "Load", "Feature maps", "Curve", "Magnitude"):
         assert sidebar.get_by_role("link", name=title).is_visible()
     assert sidebar.get_by_text("Checkpoint").is_visible()
+    page.get_by_test_id("stMainMenu").click()  # viewer menu only: nobody in the room can clear the shared cache
+    page.wait_for_timeout(500)
+    menu = page.get_by_test_id("stMainMenuList").inner_text()
+    assert "Print" in menu and "Clear cache" not in menu and "Rerun" not in menu, menu
     page.close()
 
 
