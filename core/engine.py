@@ -408,6 +408,25 @@ class Engine:
         logits, _ = self._split.suffixes[mode](*boundary, mask)
         return int((predictions(logits, self.task).cpu() == self.y[start:end]).sum())
 
+    @torch.no_grad()
+    def predictions(self, k: int, mode: str = "zero", criterion: str = "mean") -> torch.Tensor:
+        """The predicted class of every test image with the K lowest-ranked channels pruned (N,)."""
+        mask = self.mask_for(k, criterion).to(self.device)
+        if mode in self._readouts:
+            cache = self._readouts[mode]
+            return torch.cat([cache._predict(cache.logits(cache.features(mask, on, off))).cpu()
+                              for on, off in zip(cache.on, cache.off)])
+        if self._split is None:
+            model = _masked_copy(self, mask, mode)
+            return torch.cat([predictions(model(self.x[i:i + self.batch_size].to(self.device)), self.task).cpu()
+                              for i in range(0, self.total, self.batch_size)])
+        out = []
+        for j, (start, end) in enumerate(self._bounds):
+            boundary = self._cache[j] if self._cache[j] is not None else \
+                self._split.prefix(self.x[start:end].to(self.device))
+            out.append(predictions(self._split.suffixes[mode](*boundary, mask)[0], self.task).cpu())
+        return torch.cat(out)
+
     def correct(self, k: int, mode: str = "zero", criterion: str = "mean") -> int:
         """Exact count with the K lowest-ranked channels pruned; remembered, so asking again is a lookup."""
         key = (mode, criterion, k)

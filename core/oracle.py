@@ -111,3 +111,29 @@ def greedy(eng: Engine, mode: str = "zero", progress: Progress | None = None) ->
             progress(step + 1, p, "greedy oracle")
     curve = [c for _, c in eng.sweep_order(order, range(1, p + 1), mode)]
     return OracleOrder("greedy", order, curve)
+
+
+@dataclass(frozen=True)
+class Score:
+    criterion: str
+    area: float              # mean accuracy over K = 0..P (the area under the curve, K scaled to [0, 1])
+    first_point_lost: int | None  # the first K at which accuracy is 1 point or more below K = 0
+    spearman: float | None   # rank correlation of its order with the single-removal oracle's
+
+
+def spearman(a: list[int], b: list[int]) -> float:
+    """Spearman's rank correlation of two orders of the same channels (no ties: orders are permutations)."""
+    n = len(a)
+    ra, rb = torch.empty(n, dtype=torch.float64), torch.empty(n, dtype=torch.float64)
+    ra[torch.as_tensor(a)] = torch.arange(n, dtype=torch.float64)
+    rb[torch.as_tensor(b)] = torch.arange(n, dtype=torch.float64)
+    return float(1 - 6 * ((ra - rb) ** 2).sum() / (n * (n * n - 1)))
+
+
+def score(name: str, counts: list[int], total: int, order: list[int] | None,
+          reference: list[int] | None) -> Score:
+    """One row of the Curve page's scoreboard (Molchanov et al. 2017 compare criteria this way)."""
+    acc = [c / total for c in counts]
+    lost = next((k for k, a in enumerate(acc) if a <= acc[0] - 0.01), None)
+    rho = spearman(order, reference) if order is not None and reference is not None else None
+    return Score(name, sum(acc) / len(acc), lost, rho)

@@ -144,3 +144,31 @@ def test_oracle_refuses_without_the_linear_read_out(vgg_small):
     eng = engine.Engine(ckpt.build_model(), x[:200], y[:200], layer="features.4.0", device="cpu")
     with pytest.raises(ValueError, match="the oracle needs the cumulative-sum read-out"):
         oracle.single(eng)
+
+
+def test_predictions_at_k_are_the_pruned_models_and_flips_follow(vgg_small):
+    ckpt, x, y, eng = vgg_small
+    k = 400
+    pruned = engine.prune_copy(eng.model, eng.layer, eng.ranking("mean")[:k].tolist(), "remove", eng.bn_name)
+    with torch.no_grad():
+        want = pruned(x).argmax(1)
+        base = eng.model(x).argmax(1)
+    assert torch.equal(eng.predictions(k, "remove"), want)
+    from ui import flips
+
+    result = flips.flips.__wrapped__(("t",), k, "remove", "mean", eng) if hasattr(flips.flips, "__wrapped__") \
+        else flips.flips(("t",), k, "remove", "mean", eng)
+    assert result["broke"] == torch.nonzero((base == y) & (want != y)).flatten().tolist()
+    assert result["fixed"] == torch.nonzero((base != y) & (want == y)).flatten().tolist()
+    assert sum(b for _, b, _ in result["per_class"]) == eng.correct(0)
+    assert sum(a for _, _, a in result["per_class"]) == eng.correct(k, "remove")
+
+
+def test_scoreboard_rows(vgg_small):
+    _, _, _, eng = vgg_small
+    assert oracle.spearman([0, 1, 2, 3], [0, 1, 2, 3]) == 1.0 and oracle.spearman([0, 1, 2, 3], [3, 2, 1, 0]) == -1.0
+    s = oracle.score("mean", eng.curve("zero", "mean"), eng.total, eng.ranking("mean").tolist(),
+                     eng.ranking("mean").tolist())
+    acc = [c / eng.total for c in eng.curve("zero", "mean")]
+    assert s.spearman == 1.0 and abs(s.area - sum(acc) / 513) < 1e-12
+    assert acc[s.first_point_lost] <= acc[0] - 0.01 < min(acc[:s.first_point_lost])

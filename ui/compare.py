@@ -1,0 +1,77 @@
+"""The Curve page's comparison of rules: criteria side by side, the random band, the oracle, a scoreboard.
+
+The oracle orders and the random band are facts about one engine and mode, computed once and
+shared by every session (Streamlit's resource cache), never changed afterwards.
+"""
+from __future__ import annotations
+
+import plotly.graph_objects as go
+import streamlit as st
+
+from core import criteria, engine, oracle
+
+SEEDS = 20
+FONT = 15
+
+
+@st.cache_resource(max_entries=16, show_spinner=False)
+def oracles(key: tuple, mode: str, _eng: engine.Engine) -> tuple[oracle.OracleOrder, oracle.OracleOrder]:
+    """(single, greedy) for one engine and mode; raises ValueError where the read-out is not linear."""
+    return oracle.single(_eng, mode), oracle.greedy(_eng, mode)
+
+
+@st.cache_resource(max_entries=16, show_spinner=False)
+def random_band(key: tuple, mode: str, _eng: engine.Engine) -> tuple[list[float], list[float], list[float]]:
+    """Mean, min and max accuracy over 20 seeded random orders, for every K."""
+    curves = [[c / _eng.total for c in _eng.curve(mode, f"random:{seed}" if seed else "random")]
+              for seed in range(SEEDS)]
+    by_k = list(zip(*curves))
+    return [sum(v) / len(v) for v in by_k], [min(v) for v in by_k], [max(v) for v in by_k]
+
+
+def scoreboard(eng: engine.Engine, mode: str, names: list[str], single: oracle.OracleOrder | None,
+               greedy: oracle.OracleOrder | None) -> list[dict]:
+    """One row per criterion (and the greedy oracle): area under the curve, K at the first point lost,
+    Spearman's rank correlation of its order with the single-removal oracle's."""
+    reference = single.order if single else None
+    rows = []
+    for name in names:
+        s = oracle.score(name, eng.curve(mode, name), eng.total, eng.ranking(name).tolist(), reference)
+        rows.append(_row(criteria.get(name).label, s, criteria.get(name).looks_at))
+    if greedy is not None:
+        s = oracle.score("oracle", [eng.correct(0, mode)] + greedy.correct_after, eng.total, greedy.order, reference)
+        rows.append(_row("greedy oracle (upper bound)", s, "the test labels: not a usable rule"))
+    return rows
+
+
+def _row(label: str, s: oracle.Score, looks_at: str) -> dict:
+    return {"rule": label, "area under the curve": f"{s.area:.2%}",
+            "first K losing 1 point": "never" if s.first_point_lost is None else s.first_point_lost,
+            "Spearman vs single-removal oracle": "" if s.spearman is None else f"{s.spearman:+.2f}",
+            "looks at": looks_at}
+
+
+def figure(eng: engine.Engine, mode: str, names: list[str], band, greedy: oracle.OracleOrder | None,
+           chance: float | None) -> go.Figure:
+    ks = list(range(eng.channels + 1))
+    fig = go.Figure()
+    if band is not None:
+        mean, low, high = band
+        fig.add_trace(go.Scatter(x=ks + ks[::-1], y=high + low[::-1], fill="toself", line=dict(width=0),
+                                 fillcolor="rgba(120,120,120,0.25)", name=f"random, min-max of {SEEDS} seeds",
+                                 hoverinfo="skip"))
+        fig.add_trace(go.Scatter(x=ks, y=mean, name=f"random, mean of {SEEDS}", line=dict(color="grey", width=2)))
+    for i, name in enumerate(names):
+        acc = [c / eng.total for c in eng.curve(mode, name)]
+        fig.add_trace(go.Scatter(x=ks, y=acc, name=criteria.get(name).label, line=dict(width=3)))
+    if greedy is not None:
+        acc = [eng.correct(0, mode) / eng.total] + [c / eng.total for c in greedy.correct_after]
+        fig.add_trace(go.Scatter(x=ks, y=acc, name="greedy oracle (upper bound)",
+                                 line=dict(color="black", dash="dash", width=3)))
+    if chance is not None:
+        fig.add_hline(y=chance, line_dash="dot", line_color="grey", annotation_text="chance")
+    fig.update_layout(font=dict(size=FONT), height=480, margin=dict(l=10, r=10, t=50, b=40),
+                      title=f"Which rule picks the channels best? ({eng.layer}, {mode})",
+                      xaxis_title="channels pruned (K)", yaxis_title="test accuracy", yaxis_tickformat=".0%",
+                      legend=dict(font=dict(size=FONT)))
+    return fig
