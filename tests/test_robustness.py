@@ -584,3 +584,14 @@ def test_session_keeps_working_after_hostile_uploads(tmp_path, monkeypatch):
     at.switch_page("app.py").run()
     assert not at.exception, at.exception
     assert at.selectbox(key="model").value == "fmnist_vgg"
+
+
+def test_each_session_keeps_a_bounded_number_of_uploads(monkeypatch):
+    monkeypatch.setenv("PRUNE_EXPLORER_MAX_SESSION_UPLOADS", "2")
+    raw = saved(models.build("small_vgg").state_dict())
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=300)
+    at.switch_page("pages/1_load.py").run()
+    for i in range(4):
+        at.file_uploader(key="upload").set_value((f"mine{i}.pt", raw, "application/octet-stream")).run()
+        assert not at.exception and not at.error, (i, at.exception, [e.value for e in at.error])
+    assert list(at.session_state["uploads"]) == ["mine2.pt", "mine3.pt"]  # the oldest dropped first
