@@ -14,8 +14,8 @@ c1, c2, c3, c4, c5 = st.columns([0.34, 0.16, 0.22, 0.14, 0.14])
 contrast = [m for m in ("fmnist_vgg", "fmnist_resnet") if m in models]  # a plain VGG against a shortcut
 chosen = c1.multiselect("Models", list(models), default=contrast or [st.session_state[keys.MODEL]],
                         key=keys.CURVE_MODELS)
-modes = c2.multiselect("Modes", list(engine.MODES), default=list(engine.MODES), key=keys.CURVE_MODES,
-                       help="\n\n".join(f"**{m}**: {text}" for m, text in engine.MODES.items()))
+modes = c2.pills("Modes", list(engine.MODES), selection_mode="multi", default=list(engine.MODES),
+                 key=keys.CURVE_MODES, help="\n\n".join(f"**{m}**: {text}" for m, text in engine.MODES.items()))
 crits = c3.multiselect("Ranked by", list(criteria.CRITERIA), default=[st.session_state[keys.CRITERION]],
                        key=keys.CURVE_CRITERIA, format_func=lambda c: criteria.CRITERIA[c].label)
 axis = c4.radio("x axis", ["K", "%"], key=keys.AXIS, format_func={"K": "K", "%": "% of channels"}.get,
