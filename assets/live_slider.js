@@ -273,7 +273,10 @@ class LiveSlider {
       ctx.beginPath();
       d.accuracy.forEach((a, k) => (k ? ctx.lineTo(X(k), Y(a)) : ctx.moveTo(X(k), Y(a))));
       ctx.stroke();
-    } else {
+    } else {  // the exact points known so far (sorted by K), joined by a thin line
+      ctx.save(); ctx.lineWidth = 1.2; ctx.globalAlpha = 0.6; ctx.beginPath();
+      d.known.forEach(([k, a], i) => (i ? ctx.lineTo(X(k), Y(a)) : ctx.moveTo(X(k), Y(a))));
+      ctx.stroke(); ctx.restore();
       ctx.fillStyle = LINE;
       for (const [k, a] of d.known) { ctx.beginPath(); ctx.arc(X(k), Y(a), 4, 0, 2 * Math.PI); ctx.fill(); }
     }
