@@ -30,8 +30,12 @@ class EngineCache:
         self._lock = threading.Lock()
         self._building: dict[Hashable, threading.Lock] = {}
 
-    def get(self, key: Hashable, build: Callable[[], Engine]) -> Engine:
-        """The engine for `key`, built once even when several sessions ask at the same time."""
+    def get(self, key: Hashable, build: Callable[[], Engine], estimate: int | None = None) -> Engine:
+        """The engine for `key`, built once even when several sessions ask at the same time. `estimate`:
+        the caller's lower bound of its bytes, known before building: over the budget, the engine is
+        refused at once rather than built and then refused."""
+        if estimate is not None and estimate > self.max_bytes and self.lookup(key) is None:
+            raise OverBudget(self._too_large(estimate))
         with self._lock:
             if key in self._engines:
                 self._engines.move_to_end(key)
@@ -51,14 +55,17 @@ class EngineCache:
             if size > self.max_bytes:
                 with self._lock:
                     self._building.pop(key, None)
-                raise OverBudget(f"This model's layer needs {_mb(size)} of memory for its test-set pass, more than "
-                                 f"the {_mb(self.max_bytes)} the server keeps for all models "
-                                 "(PRUNE_EXPLORER_MAX_CACHE_GB); choose an earlier layer or a smaller model.")
+                raise OverBudget(self._too_large(size))
             with self._lock:
                 self._engines[key] = engine
                 self._building.pop(key, None)
                 self._evict()
             return engine
+
+    def _too_large(self, size: int) -> str:
+        return (f"This model's layer needs {_mb(size)} of memory for its test-set pass, more than the "
+                f"{_mb(self.max_bytes)} the server keeps for all models (PRUNE_EXPLORER_MAX_CACHE_GB); choose an "
+                "earlier layer or a smaller model.")
 
     def lookup(self, key: Hashable) -> Engine | None:
         """The engine if it is cached now, without building it."""

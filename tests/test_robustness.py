@@ -199,6 +199,8 @@ def test_engine_cache_is_bounded_and_eviction_is_harmless():
     with pytest.raises(OverBudget, match="more than the .* MB the server keeps for all models"):
         tiny.get("vgg", build(BUNDLED["vgg"]))
     assert tiny.lookup("vgg") is None and tiny.nbytes() == 0  # refused, not kept
+    with pytest.raises(OverBudget):  # too large by the caller's estimate: refused before anything is built
+        EngineCache(max_bytes=one).get("vgg", lambda: pytest.fail("built"), estimate=one + 1)
 
 
 def test_replaced_file_is_never_served_stale(tmp_path):
