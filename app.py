@@ -58,3 +58,14 @@ if eng.path != engine.PATH_FAST:
 
     coarse_curve_progress()
 st.query_params[keys.K] = str(k)  # the released K, so a copied link reopens this view
+
+if st.toggle(f"Which images flipped at K = {k}?", key=keys.SHOW_FLIPS,
+             help="The test images this pruning turned from right to wrong (and from wrong to right), against "
+                  "K = 0, and the accuracy of each class."):
+    from ui import flips
+
+    with st.spinner("Comparing every test image's prediction at K with K = 0 ..."):
+        result = flips.flips(key + (criterion,), k, mode, criterion, eng)
+    own = state.own_data()
+    names = own["classes"] if own else list(state.test_split(ckpt).spec.class_names)
+    flips.show(result, eng.x, eng.y, names, k)

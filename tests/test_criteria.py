@@ -172,3 +172,21 @@ def test_scoreboard_rows(vgg_small):
     acc = [c / eng.total for c in eng.curve("zero", "mean")]
     assert s.spearman == 1.0 and abs(s.area - sum(acc) / 513) < 1e-12
     assert acc[s.first_point_lost] <= acc[0] - 0.01 < min(acc[:s.first_point_lost])
+
+
+def test_prune_page_shows_which_images_flipped_at_k():
+    from streamlit.testing.v1 import AppTest
+
+    from ui import keys
+
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=300)
+    at.run()
+    at.session_state[keys.K] = 400
+    at.toggle(key=keys.SHOW_FLIPS).set_value(True).run()
+    assert not at.exception, at.exception
+    eng = engine.from_checkpoint(checkpoints.load(BUNDLED["vgg"]), device="cpu")
+    before, after = eng.predictions(0), eng.predictions(400)
+    broke = int(((before == eng.y) & (after != eng.y)).sum())
+    assert any(f"**{broke:,} images right at K = 0, wrong now**" in m.value for m in at.markdown)
+    table = next(df.value for df in at.dataframe if "at K = 400" in df.value.columns)
+    assert len(table) == 10 and table["class"].tolist()[0] == "T-shirt/top"
