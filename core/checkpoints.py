@@ -406,7 +406,8 @@ def from_bytes(data: bytes, name: str = "", arch: str | None = None, dataset: st
     data = bytes(data)
     if program.is_program(data):
         try:  # bounded checks of the archive's pickles before the program's own reader sees them
-            untrusted.check_archive(data, stored_only=False, max_bytes=program.MAX_UNCOMPRESSED_BYTES)
+            archive = untrusted.check_archive(data, stored_only=False, max_bytes=program.MAX_UNCOMPRESSED_BYTES)
+            untrusted.check_program_members(archive)
         except untrusted.Refused as exc:
             raise CheckpointError(str(exc)) from None
         ckpt = _from_program(data, name, dataset)

@@ -26,6 +26,10 @@ class Refused(ValueError):
     """Bytes that are refused before they are unpickled; the message says why in one sentence."""
 
 
+class _Malformed(Refused):
+    """Not a pickle the unpickler could read at all (as opposed to one it would read at a great cost)."""
+
+
 def _env_int(name: str, default: int) -> int:
     try:
         value = int(float(os.environ.get(name, default)))
@@ -83,7 +87,8 @@ class _Scan:
         self.ops = 0
 
     def refuse(self, why: str):
-        raise Refused(f"Refused: {self.what} {why}.")
+        raise (_Malformed if "well-formed" in why or "instruction" in why and "never needs" in why
+               or "integer of more" in why else Refused)(f"Refused: {self.what} {why}.")
 
     def contain(self, parent: _Obj, children: list[_Obj]) -> None:
         """`children` go into `parent`: it grows by their expanded size and nesting."""
@@ -261,6 +266,34 @@ def check_archive(data: bytes, stored_only: bool = True, max_bytes: int | None =
             scan.what = f"the pickle '{info.filename[:80]}'"
             scan_pickle(zf.read(info), scan.what, scan=scan)
     return zf
+
+
+def check_program_members(zf: zipfile.ZipFile) -> None:
+    """A `.pt2` archive's members that the program reader unpickles: nested torch.save zips are checked
+    as checkpoints; members that start like a pickle are scanned, and refused only for what would be
+    costly (a bomb, a container key, too many instructions), since raw tensor bytes may start alike."""
+    scan = _Scan("the program")
+    for info in zf.infolist():
+        if info.is_dir() or info.filename.endswith(".pkl") or info.file_size == 0:
+            continue  # .pkl members were scanned strictly by check_archive
+        with zf.open(info) as f:
+            head = f.read(4)
+        if head == b"PK\x03\x04":
+            if info.file_size > 4 * MAX_PICKLE_BYTES + max_tensor_bytes():
+                raise Refused(f"Refused: the program member '{info.filename[:80]}' is too large.")
+            try:
+                check_checkpoint(zf.read(info))
+            except _Malformed:
+                pass  # not a readable archive: the program reader says so
+        elif head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+            scan.what = f"the program member '{info.filename[:80]}'"
+            with zf.open(info) as f:
+                body = f.read(MAX_PICKLE_BYTES)
+            try:
+                scan.run(io.BytesIO(body))
+            except _Malformed as exc:  # raw bytes, not a pickle; unless it was only cut short here
+                if info.file_size > len(body) and any(w in str(exc) for w in ("exhausted", "remain", "without STOP")):
+                    raise Refused(f"Refused: {scan.what} holds a pickle of more than {_mb(MAX_PICKLE_BYTES)}.") from None
 
 
 def check_checkpoint(data: bytes) -> None:

@@ -457,6 +457,24 @@ def test_pickle_scan_accepts_every_registered_architecture_quickly():
     assert time.perf_counter() - start < 10
 
 
+def test_bombs_inside_a_program_are_refused_before_its_reader_unpickles_them():
+    program = (ROOT / "checkpoints" / "fmnist_mobilenet.pt2").read_bytes()
+    prefix = next(n for n in zipfile.ZipFile(io.BytesIO(program)).namelist() if n.endswith("archive_format"))
+    prefix = prefix[: -len("archive_format")]
+    nested = with_pickle_patch(saved({"PLACEHOLDER": torch.zeros(1)}), "PLACEHOLDER", bomb_ops())
+    for member in (b"\x80\x02}(" + bomb_ops() + b"K\x01u.", nested):
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w") as zo:
+            for info in zipfile.ZipFile(io.BytesIO(program)).infolist():
+                zo.writestr(info, zipfile.ZipFile(io.BytesIO(program)).read(info))
+            zo.writestr(prefix + "data/weights/extra", member)
+        start = time.perf_counter()
+        with pytest.raises(checkpoints.CheckpointError, match="decompression bomb"):
+            checkpoints.from_bytes(buf.getvalue())
+        assert time.perf_counter() - start < 5
+    assert checkpoints.from_bytes(program).arch == "MobileNetish"  # the real program passes the same checks
+
+
 def test_parameter_budget_comes_from_the_environment(monkeypatch):
     raw = saved({"arch": "small_vgg", "arch_kwargs": {}, "state_dict": models.build("small_vgg").state_dict(),
                  "meta": {}})
