@@ -57,3 +57,43 @@ st.download_button("Download CSV", buf.getvalue(), file_name="accuracy_vs_k.csv"
 st.caption("Colour: model; solid line: zero, dashed: remove; markers: a second or third ranking. PNG: the camera "
            "icon at the chart's top right. With a shortcut around the pruned layer (ResNet-style) accuracy "
            "degrades gracefully; a plain VGG falls to chance.")
+
+st.subheader("Which rule picks the channels best?")
+eng = state.engine_for(models[chosen[0]], layer=None)
+mode = modes[0] if modes else st.session_state[keys.MODE]
+if not eng.fast:
+    st.info(f"{chosen[0]}: the side-by-side comparison and the oracle need the last conv's linear read-out, which "
+            f"this model does not have ({eng.fast_reason}). The Sensitivity page gives a coarse view instead.")
+else:
+    from ui import compare
+
+    key = state.engine_key(models[chosen[0]])
+    left, right = st.columns([0.7, 0.3])
+    names = left.multiselect("Rules", list(criteria.CRITERIA), default=["mean", "apoz", "l1_norm", "taylor"],
+                             key=keys.COMPARE_CRITERIA, format_func=lambda c: criteria.CRITERIA[c].label,
+                             help="\n\n".join(f"**{c.label}**: {c.explain} ({c.source}) Looks at "
+                                               f"{c.looks_at}." for c in criteria.CRITERIA.values()))
+    extras = right.toggle("Random band and greedy oracle", key=keys.COMPARE_ORACLE,
+                          help="20 seeded random orders, and the best one-at-a-time order found by looking at the "
+                               "test labels. The first time for a model and mode this takes about a minute on "
+                               "a laptop; then every session shares it.")
+    try:
+        with st.spinner("Ranking the channels by each rule ..."):
+            for name in names:
+                eng.curve(mode, name)
+        with st.spinner(f"The random band and the oracle for {chosen[0]}, {mode} ..."):
+            band = compare.random_band(key, mode, eng) if extras else None
+            single, greedy = compare.oracles(key, mode, eng) if extras else (None, None)
+    except ValueError as exc:  # e.g. bn_gamma on a layer without batch norm
+        st.error(str(exc))
+    else:
+        st.plotly_chart(compare.figure(eng, mode, names, band, greedy, state.chance_level(models[chosen[0]])),
+                        width="stretch")
+        st.dataframe(compare.scoreboard(eng, mode, names, single, greedy), hide_index=True, width="stretch")
+        st.caption(f"{chosen[0]}, layer {eng.layer}, mode {mode}. Area: mean accuracy over every K. The oracle "
+                   "looks at the test images' labels, so it is an upper bound, not a rule you could use; the "
+                   "greedy order is not guaranteed optimal, and where a rule beats it at some K the scoreboard "
+                   "counts it. `python -m core oracle --pick-on heldout` picks the order on held-out training "
+                   "images instead and scores it on the test set.",
+                   help="Spearman's rank correlation against the single-removal oracle, as in Molchanov et al. "
+                        "2017, Table 1.")

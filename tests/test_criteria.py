@@ -190,3 +190,21 @@ def test_prune_page_shows_which_images_flipped_at_k():
     assert any(f"**{broke:,} images right at K = 0, wrong now**" in m.value for m in at.markdown)
     table = next(df.value for df in at.dataframe if "at K = 400" in df.value.columns)
     assert len(table) == 10 and table["class"].tolist()[0] == "T-shirt/top"
+
+
+def test_curve_page_compares_rules_with_a_scoreboard():
+    from streamlit.testing.v1 import AppTest
+
+    from ui import keys
+
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=600)
+    at.switch_page("pages/3_curve.py").run()
+    assert not at.exception, at.exception
+    board = next(df.value for df in at.dataframe if "area under the curve" in df.value.columns)
+    assert board["rule"].tolist() == ["mean activation", "APoZ (share of zeros)", "filter L1 norm",
+                                      "first-order Taylor"]
+    eng = engine.from_checkpoint(checkpoints.load(BUNDLED["vgg"]), device="cpu")
+    mean = [c / eng.total for c in eng.curve("zero", "mean")]
+    assert board["area under the curve"].tolist()[0] == f"{sum(mean) / len(mean):.2%}"
+    at.multiselect(key=keys.COMPARE_CRITERIA).set_value(["bn_gamma", "random"]).run()
+    assert not at.exception, at.exception

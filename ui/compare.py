@@ -34,20 +34,24 @@ def scoreboard(eng: engine.Engine, mode: str, names: list[str], single: oracle.O
     """One row per criterion (and the greedy oracle): area under the curve, K at the first point lost,
     Spearman's rank correlation of its order with the single-removal oracle's."""
     reference = single.order if single else None
+    best = [eng.correct(0, mode)] + greedy.correct_after if greedy is not None else None
     rows = []
     for name in names:
-        s = oracle.score(name, eng.curve(mode, name), eng.total, eng.ranking(name).tolist(), reference)
-        rows.append(_row(criteria.get(name).label, s, criteria.get(name).looks_at))
+        counts = eng.curve(mode, name)
+        s = oracle.score(name, counts, eng.total, eng.ranking(name).tolist(), reference)
+        beats = sum(c > b for c, b in zip(counts, best)) if best else None
+        rows.append(_row(criteria.get(name).label, s, criteria.get(name).looks_at, beats))
     if greedy is not None:
-        s = oracle.score("oracle", [eng.correct(0, mode)] + greedy.correct_after, eng.total, greedy.order, reference)
-        rows.append(_row("greedy oracle (upper bound)", s, "the test labels: not a usable rule"))
+        s = oracle.score("oracle", best, eng.total, greedy.order, reference)
+        rows.append(_row("greedy oracle (upper bound)", s, "the test labels: not a usable rule", None))
     return rows
 
 
-def _row(label: str, s: oracle.Score, looks_at: str) -> dict:
+def _row(label: str, s: oracle.Score, looks_at: str, beats: int | None) -> dict:
     return {"rule": label, "area under the curve": f"{s.area:.2%}",
             "first K losing 1 point": "never" if s.first_point_lost is None else s.first_point_lost,
             "Spearman vs single-removal oracle": "" if s.spearman is None else f"{s.spearman:+.2f}",
+            "K where it beats the greedy oracle": "" if beats is None else beats,
             "looks at": looks_at}
 
 

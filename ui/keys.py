@@ -43,6 +43,7 @@ EXIT_PRESENT = "exit_present"
 ORDER_BY_SCORE = "order_by_score"
 UPLOAD = "upload"
 UPLOAD_ARCH = "upload_arch"
+COMPARE_CRITERIA, COMPARE_ORACLE = "compare_criteria", "compare_oracle"  # the Curve page's comparison
 SHOW_FLIPS = "show_flips"  # the Prune page's toggle: which images flipped at K
 COARSE_SHOWN = "coarse_shown"  # middle-layer coarse curves whose completion this session has redrawn
 SENSITIVITY_ROWS = "sensitivity_rows"  # {(digest, data set, criterion, mode): rows computed so far}
