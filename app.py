@@ -15,6 +15,7 @@ ckpt = state.current_checkpoint()
 eng = state.current_engine()
 key = state.current_engine_key()
 mode, criterion = st.session_state[keys.MODE], st.session_state[keys.CRITERION]
+state.check_criterion(eng, criterion)
 k = st.session_state[keys.K] = min(st.session_state.get(keys.K, 0), eng.channels)
 
 if eng.path == engine.PATH_FAST:  # the whole curve from one pass: every K is known in the browser

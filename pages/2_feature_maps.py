@@ -8,6 +8,7 @@ sidebar.show(sidebar.FEATURE_MAPS)
 st.title("Averaged feature maps")
 eng = state.current_engine()
 criterion = st.session_state[keys.CRITERION]
+state.check_criterion(eng, criterion)
 k = min(st.session_state.get(keys.K, 0), eng.channels)
 rows, cols = figures.grid_shape(eng.channels)
 contrast = st.session_state[keys.CONTRAST]
@@ -15,7 +16,7 @@ st.caption(f"Layer **{eng.layer}**: each of the {eng.channels} small images is o
            f"averaged over all {eng.total:,} test images ({rows} x {cols} grid). "
            + ("Each map is scaled to its own range, so only its pattern shows, not its strength. "
               if contrast == "map" else "Darker means less active. ")
-           + f"The {k} channels pruned at the current K (ranked by {criteria.CRITERIA[criterion].label}) are red.")
+           + f"The {k} channels pruned at the current K (ranked by {criteria.get(criterion).label}) are red.")
 by_score = st.toggle("Order the grid by score (lowest first: the first pruned)", key=keys.ORDER_BY_SCORE)
 fig = state.feature_map_figure(state.current_engine_key(), criterion, k, by_score, contrast, eng)
 st.plotly_chart(fig, width="stretch")

@@ -208,3 +208,17 @@ def test_curve_page_compares_rules_with_a_scoreboard():
     assert board["area under the curve"].tolist()[0] == f"{sum(mean) / len(mean):.2%}"
     at.multiselect(key=keys.COMPARE_CRITERIA).set_value(["bn_gamma", "random"]).run()
     assert not at.exception, at.exception
+
+
+def test_a_criterion_that_does_not_apply_gets_one_sentence_on_the_page():
+    from streamlit.testing.v1 import AppTest
+
+    from ui import keys
+
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=300)
+    at.run()
+    at.selectbox(key=keys.MODEL).set_value("fmnist_pair_cnn").run()
+    at.selectbox(key=keys.CRITERION).set_value("bn_gamma").run()
+    assert not at.exception, at.exception  # the pair CNN's last conv (features.13) has no batch norm after it
+    assert [e.value for e in at.error] == ["batch-norm |gamma|: bn_gamma needs a batch norm right after the conv; "
+                                           "this layer has none. Choose another rule in the sidebar."]

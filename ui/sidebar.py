@@ -135,11 +135,11 @@ def _channel_controls() -> None:
     st.header("Pruning")
     st.selectbox("Rank channels by", list(criteria.CRITERIA), key=keys.CRITERION,
                  format_func=lambda c: criteria.CRITERIA[c].label,
-                 help="Channels with the lowest score are pruned first. Mean activation (and mean |activation| "
-                      "for activations that can be negative, such as LeakyReLU) is one of the criteria compared by "
-                      "Molchanov et al. 2017, *Pruning Convolutional Neural Networks for Resource Efficient "
-                      "Inference*; the filter's L1 norm is the criterion of Li et al. 2017, *Pruning Filters for "
-                      "Efficient ConvNets*, and needs no data.")
+                 help="Channels with the lowest score are pruned first.\n\n" + "\n\n".join(
+                     f"**{c.label}**: {c.explain} *{c.source}* Looks at {c.looks_at}."
+                     for c in criteria.CRITERIA.values()))
+    chosen = criteria.get(st.session_state[keys.CRITERION])
+    st.caption(f"{chosen.explain} Looks at {chosen.looks_at}.")
     st.radio("Pruning mode", list(engine.MODES), key=keys.MODE, horizontal=True,
              help="\n\n".join(f"**{m}**: {text}" for m, text in engine.MODES.items()))
     st.radio("Grid contrast", ["layer", "map"], key=keys.CONTRAST, horizontal=True,

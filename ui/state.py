@@ -214,6 +214,16 @@ def warm_bundled_models() -> None:
     warmer.start(jobs)
 
 
+def check_criterion(eng: engine.Engine, criterion: str) -> None:
+    """Stop the page with one sentence when a criterion does not apply to this layer (e.g. bn_gamma
+    without a batch norm, taylor on a model torch.fx cannot split)."""
+    try:
+        eng.ranking(criterion)
+    except ValueError as exc:
+        st.error(f"{criteria.get(criterion).label}: {exc} Choose another rule in the sidebar.")
+        st.stop()
+
+
 def curve(eng: engine.Engine, mode: str, criterion: str) -> list[float]:
     """Accuracy for every K (a lookup once computed); progress shown on the slow paths."""
     if eng.path == engine.PATH_FAST:
