@@ -182,9 +182,11 @@ class _Warmer:
                     eng.curve(mode, "mean")
         for eng in built:  # then the other criteria
             if eng.path == engine.PATH_FAST:
-                for criterion in criteria.CRITERIA:
+                for name, rule in criteria.CRITERIA.items():
+                    if rule.looks_at == criteria.GRADIENTS:  # a backward pass: computed when first asked for
+                        continue
                     for mode in engine.MODES:
-                        eng.curve(mode, criterion)
+                        eng.curve(mode, name)
 
 
 @st.cache_resource(show_spinner=False)
