@@ -57,7 +57,7 @@ MAX_KEY_NODES = 1               # a dict key: one atom (a string or a number)
 MAX_LONG_BYTES = 64             # an integer in a pickle (LONG1)
 LEGACY_PICKLES = 5              # torch.save before 1.6: magic, protocol, sys info, object, storage keys
 
-# The opcodes torch's weights-only unpickler implements (torch/_weights_only_unpickler.py).
+# The opcodes torch's weights-only unpickler implements (torch._weights_only_unpickler).
 _ATOMS = {"NONE", "NEWFALSE", "NEWTRUE", "BININT", "BININT1", "BININT2", "BINFLOAT", "BINUNICODE",
           "SHORT_BINSTRING", "LONG1"}
 _KNOWN = _ATOMS | {"PROTO", "STOP", "GLOBAL", "NEWOBJ", "REDUCE", "BUILD", "APPEND", "APPENDS", "SETITEM",
