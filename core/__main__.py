@@ -1,4 +1,4 @@
-"""CLI: `python -m core {info,export,rank,sweep,oracle,sensitivity,magnitude,train} ...` (see README)."""
+"""CLI: `python -m core {info,export,rank,sweep,finetune,slim,oracle,sensitivity,magnitude,train} ...` (see README)."""
 from __future__ import annotations
 
 import argparse
@@ -247,6 +247,71 @@ def _single_count(eng, channel: int, mode: str) -> int:
     return eng.correct_for_mask(mask, mode)
 
 
+def cmd_finetune(args) -> int:
+    import time
+
+    from . import checkpoints, data, program
+    from .engine import count_correct
+    from .finetune import FinetuneConfig, finetune
+
+    ckpt, eng, bar = _engine(args)
+    cfg = FinetuneConfig(k=args.k, layer=eng.layer, criterion=args.criterion, mode=args.mode, steps=args.steps,
+                         lr=args.lr, seed=args.seed)
+    eng.mask_for(cfg.k, cfg.criterion)  # K in range, or one sentence
+    before = eng.correct(cfg.k, cfg.mode, cfg.criterion)
+    train = data.load(ckpt.dataset, train=True, data_root=args.data_root)
+    start = time.perf_counter()
+    model, losses = finetune(eng, cfg, train.x, train.y,
+                             progress=lambda done, total, loss: bar(done, total, f"fine-tuning (loss {loss:.3f})"))
+    seconds = time.perf_counter() - start
+    after = count_correct(model, eng.x, eng.y, eng.task)
+    meta = {k: v for k, v in ckpt.meta.items() if k != "fitting_datasets"}
+    meta.update(test_accuracy=after / eng.total, test_correct=after, test_total=eng.total,
+                finetuned={**cfg.describe(), "pruned_channels": eng.ranking(cfg.criterion)[:cfg.k].tolist(),
+                           "accuracy_before": before / eng.total, "seconds": round(seconds, 1),
+                           "from": ckpt.name})
+    if ckpt.program is not None:
+        program.save(model, ckpt.spec.input_shape, args.out, meta)
+    else:
+        checkpoints.save(args.out, ckpt.arch, ckpt.arch_kwargs, model, meta)
+    print(f"{eng.layer}, K={cfg.k} {cfg.mode}: accuracy {before / eng.total:.4f} after pruning -> "
+          f"{after / eng.total:.4f} after {len(losses)} fine-tuning steps ({seconds:.0f} s); wrote {args.out}")
+    return 0
+
+
+def cmd_slim(args) -> int:
+    from . import program, slim
+    from .engine import count_correct
+
+    ckpt, eng, _ = _engine(args)
+    result = slim.slim(eng, args.k, args.mode, args.criterion)
+    correct = count_correct(result.model, eng.x, eng.y, eng.task)
+    masked = eng.correct(args.k, args.mode, args.criterion)
+    shape = ckpt.spec.input_shape
+    before, after = slim.measure(eng.model, shape, repeats=args.repeats), slim.measure(result.model, shape,
+                                                                                       repeats=args.repeats)
+    print(f"{eng.layer}, K={args.k} {args.mode}: shrank {', '.join(result.shrunk) or 'nothing'}"
+          + (f"; zero mode's batch-norm constant folded into the read-out bias" if result.folded else ""))
+    if result.tied:
+        print(f"note: {', '.join(result.tied)} share these channels (a residual add or a concatenation), so removing "
+              f"them for real also removes them there: the slim model is a different model, {correct}/{eng.total} "
+              f"right against {masked} for the masked one.")
+    else:
+        print(f"right answers: slim {correct}/{eng.total}, masked {masked}/{eng.total} "
+              f"({'equal' if correct == masked else 'DIFFERENT'})")
+    for label, m in (("original", before), ("slim", after)):
+        lat = ", ".join(f"batch {b} {ms:.2f} ms" for (_, b), ms in m.latency_ms.items())
+        print(f"  {label:8s} parameters {m.parameters:,}  MACs {m.macs:,}  file {m.file_bytes / 1e6:.2f} MB  "
+              f"CPU latency (median of {args.repeats}): {lat}")
+    meta = {k: v for k, v in ckpt.meta.items() if k != "fitting_datasets"}
+    meta.update(dataset=ckpt.dataset, test_correct=correct, test_total=eng.total, test_accuracy=correct / eng.total,
+                slimmed={"from": ckpt.name, "layer": eng.layer, "k": args.k, "mode": args.mode,
+                         "criterion": args.criterion, "shrunk": result.shrunk, "exact": result.exact})
+    program.save(result.model, shape, args.out, meta)
+    print(f"wrote {args.out}")
+    return 0 if result.exact is False or correct == masked else 1
+
+
 def cmd_sweep(args) -> int:
     _, eng, bar = _engine(args)
     ks = parse_ks(args.ks, eng.channels) if args.ks else list(range(eng.channels + 1))
@@ -362,6 +427,20 @@ def parser() -> argparse.ArgumentParser:
                    help="zero: conv weights and bias zeroed; remove: the channel outputs 0 (BatchNorm zeroed too)")
     s.add_argument("--ks", default=None, help="start:stop:step (Python range) or a comma list; default every K")
     s.set_defaults(func=cmd_sweep)
+    f = sub.add_parser("finetune", help="prune K channels, fine-tune with them held at zero, save the model")
+    common(f)
+    f.add_argument("--k", type=int, required=True)
+    f.add_argument("--mode", default="remove", choices=list(MODES))
+    f.add_argument("--steps", type=int, default=300, help="training steps of 128 images (default: the README's recipe)")
+    f.add_argument("--lr", type=float, default=1e-3, help="Adam's learning rate")
+    f.add_argument("--seed", type=int, default=0)
+    f.set_defaults(func=cmd_finetune)
+    sl = sub.add_parser("slim", help="remove K channels for real (Torch-Pruning), measure, write a .pt2 program")
+    common(sl)
+    sl.add_argument("--k", type=int, required=True)
+    sl.add_argument("--mode", default="remove", choices=list(MODES))
+    sl.add_argument("--repeats", type=int, default=20, help="timed runs per latency (median), after warm-up")
+    sl.set_defaults(func=cmd_slim)
     o = sub.add_parser("oracle", help="the best one-at-a-time order (an upper bound: it looks at the labels), to CSV")
     common(o)
     o.add_argument("--mode", default="zero", choices=list(MODES))
@@ -393,7 +472,7 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--data-root", default=None)
     m.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     m.set_defaults(func=cmd_magnitude)
-    for sp in (t, i, e, r, s, o, se, m):
+    for sp in (t, i, e, r, s, f, sl, o, se, m):
         sp.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     return p
 

@@ -180,7 +180,7 @@ def _from_program(blob: bytes, name: str, dataset: str | None) -> Checkpoint:
         raise CheckpointError(str(exc)) from None
     try:
         meta = json.loads(prog.extra.get("meta.json", "{}"))
-    except ValueError:
+    except (ValueError, RecursionError):  # a deeply nested meta.json is ignored, not followed
         meta = {}
     meta = meta if isinstance(meta, dict) else {}
     sig = prog.signature

@@ -1,0 +1,83 @@
+"""Recover and realise: fine-tuning with pruned channels held at zero; removal for real, exact and measured."""
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import BUNDLED, ROOT
+from core import checkpoints, data, engine, slim
+from core.finetune import FinetuneConfig, finetune
+
+
+@pytest.fixture(scope="module")
+def small():
+    split = data.load("fashion_mnist")
+    x, y = split.x[:2000], split.y[:2000]
+    vgg = checkpoints.load(BUNDLED["vgg"])
+    return x, y, engine.Engine(vgg.build_model(), x, y, device="cpu")
+
+
+def test_finetuning_keeps_pruned_channels_at_zero_and_is_deterministic(small):
+    x, y, eng = small
+    train = data.load("fashion_mnist", train=True)
+    cfg = FinetuneConfig(k=480, layer=eng.layer, mode="remove", steps=4)
+    first, losses = finetune(eng, cfg, train.x, train.y)
+    second, _ = finetune(eng, cfg, train.x, train.y)
+    assert len(losses) == 4
+    for (name, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items()):
+        assert torch.equal(a, b), name
+    pruned = eng.ranking("mean")[:480]
+    conv, bn = first.get_submodule(eng.layer), first.get_submodule(eng.bn_name)
+    assert (conv.weight[pruned] == 0).all() and (conv.bias[pruned] == 0).all()
+    assert (bn.weight[pruned] == 0).all() and (bn.bias[pruned] == 0).all()
+    kept = eng.ranking("mean")[480:]
+    assert not torch.equal(conv.weight[kept], eng.model.get_submodule(eng.layer).weight[kept])  # it trained
+    assert all(not p.requires_grad for p in eng.model.parameters())  # the shared engine's model untouched
+
+
+@pytest.mark.parametrize("mode", ["remove", "zero"])
+def test_slim_model_counts_exactly_what_the_masked_model_counts(small, mode):
+    x, y, eng = small
+    for k in (1, 256, 480):
+        result = slim.slim(eng, k, mode)
+        assert result.exact and result.model.get_submodule(eng.layer).out_channels == 512 - k
+        assert engine.count_correct(result.model, x, y) == eng.correct(k, mode), (mode, k)
+    assert result.folded == (mode == "zero")
+    assert result.shrunk == ["features.6.0: conv out channels", "features.6.1: batchnorm out channels",
+                             "classifier: linear in channels"] or "classifier" in " ".join(result.shrunk)
+
+
+def test_residual_shortcut_ties_the_last_conv_to_the_blocks_input(small):
+    x, y, _ = small
+    eng = engine.Engine(checkpoints.load(BUNDLED["resnet"]).build_model(), x, y, device="cpu")
+    result = slim.slim(eng, 256, "remove")
+    assert not result.exact and {"layer3.0", "layer3.1"} <= set(result.tied)
+    assert result.model.get_submodule("layer3.0").out_channels == 256  # the shortcut's source shrank too
+
+
+def test_measure_counts_parameters_and_macs(small):
+    _, _, eng = small
+    before = slim.measure(eng.model, (1, 28, 28), batches=(1,), repeats=2)
+    after = slim.measure(slim.slim(eng, 480, "remove").model, (1, 28, 28), batches=(1,), repeats=2)
+    assert before.parameters == sum(p.numel() for p in eng.model.parameters())
+    conv = eng.model.get_submodule(eng.layer)  # the last conv alone: 512 x 128 x 3 x 3 MACs at 3 x 3 positions
+    assert before.macs - after.macs >= 480 * 128 * 9 * 9
+    assert after.parameters < before.parameters and after.file_bytes < before.file_bytes
+    assert set(before.latency_ms) == {("cpu", 1)} and before.latency_ms[("cpu", 1)] > 0
+
+
+def test_cli_slim_program_sweeps_to_the_masked_count(tmp_path):
+    out = tmp_path / "slim.pt2"
+    res = subprocess.run([sys.executable, "-m", "core", "slim", str(BUNDLED["vgg"]), "--k", "480", "--mode",
+                          "remove", "--repeats", "2", "--out", str(out), "--device", "cpu"], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert "(equal)" in res.stdout and "parameters" in res.stdout and "MACs" in res.stdout
+    sweep = tmp_path / "s.csv"
+    res = subprocess.run([sys.executable, "-m", "core", "sweep", str(out), "--dataset", "fashion_mnist", "--ks", "0",
+                          "--out", str(sweep), "--device", "cpu"], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    vgg = engine.from_checkpoint(checkpoints.load(BUNDLED["vgg"]), device="cpu")
+    assert sweep.read_text().splitlines()[1].split(",")[1] == str(vgg.correct(480, "remove"))
