@@ -86,7 +86,8 @@ def _init_choices() -> None:
     st.session_state[keys.AXIS] = "K"
     if query.get("layer"):
         st.session_state[keys.LAYER] = query.get("layer")
-    st.session_state[keys.K] = int(query.get("k")) if str(query.get("k", "")).isdigit() else 0
+    k = str(query.get("k", ""))
+    st.session_state[keys.K] = int(k) if k.isascii() and k.isdigit() and len(k) <= 6 else 0  # not "²", not 10**5000
 
 
 def _init_model() -> None:

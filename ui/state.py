@@ -16,7 +16,7 @@ import streamlit as st
 
 from core import checkpoints, criteria, engine, magnitude
 from core import data as datasets
-from core.cache import EngineCache
+from core.cache import EngineCache, OverBudget
 from core.checkpoints import Checkpoint
 from ui import keys
 
@@ -136,10 +136,15 @@ def engine_for(ckpt: Checkpoint, layer: str | None) -> engine.Engine:
             done, total, label = warming.get(key, (0, 1, ""))
             bar.progress(done / max(total, 1), text=f"{label} (being prepared in the background)")
             time.sleep(0.25)
-        split = _image_folder(own["path"], ckpt.spec.input_shape, ckpt.dataset) if own else None
-        eng = cache.get(key, lambda: engine.from_checkpoint(
-            ckpt, layer=layer, device=device(), split=split,
-            progress=lambda d, t, label: bar.progress(d / t, text=label)))
+        try:
+            split = _image_folder(own["path"], ckpt.spec.input_shape, ckpt.dataset) if own else None
+            eng = cache.get(key, lambda: engine.from_checkpoint(
+                ckpt, layer=layer, device=device(), split=split,
+                progress=lambda d, t, label: bar.progress(d / t, text=label)))
+        except (OverBudget, datasets.DataUnavailable) as exc:  # one sentence, and the page stops here
+            status.update(label=f"{ckpt.name} could not be prepared", state="error", expanded=True)
+            st.error(str(exc))
+            st.stop()
         status.update(label=f"{ckpt.name} ready: {eng.total:,} test images seen once", state="complete",
                       expanded=False)
     return eng
