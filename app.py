@@ -70,3 +70,10 @@ if st.toggle(f"Which images flipped at K = {k}?", key=keys.SHOW_FLIPS,
     own = state.own_data()
     names = own["classes"] if own else list(state.test_split(ckpt).spec.class_names)
     flips.show(result, eng.x, eng.y, names, k)
+
+if st.toggle(f"Recover and realise at K = {k}", key=keys.SHOW_RECOVER,
+             help="Fine-tune the pruned model with the pruned channels held at zero; remove the channels for real "
+                  "(Torch-Pruning) and measure parameters, MACs, file size and latency."):
+    from ui import recover
+
+    recover.panel(ckpt, eng, k, mode, criterion)

@@ -81,3 +81,30 @@ def test_cli_slim_program_sweeps_to_the_masked_count(tmp_path):
     assert res.returncode == 0, res.stderr
     vgg = engine.from_checkpoint(checkpoints.load(BUNDLED["vgg"]), device="cpu")
     assert sweep.read_text().splitlines()[1].split(",")[1] == str(vgg.correct(480, "remove"))
+
+
+def test_prune_page_fine_tunes_and_removes_for_real():
+    from streamlit.testing.v1 import AppTest
+
+    from ui import keys
+
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=600)
+    at.run()
+    at.session_state[keys.K] = 480
+    at.radio(key=keys.MODE).set_value("remove").run()
+    at.toggle(key=keys.SHOW_RECOVER).set_value(True).run()
+    at.number_input(key=keys.FT_STEPS).set_value(10).run()
+    at.button(key=keys.FT_START).click().run()
+    assert not at.exception, at.exception
+    name = "fmnist_vgg · K=480 remove · fine-tuned 10 steps"
+    assert any(name in s.value for s in at.success)
+    at.run()  # the sidebar, drawn before the panel, lists the new model on the next run
+    assert any(o.startswith("upload: " + name) for o in at.selectbox(key=keys.MODEL).options)
+    at.toggle(key=keys.SLIM_SHOW).set_value(True).run()
+    assert not at.exception, at.exception
+    eng = engine.from_checkpoint(checkpoints.load(BUNDLED["vgg"]), device="cpu")
+    assert any(f"gets {eng.correct(480, 'remove'):,} of 10,000 test images right, exactly" in c.value
+               for c in at.caption)
+    table = next(df.value for df in at.dataframe if "MACs" in df.value.columns)
+    assert table["model"].tolist() == ["original", "slim (K = 480)"]
+    assert int(table["parameters"][1].replace(",", "")) < int(table["parameters"][0].replace(",", ""))

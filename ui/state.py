@@ -80,16 +80,21 @@ def add_upload(name: str, data: bytes, arch: str | None = None, dataset: str | N
     except datasets.DataUnavailable as exc:
         raise checkpoints.CheckpointError(f"Recognised as '{ckpt.arch}', but its data set is not available "
                                           f"here. {exc}") from None
+    add_session_model(name, ckpt)
+    if conv_layers(ckpt.digest, ckpt):
+        keys.hand_off(keys.MODEL, UPLOAD_PREFIX + name)  # the sidebar applies it on the next run
+    return ckpt
+
+
+def add_session_model(name: str, ckpt: Checkpoint) -> None:
+    """A model of this session only (an upload, or a model fine-tuned here), listed beside the bundled ones."""
     uploads = st.session_state.setdefault(keys.UPLOADS, {})
     uploads.pop(name, None)
     uploads[name] = ckpt
     current = str(st.session_state.get(keys.MODEL, "")).removeprefix(UPLOAD_PREFIX)
     limit = max(1, int(os.environ.get("PRUNE_EXPLORER_MAX_SESSION_UPLOADS", 3)))
     for old in [n for n in uploads if n not in (name, current)][:max(0, len(uploads) - limit)]:
-        del uploads[old]  # each session keeps its last few uploads (the one in use stays)
-    if conv_layers(ckpt.digest, ckpt):
-        keys.hand_off(keys.MODEL, UPLOAD_PREFIX + name)  # the sidebar applies it on the next run
-    return ckpt
+        del uploads[old]  # each session keeps its last few models (the one in use stays)
 
 
 def current_checkpoint() -> Checkpoint:

@@ -1,0 +1,154 @@
+"""The Prune page's "Recover and realise" panel: fine-tune the pruned model, remove the channels for
+real, and measure both models on this machine."""
+from __future__ import annotations
+
+import hashlib
+import io
+
+import plotly.graph_objects as go
+import streamlit as st
+import torch
+
+from core import checkpoints, data, engine, program, slim
+from core.checkpoints import Checkpoint
+from core.finetune import FinetuneConfig, finetune
+from ui import keys, state
+
+LATENCY_KS = (0, 128, 256, 384, 448, 480, 496, 512)
+
+
+def panel(ckpt: Checkpoint, eng: engine.Engine, k: int, mode: str, criterion: str) -> None:
+    st.markdown("#### Can it recover? Fine-tune with the pruned channels held at zero")
+    _finetune(ckpt, eng, k, mode, criterion)
+    st.markdown("#### Is it really smaller and faster? Remove the channels for real")
+    _realise(ckpt, eng, k, mode, criterion)
+
+
+def _finetune(ckpt: Checkpoint, eng: engine.Engine, k: int, mode: str, criterion: str) -> None:
+    if ckpt.program is not None:
+        st.caption("Fine-tuning in the app is for the registered architectures; for a .pt2 program use "
+                   "`python -m core finetune MODEL.pt2 --k K`.")
+        return
+    left, right = st.columns([0.3, 0.7])
+    steps = left.number_input("Steps (128 images each)", 10, 2000, 300, step=50, key=keys.FT_STEPS)
+    running = st.session_state.get(keys.FT_RUNNING)
+    if not running:
+        right.button(f"Fine-tune {steps} steps at K = {k} ({mode})", key=keys.FT_START, type="primary",
+                     icon=":material/model_training:",
+                     on_click=lambda: st.session_state.__setitem__(keys.FT_RUNNING, True))
+        return
+    right.button("Stop", key=keys.FT_STOP, icon=":material/stop:",
+                 on_click=lambda: st.session_state.__setitem__(keys.FT_RUNNING, False))
+    bar, chart = st.progress(0.0, text="Fine-tuning ..."), st.empty()
+    losses: list[float] = []
+
+    def progress(done: int, total: int, loss: float) -> None:
+        losses.append(loss)
+        bar.progress(done / total, text=f"step {done} of {total}: loss {loss:.3f}")
+        if done % 10 == 0 or done == total:
+            chart.line_chart({"training loss": losses}, height=180)
+
+    cfg = FinetuneConfig(k=k, layer=eng.layer, criterion=criterion, mode=mode, steps=int(steps))
+    train = data.load(ckpt.dataset, train=True)
+    model, done = finetune(eng, cfg, train.x, train.y, progress=progress)
+    st.session_state[keys.FT_RUNNING] = False
+    after = engine.count_correct(model, eng.x, eng.y, eng.task)
+    name = f"{ckpt.name} · K={k} {mode} · fine-tuned {len(done)} steps"
+    meta = {**{key: v for key, v in ckpt.meta.items() if key != "fitting_datasets"},
+            "test_accuracy": after / eng.total, "test_correct": after, "test_total": eng.total,
+            "finetuned": {**cfg.describe(), "from": ckpt.name}}
+    state_dict = {key: v.detach().clone() for key, v in model.state_dict().items()}
+    digest = hashlib.sha256(repr((ckpt.digest, cfg.describe())).encode()).hexdigest()
+    tuned = Checkpoint(ckpt.arch, dict(ckpt.arch_kwargs), state_dict, meta, digest, name)
+    state.add_session_model(name, tuned)
+    before = eng.correct(k, mode, criterion)
+    st.success(f"Accuracy at K = {k}: {before / eng.total:.2%} right after pruning -> {after / eng.total:.2%} after "
+               f"{len(done)} steps. Added to this session's models as **{name}** (sidebar, Curve page).")
+
+
+@st.cache_resource(max_entries=8, show_spinner=False)
+def _slim(key: tuple, k: int, mode: str, criterion: str, _eng: engine.Engine) -> slim.SlimResult:
+    return slim.slim(_eng, k, mode, criterion)
+
+
+@st.cache_resource(max_entries=16, show_spinner=False)
+def _measure(key: tuple, k: int, mode: str, criterion: str, _model, shape: tuple) -> slim.Measured:
+    devices = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
+    return slim.measure(_model, shape, repeats=10, devices=devices)
+
+
+def _realise(ckpt: Checkpoint, eng: engine.Engine, k: int, mode: str, criterion: str) -> None:
+    if not st.toggle(f"Remove the {k} channels for real and measure", key=keys.SLIM_SHOW,
+                     help="Torch-Pruning's dependency graph cuts the channels out of the conv, its batch norm and "
+                          "every layer that reads them; then both models are measured on this server."):
+        return
+    key = state.engine_key(ckpt, eng.layer)
+    try:
+        with st.spinner("Removing the channels ..."):
+            result = _slim(key, k, mode, criterion, eng)
+    except ValueError as exc:
+        st.error(str(exc))
+        return
+    right = engine.count_correct(result.model, eng.x, eng.y, eng.task)
+    masked = eng.correct(k, mode, criterion)
+    st.caption("Layers that shrank together: " + "; ".join(result.shrunk))
+    if result.tied:
+        st.warning(f"{', '.join(result.tied)} share these channels through a residual add or a concatenation: the "
+                   "shortcut carries the block's input around the pruned conv, so in the masked model those "
+                   "channels still carry the input. Removing them for real cuts the shortcut's channels too, "
+                   f"which is a different model: {right / eng.total:.2%} right, against {masked / eng.total:.2%} "
+                   "for the masked one.")
+    else:
+        st.caption(f"The slim model gets {right:,} of {eng.total:,} test images right, exactly as the masked one "
+                   + ("(zero mode's batch-norm constant is folded into the read-out's bias)." if result.folded
+                      else "."))
+    with st.spinner("Measuring both models on this server ..."):
+        shape = tuple(ckpt.spec.input_shape)
+        before = _measure(key, 0, mode, criterion, eng.model, shape)
+        after = _measure(key, k, mode, criterion, result.model, shape)
+    rows = []
+    for label, m in (("original", before), (f"slim (K = {k})", after)):
+        row = {"model": label, "parameters": f"{m.parameters:,}", "MACs": f"{m.macs:,}",
+               "file": f"{m.file_bytes / 1e6:.2f} MB"}
+        row.update({f"{dev} batch {b} (ms)": f"{ms:.2f}" for (dev, b), ms in m.latency_ms.items()})
+        rows.append(row)
+    st.dataframe(rows, hide_index=True, width="stretch")
+    st.caption("Latency: median of 10 runs after warm-up, measured now on this server (other users' work "
+               "slows it). MACs: PyTorch's FlopCounterMode.")
+    buf = io.BytesIO()
+    program.save(result.model, shape, buf, {**{kk: v for kk, v in ckpt.meta.items() if kk != "fitting_datasets"},
+                                            "dataset": ckpt.dataset, "test_correct": right,
+                                            "test_total": eng.total, "test_accuracy": right / eng.total,
+                                            "slimmed": {"from": ckpt.name, "layer": eng.layer, "k": k,
+                                                        "mode": mode, "criterion": criterion}})
+    st.download_button("Download the slim model (.pt2)", buf.getvalue(), key=keys.SLIM_DOWNLOAD,
+                       file_name=f"{ckpt.name}_K{k}_{mode}_slim.pt2", icon=":material/download:",
+                       help="A torch.export program: upload it on the Load page and it gives the same accuracy.")
+    if st.toggle("Latency and MACs against K", key=keys.SLIM_CURVE,
+                 help=f"Removes and measures at K = {', '.join(map(str, LATENCY_KS))}: where do fewer MACs stop "
+                      "buying time?"):
+        points = []
+        bar = st.progress(0.0, text="Measuring ...")
+        for i, kk in enumerate(x for x in LATENCY_KS if x <= eng.channels):
+            try:
+                model = _slim(key, kk, mode, criterion, eng).model
+            except ValueError:
+                continue
+            points.append((kk, _measure(key, kk, mode, criterion, model, shape)))
+            bar.progress((i + 1) / len(LATENCY_KS), text=f"K = {kk}")
+        bar.empty()
+        st.plotly_chart(_latency_figure(points), width="stretch")
+
+
+def _latency_figure(points) -> go.Figure:
+    ks = [k for k, _ in points]
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=ks, y=[m.macs / points[0][1].macs for _, m in points], name="MACs (share of K=0)"))
+    for dev_batch in points[0][1].latency_ms:
+        base = points[0][1].latency_ms[dev_batch]
+        fig.add_trace(go.Scatter(x=ks, y=[m.latency_ms[dev_batch] / base for _, m in points],
+                                 name=f"latency {dev_batch[0]} batch {dev_batch[1]} (share of K=0)"))
+    fig.update_layout(font=dict(size=15), height=380, xaxis_title="channels removed (K)",
+                      yaxis_title="share of the original", yaxis_tickformat=".0%",
+                      title="Fewer MACs, and what they buy in time")
+    return fig
