@@ -49,9 +49,9 @@ def main() -> int:
             result = slim.slim(eng, k, "remove")
             right = engine.count_correct(result.model, eng.x, eng.y)
             m = slim.measure(result.model, (1, 28, 28))
+            tie = "exact" if result.exact else "tied: " + ", ".join(result.tied)
             print(f"  K={k} remove: {pruned / eng.total:.2%} pruned -> {tuned / eng.total:.2%} after {args.steps} "
-                  f"steps ({seconds:.0f} s); slim: {right / eng.total:.2%} ({'exact' if result.exact else 'tied: '
-                  + ', '.join(result.tied)}), parameters {m.parameters:,} ({m.parameters / base.parameters:.0%}), "
+                  f"steps ({seconds:.0f} s); slim: {right / eng.total:.2%} ({tie}), parameters {m.parameters:,} ({m.parameters / base.parameters:.0%}), "
                   f"MACs {m.macs:,} ({m.macs / base.macs:.0%}), file {m.file_bytes / 1e6:.2f} MB, latency batch 1 "
                   f"{m.latency_ms[('cpu', 1)]:.2f} ms, batch 256 {m.latency_ms[('cpu', 256)]:.1f} ms "
                   f"({m.latency_ms[('cpu', 256)] / base.latency_ms[('cpu', 256)]:.0%})")
