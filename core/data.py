@@ -20,6 +20,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .untrusted import env_int
+
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 PAIR_SEED = 0
 
@@ -274,21 +276,13 @@ def normalisation_for(dataset: str, channels: int) -> tuple[tuple[float, ...], t
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
 
 
-def _env_int(name: str, default: int) -> int:
-    try:
-        value = int(float(os.environ.get(name, default)))
-    except ValueError:
-        return default
-    return value if value > 0 else default
-
-
 def image_limits() -> dict[str, int]:
     """The bounds on one's own images (environment variables, see README)."""
-    return {"files": _env_int("PRUNE_EXPLORER_MAX_IMAGES", 10_000),
-            "bytes": _env_int("PRUNE_EXPLORER_MAX_ZIP_MB", 200) * 2**20,
-            "pixels": _env_int("PRUNE_EXPLORER_MAX_IMAGE_PIXELS", 4096 * 4096),
-            "total_pixels": _env_int("PRUNE_EXPLORER_MAX_TOTAL_PIXELS", 200_000_000),
-            "unpacked": _env_int("PRUNE_EXPLORER_MAX_UNPACKED", 8)}
+    return {"files": env_int("PRUNE_EXPLORER_MAX_IMAGES", 10_000),
+            "bytes": env_int("PRUNE_EXPLORER_MAX_ZIP_MB", 200) * 2**20,
+            "pixels": env_int("PRUNE_EXPLORER_MAX_IMAGE_PIXELS", 4096 * 4096),
+            "total_pixels": env_int("PRUNE_EXPLORER_MAX_TOTAL_PIXELS", 200_000_000),
+            "unpacked": env_int("PRUNE_EXPLORER_MAX_UNPACKED", 8)}
 
 
 def uploads_dir() -> Path:

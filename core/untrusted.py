@@ -30,7 +30,8 @@ class _Malformed(Refused):
     """Not a pickle the unpickler could read at all (as opposed to one it would read at a great cost)."""
 
 
-def _env_int(name: str, default: int) -> int:
+def env_int(name: str, default: int) -> int:
+    """A positive whole number from the environment, or the default (a bad value is ignored)."""
     try:
         value = int(float(os.environ.get(name, default)))
     except ValueError:
@@ -40,7 +41,7 @@ def _env_int(name: str, default: int) -> int:
 
 def max_params() -> int:
     """The parameter budget of one model (its arch_kwargs are sized against it before it is built)."""
-    return _env_int("PRUNE_EXPLORER_MAX_PARAMS", 50_000_000)
+    return env_int("PRUNE_EXPLORER_MAX_PARAMS", 50_000_000)
 
 
 def max_tensor_bytes() -> int:
