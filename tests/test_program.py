@@ -157,6 +157,10 @@ def test_cli_sweep_of_the_mobilenet_equals_the_naive_procedure(tmp_path, layer):
     ckpt = checkpoints.load(MOBILENET)
     channels = dict((i.name, i.out_channels) for i in engine.conv_layers(ckpt.build_model(), (1, 28, 28)))[layer]
     ks = [0, 1, channels // 2, channels]
+    rank = subprocess.run([sys.executable, "-m", "core", "rank", str(MOBILENET), "--layer", layer, "--out",
+                           str(tmp_path / "rank.csv"), "--device", "cpu"], cwd=ROOT, capture_output=True, text=True)
+    assert rank.returncode == 0, rank.stderr
+    order = [int(line.split(",")[1]) for line in (tmp_path / "rank.csv").read_text().splitlines()[1:]]
     for mode in engine.MODES:
         out = tmp_path / f"{mode}.csv"
         res = subprocess.run([sys.executable, "-m", "core", "sweep", str(MOBILENET), "--dataset", "fashion_mnist",
@@ -165,10 +169,6 @@ def test_cli_sweep_of_the_mobilenet_equals_the_naive_procedure(tmp_path, layer):
         assert res.returncode == 0, res.stderr
         rows = [line.split(",") for line in out.read_text().splitlines()]
         assert rows[0] == ["k", "correct", "total", "accuracy"]
-        rank = subprocess.run([sys.executable, "-m", "core", "rank", str(MOBILENET), "--layer", layer, "--out",
-                               str(tmp_path / "rank.csv"), "--device", "cpu"], cwd=ROOT, capture_output=True, text=True)
-        assert rank.returncode == 0, rank.stderr
-        order = [int(line.split(",")[1]) for line in (tmp_path / "rank.csv").read_text().splitlines()[1:]]
         bn = {"head": "head_bn", "blocks.2.pw": "blocks.2.pw_bn"}[layer]
         for (k, correct, total, _), want_k in zip(rows[1:], ks):
             assert int(k) == want_k and int(total) == 10000
