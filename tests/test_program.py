@@ -347,3 +347,34 @@ def test_app_loads_an_uploaded_program_and_refuses_a_crafted_one(tmp_path):
     assert at.selectbox(key=keys.LAYER).value == eng.layer == "last"
     text = next(c.value for c in at.main.caption if c.value.startswith("Test accuracy at K ="))
     assert f"**{eng.correct(0) / eng.total:.2%}**" in text
+
+
+def test_app_tests_a_program_no_data_set_fits_on_ones_own_images(tmp_path):
+    from PIL import Image
+    from streamlit.testing.v1 import AppTest
+
+    from ui import keys
+
+    five = Zoo().eval()
+    five.fc = nn.Linear(16, 5)  # five outputs: no registered data set has five classes
+    path = _export(five, tmp_path / "five.pt2")
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for c in range(5):
+            for i in range(4):
+                img = io.BytesIO()
+                Image.fromarray((torch.rand(28, 28) * 255).byte().numpy()).save(img, format="PNG")
+                z.writestr(f"{c}_class/{i}.png", img.getvalue())
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=300)
+    at.switch_page("pages/1_load.py").run()
+    at.file_uploader(key=keys.UPLOAD).set_value(("five.pt2", path.read_bytes(), "application/octet-stream")).run()
+    assert any("No registered data set fits this program (input 1x28x28, 5 outputs): upload a zip" in e.value
+               for e in at.error)
+    at.file_uploader(key=keys.UPLOAD_IMAGES).set_value(("mine.zip", buf.getvalue(), "application/zip")).run()
+    at.file_uploader(key=keys.UPLOAD).set_value(("five.pt2", path.read_bytes(), "application/octet-stream")).run()
+    assert not at.exception, at.exception
+    assert at.selectbox(key=keys.MODEL).value == "upload: five.pt2"
+    at.switch_page("app.py").run()
+    assert not at.exception, at.exception
+    text = next(c.value for c in at.main.caption if c.value.startswith("Test accuracy at K ="))
+    assert "of 20 right" in text

@@ -70,10 +70,25 @@ def add_upload(name: str, data: bytes, arch: str | None = None, dataset: str | N
     `arch`: the architecture the user picked for a state dict that was not recognised; `dataset`: the
     data set the user picked for a `.pt2` program (checked to fit it)."""
     ckpt = checkpoints.from_bytes(data, name=name, arch=arch, dataset=dataset)
-    if not ckpt.dataset:
-        raise checkpoints.CheckpointError(
-            f"No registered data set fits this program (input {'x'.join(map(str, ckpt.spec.input_shape))}, "
-            f"{ckpt.program.signature.outputs} outputs); test it from the command line with --image-folder DIR.")
+    if not ckpt.dataset:  # only the user's own images can test it
+        own = st.session_state.get(keys.OWN_DATA)
+        if not own:
+            raise checkpoints.CheckpointError(
+                f"No registered data set fits this program (input {'x'.join(map(str, ckpt.spec.input_shape))}, "
+                f"{ckpt.program.signature.outputs} outputs): upload a zip of your own test images below first, "
+                "then the program again.")
+        try:  # the images must load at the program's size, in as many classes as it has outputs
+            classes = len(_image_folder(own["path"], ckpt.spec.input_shape, "").spec.class_names)
+        except datasets.DataUnavailable as exc:
+            raise checkpoints.CheckpointError(str(exc)) from None
+        outputs = ckpt.program.signature.outputs
+        if classes != outputs and not (outputs == 1 and classes == 2):
+            raise checkpoints.CheckpointError(f"The program gives {outputs} outputs, but your images "
+                                              f"({own['name']}) are in {classes} classes.")
+        add_session_model(name, ckpt)
+        keys.hand_off(keys.USE_OWN_DATA, True)
+        keys.hand_off(keys.MODEL, UPLOAD_PREFIX + name)
+        return ckpt
     try:
         datasets.check_local(ckpt.dataset)  # never a download on upload: that could take minutes offline
         datasets.load(ckpt.dataset)
