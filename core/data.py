@@ -27,7 +27,12 @@ PAIR_SEED = 0
 
 
 class DataUnavailable(RuntimeError):
-    """A data set could not be found or read; the message says how to get it."""
+    """A data set could not be found or read; the message says how to get it. `public` is the message
+    without the server's own paths, for a visitor of the app; str() adds them, for the CLI."""
+
+    def __init__(self, message: str, server_detail: str = ""):
+        super().__init__(message + (f" ({server_detail})" if server_detail else ""))
+        self.public, self.server_detail = message, server_detail
 
 
 def cache_dir() -> Path:
@@ -92,15 +97,16 @@ def read_idx(path: Path) -> np.ndarray:
         with opener(path, "rb") as f:
             raw = f.read()
     except (OSError, EOFError) as exc:
-        raise DataUnavailable(f"{path} could not be read: {exc}") from None
+        raise DataUnavailable(f"{path.name} could not be read: {type(exc).__name__}.", server_detail=str(path)) from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise DataUnavailable(f"{path} is not an unsigned-byte IDX file.")
+        raise DataUnavailable(f"{path.name} is not an unsigned-byte IDX file.", server_detail=str(path))
     ndim = raw[3]
     dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
     offset = 4 + 4 * ndim
     count = int(np.prod(dims))
     if len(raw) - offset != count:
-        raise DataUnavailable(f"{path} is truncated: expected {count} values, found {len(raw) - offset}.")
+        raise DataUnavailable(f"{path.name} is truncated: expected {count} values, found {len(raw) - offset}.",
+                              server_detail=str(path))
     return np.frombuffer(raw, dtype=np.uint8, offset=offset).reshape(dims)
 
 
@@ -195,8 +201,8 @@ def locate(name: str, train: bool, data_root: str | Path | None = None,
         except Exception as exc:  # no network, disk full, ...: fall through to the message
             reason = f" The download failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}."
     spec = DATASETS[name]
-    raise DataUnavailable(f"{spec.title} was not found (looked in: {', '.join(map(str, tried))}).{reason} "
-                          f"To get it, {spec.how_to_get}.")
+    raise DataUnavailable(f"{spec.title} was not found.{reason} To get it, {spec.how_to_get}.",
+                          server_detail=f"looked in: {', '.join(map(str, tried))}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -306,8 +312,9 @@ def check_local(name: str, data_root: str | Path | None = None) -> None:
     try:
         locate(base, False, data_root, allow_download=False)
     except DataUnavailable as exc:
-        raise DataUnavailable(str(exc).replace(" or run once with internet so torchvision can download it",
-                                               " or run the command line once with internet")) from None
+        raise DataUnavailable(exc.public.replace(" or run once with internet so torchvision can download it",
+                                                 " or run the command line once with internet"),
+                              server_detail=exc.server_detail) from None
 
 
 def _image_size(source, label: str, limits: dict) -> int:
@@ -341,7 +348,7 @@ def load_image_folder(path: str | Path, input_shape: tuple[int, ...], mean: tupl
         if shown == "the uploaded images":
             raise DataUnavailable("The uploaded images are no longer on the server (it keeps the last "
                                   f"{image_limits()['unpacked']} zips); upload the zip again.")
-        raise DataUnavailable(f"Image folder {path} does not exist.")
+        raise DataUnavailable("The image folder does not exist.", server_detail=str(path))
     os.utime(path)  # recently used: kept by the uploads' LRU bound
     channels, h, w = input_shape
     tf = transforms.Compose(([transforms.Grayscale(channels)] if channels in (1, 3) else [])

@@ -68,7 +68,7 @@ if zipped is not None and st.session_state.get(keys.LAST_IMAGES) != zipped.file_
     try:
         own = state.add_own_data(zipped.name, zipped.getvalue())
     except datasets.DataUnavailable as exc:
-        st.error(f"{zipped.name} was not loaded. {exc}")
+        st.error(f"{zipped.name} was not loaded. {exc.public}")
     else:
         st.session_state[keys.LAST_IMAGES] = zipped.file_id
         st.rerun()

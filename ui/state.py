@@ -80,7 +80,7 @@ def add_upload(name: str, data: bytes, arch: str | None = None, dataset: str | N
         try:  # the images must load at the program's size, in as many classes as it has outputs
             classes = len(_image_folder(own["path"], ckpt.spec.input_shape, "").spec.class_names)
         except datasets.DataUnavailable as exc:
-            raise checkpoints.CheckpointError(str(exc)) from None
+            raise checkpoints.CheckpointError(exc.public) from None
         outputs = ckpt.program.signature.outputs
         if classes != outputs and not (outputs == 1 and classes == 2):
             raise checkpoints.CheckpointError(f"The program gives {outputs} outputs, but your images "
@@ -94,7 +94,7 @@ def add_upload(name: str, data: bytes, arch: str | None = None, dataset: str | N
         datasets.load(ckpt.dataset)
     except datasets.DataUnavailable as exc:
         raise checkpoints.CheckpointError(f"Recognised as '{ckpt.arch}', but its data set is not available "
-                                          f"here. {exc}") from None
+                                          f"here. {exc.public}") from None
     add_session_model(name, ckpt)
     if conv_layers(ckpt.digest, ckpt):
         keys.hand_off(keys.MODEL, UPLOAD_PREFIX + name)  # the sidebar applies it on the next run
@@ -163,7 +163,7 @@ def engine_for(ckpt: Checkpoint, layer: str | None) -> engine.Engine:
                 progress=lambda d, t, label: bar.progress(d / t, text=label)))
         except (OverBudget, datasets.DataUnavailable) as exc:  # one sentence, and the page stops here
             status.update(label=f"{ckpt.name} could not be prepared", state="error", expanded=True)
-            st.error(str(exc))
+            st.error(getattr(exc, "public", str(exc)))  # never the server's paths
             st.stop()
         status.update(label=f"{ckpt.name} ready: {eng.total:,} test images seen once", state="complete",
                       expanded=False)
