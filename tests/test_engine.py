@@ -1,4 +1,4 @@
-"""The engine against the naive procedure of the lab reports, on the bundled models and real data."""
+"""The engine against the naive procedure (copy the model, zero the weights, evaluate everything), on the bundled models and real data."""
 import pytest
 import torch
 from torch import nn
@@ -170,8 +170,8 @@ def test_cuda_request_without_cuda_is_an_error():
 
 
 def test_unknown_criterion_and_mode_are_named():
-    with pytest.raises(ValueError, match="Criteria: mean, mean_abs, l1_norm"):
-        criteria.get("taylor")
+    with pytest.raises(ValueError, match="Unknown criterion 'gradcam'. Criteria: mean, mean_abs, apoz, l1_norm"):
+        criteria.get("gradcam")
 
 
 def test_near_tie_recheck_gives_the_exact_counts(bundled, monkeypatch):
