@@ -25,7 +25,7 @@ else:  # a middle layer: each K costs a pass of the rest of the network, compute
     accuracy = None
     acc, known = state.accuracy_at(eng, k, mode, criterion)  # a sample's estimate first, then the exact count
     baseline = known[0] if 0 in known else state.accuracy_at(eng, 0, mode, criterion)[0]
-    state.start_coarse_curve(eng, mode, criterion)  # every 1/16 of the channels, in the background
+    state.start_coarse_curve(eng, key, mode, criterion)  # every 1/16 of the channels, in the background
 
 live_slider.live_slider(
     engine_key=key + (criterion,), maps=eng.stats.mean_map.numpy(), scores=eng.scores(criterion).numpy(),

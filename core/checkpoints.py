@@ -202,7 +202,7 @@ def _from_program(blob: bytes, name: str, dataset: str | None) -> Checkpoint:
     convs = sum(isinstance(m, nn.Conv2d) for m in prog.module.modules())
     spec = models.ArchSpec(prog.root_type, prog.build, sig.input_shape, task, chosen,
                            f"a torch.export program ({convs} conv layers, {sig.outputs} outputs)")
-    state = {k: v for k, v in prog.module.state_dict().items()}
+    state = dict(prog.module.state_dict())
     return Checkpoint(prog.root_type, {}, state, meta, hashlib.sha256(blob).hexdigest(), name, prog, spec)
 
 

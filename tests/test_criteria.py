@@ -156,8 +156,7 @@ def test_predictions_at_k_are_the_pruned_models_and_flips_follow(vgg_small):
     assert torch.equal(eng.predictions(k, "remove"), want)
     from ui import flips
 
-    result = flips.flips.__wrapped__(("t",), k, "remove", "mean", eng) if hasattr(flips.flips, "__wrapped__") \
-        else flips.flips(("t",), k, "remove", "mean", eng)
+    result = flips.flips(("t",), k, "remove", "mean", eng)
     assert result["broke"] == torch.nonzero((base == y) & (want != y)).flatten().tolist()
     assert result["fixed"] == torch.nonzero((base != y) & (want == y)).flatten().tolist()
     assert sum(b for _, b, _ in result["per_class"]) == eng.correct(0)

@@ -12,7 +12,7 @@ import plotly.graph_objects as go
 import streamlit as st
 from plotly.subplots import make_subplots
 
-from core import sensitivity
+from core import engine, sensitivity
 from core.checkpoints import Checkpoint
 from core.sensitivity import Row
 
@@ -41,7 +41,7 @@ def compute(ckpt: Checkpoint, criterion: str, mode: str, device: str, partial: l
     split = data.load(ckpt.dataset)
     model = ckpt.build_model()
     done = {(r.layer, r.fraction) for r in partial}
-    layers = [n for n in sensitivity.conv_layer_names(model)
+    layers = [n for n in engine.conv_layer_names(model)
               if any((n, f) not in done for f in FRACTIONS)]
     for row in sensitivity.sensitivity(model, split.x, split.y, ckpt.spec.task, criterion, mode, FRACTIONS,
                                        device, layers=layers):

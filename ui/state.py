@@ -299,13 +299,16 @@ def _foreground(eng: engine.Engine):
             shared["busy"][id(eng)] -= 1
 
 
-def start_coarse_curve(eng: engine.Engine, mode: str, criterion: str) -> None:
-    """Compute the 17-point coarse curve of a middle layer in a background thread, once per engine,
-    mode and criterion; it yields to any session waiting for an exact count."""
+def start_coarse_curve(eng: engine.Engine, key: tuple, mode: str, criterion: str) -> None:
+    """Compute the 17-point coarse curve of a middle layer in a background thread, once per engine
+    (`key`: its cache key; an evicted engine's id() may be reused), mode and criterion; it yields to any
+    session waiting for an exact count."""
     shared = _background()
-    job = (id(eng), mode, criterion)
+    job = (key, mode, criterion)
     with shared["lock"]:
-        if job in shared["threads"]:
+        done, total = coarse_progress(eng, mode, criterion)
+        earlier = shared["threads"].get(job)
+        if done == total or (earlier is not None and earlier.is_alive()):  # known, or being computed
             return
 
         def run() -> None:
