@@ -451,6 +451,20 @@ class Engine:
         known = {k: c for (m, c_name, k), c in list(self._answers.items()) if m == mode and c_name == criterion}
         return {0: self.base_correct, **known} if self.base_correct is not None else known
 
+    def readout(self, mode: str) -> ReadoutCache | None:
+        """The cumulative-sum read-out of one mode, where it applies (the oracle and slim need its features)."""
+        return self._readouts.get(mode)
+
+    @torch.no_grad()
+    def removed_channels_are_silent(self) -> bool:
+        """In `remove` mode the batch norm's output is zeroed; the channels are then silent if what the
+        statistics are taken on (the activation after it) is exactly zero: run on a few test images."""
+        if self._split is None:
+            return False
+        boundary = self._split.prefix(self.x[:4].to(self.device))
+        _, acts = self._split.suffixes["remove"](*boundary, torch.zeros(self.channels, device=self.device))
+        return all(bool((a == 0).all()) for a in acts)
+
     @property
     def fast(self) -> bool:
         """Every K and the whole curve cost milliseconds (the cumulative-sum read-out applies)."""

@@ -28,7 +28,7 @@ class OracleOrder:
 
 
 def _readout(eng: Engine, mode: str):
-    cache = eng._readouts.get(mode)
+    cache = eng.readout(mode)
     if cache is None or len(cache.readout.linears) != 1 or cache.readout.tail is not None:
         raise ValueError("the oracle needs the cumulative-sum read-out (one linear layer right after the pruned "
                          f"layer); here: {eng.fast_reason or 'not available'}. Use a coarse version: the "

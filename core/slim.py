@@ -41,7 +41,7 @@ class SlimResult:
 
 def _fold_constant(model: nn.Module, eng: Engine, channels: list[int], mode: str) -> bool:
     """Add the pruned channels' constant read-out features (x the linear weights) to the linear bias."""
-    cache = eng._readouts.get(mode)
+    cache = eng.readout(mode)
     if cache is None or len(cache.readout.linears) != 1 or cache.readout.tail is not None:
         return False
     off = cache.off[0][0]                                     # (n, P*S): features with every channel pruned
@@ -73,7 +73,7 @@ def slim(eng: Engine, k: int, mode: str = "remove", criterion: str = "mean") -> 
         if not folded:
             raise ValueError("In zero mode a pruned channel still emits its batch norm's constant, which can only be "
                              "folded into a linear read-out right after the layer; use remove mode here.")
-    elif not _silent_when_removed(eng):
+    elif not eng.removed_channels_are_silent():
         raise ValueError("The activation after this layer is not zero at zero, so a removed channel would still "
                          "emit a constant; this layer cannot be removed exactly.")
     if not channels:
@@ -101,18 +101,6 @@ def slim(eng: Engine, k: int, mode: str = "remove", criterion: str = "mean") -> 
     for p in model.parameters():
         p.requires_grad_(False)
     return SlimResult(model, list(dict.fromkeys(shrunk)), list(dict.fromkeys(tied)), folded)
-
-
-@torch.no_grad()
-def _silent_when_removed(eng: Engine) -> bool:
-    """remove mode zeroes the batch norm's output; the channel is silent if what the statistics are
-    taken on (the activation after it) is then exactly zero: checked by running the layer with every
-    channel removed on a few test images."""
-    if eng._split is None:
-        return False
-    boundary = eng._split.prefix(eng.x[:4].to(eng.device))
-    _, acts = eng._split.suffixes["remove"](*boundary, torch.zeros(eng.channels, device=eng.device))
-    return all(bool((a == 0).all()) for a in acts)
 
 
 @dataclass(frozen=True)
