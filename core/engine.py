@@ -414,7 +414,7 @@ class Engine:
         mask = self.mask_for(k, criterion).to(self.device)
         if mode in self._readouts:
             cache = self._readouts[mode]
-            return torch.cat([cache._predict(cache.logits(cache.features(mask, on, off))).cpu()
+            return torch.cat([cache.predict(cache.logits(cache.features(mask, on, off))).cpu()
                               for on, off in zip(cache.on, cache.off)])
         if self._split is None:
             model = _masked_copy(self, mask, mode)
@@ -478,7 +478,7 @@ class Engine:
         n = min(self.batch_size, self.total)
         if mode in self._readouts:
             cache = self._readouts[mode]
-            correct = int((cache._predict(cache.logits(cache.features(mask, cache.on[0], cache.off[0])))
+            correct = int((cache.predict(cache.logits(cache.features(mask, cache.on[0], cache.off[0])))
                            == cache.labels[0]).sum())
         elif self._split is None:
             correct = count_correct(_masked_copy(self, mask, mode), self.x[:n], self.y[:n], self.task, self.device)

@@ -125,7 +125,7 @@ class ReadoutCache:
         outs = [linear(f) for linear, f in zip(self.readout.linears, features)]
         return self.readout.tail(*outs) if self.readout.tail is not None else outs[0]
 
-    def _predict(self, logits: torch.Tensor) -> torch.Tensor:
+    def predict(self, logits: torch.Tensor) -> torch.Tensor:
         return (logits.reshape(-1) > 0).long() if self.task == "binary" else logits.argmax(1)
 
     def features(self, keep: torch.Tensor, on: tuple, off: tuple) -> tuple:
@@ -136,7 +136,7 @@ class ReadoutCache:
 
     @torch.no_grad()
     def correct(self, mask: torch.Tensor) -> int:
-        return sum(int((self._predict(self.logits(self.features(mask, on, off))) == y).sum())
+        return sum(int((self.predict(self.logits(self.features(mask, on, off))) == y).sum())
                    for on, off, y in zip(self.on, self.off, self.labels))
 
     @torch.no_grad()
@@ -158,12 +158,12 @@ class ReadoutCache:
             out = base + torch.cat([torch.zeros_like(base)[None], cum])[ks_t]           # (len(ks), n, out)
             if self.readout.tail is not None:
                 out = self.readout.tail(out.float().flatten(0, 1)).double().view(len(ks), len(y), -1)
-            right = self._predict(out.flatten(0, 1)).view(len(ks), len(y)) == y
+            right = self.predict(out.flatten(0, 1)).view(len(ks), len(y)) == y
             ties = self._near_ties(out)
             if len(ties):
                 j, i = ties[:, 0], ties[:, 1]
                 keep = rank[None, :] >= ks_t[j, None]                                   # (ties, P)
-                right[j, i] = self._predict(self.logits(self.features(keep, (on[i],), (off[i],)))) == y[i]
+                right[j, i] = self.predict(self.logits(self.features(keep, (on[i],), (off[i],)))) == y[i]
             counts += right.sum(1).cpu()
         return counts.tolist()
 
