@@ -23,7 +23,8 @@ chart = st.empty()
 
 
 def draw(rows_now) -> None:
-    chart.plotly_chart(sensitivity.heatmap(rows_now, tied, layers), width="stretch")
+    if rows_now:  # an empty heatmap would show bare numeric axes
+        chart.plotly_chart(sensitivity.heatmap(rows_now, tied, layers), width="stretch")
 
 
 running = st.session_state.get(keys.SENSITIVITY_RUNNING) == key
