@@ -217,34 +217,17 @@ def cmd_oracle(args) -> int:
     from . import oracle
 
     ckpt, eng, bar = _engine(args)
-    picker = eng
-    if args.pick_on == "heldout":  # choose the order on training images the model was not scored on
-        from . import data, engine
-
-        train = data.load(ckpt.dataset, train=True, data_root=args.data_root)
-        n = min(10000, len(train) // 6)
-        picker = engine.Engine(ckpt.build_model(), train.x[-n:], train.y[-n:], layer=eng.layer, task=eng.task,
-                               device=args.device, progress=bar)
+    picker = eng if args.pick_on == "test" else oracle.training_engine(ckpt, eng, args.data_root, bar)
     found = oracle.single(picker, args.mode) if args.kind == "single" else oracle.greedy(picker, args.mode, bar)
-    counts = found.correct_after
-    if picker is not eng:  # scored on the test set, whatever it was picked on
-        counts = [c for _, c in eng.sweep_order(found.order, range(1, eng.channels + 1), args.mode)] \
-            if args.kind == "greedy" else [_single_count(eng, c, args.mode) for c in found.order]
+    counts = oracle.scored_on(eng, found, args.mode).correct_after if picker is not eng else found.correct_after
     _write_csv(args.out, ["rank", "channel", "correct_after"], [[r, c, n] for r, (c, n) in
                                                                 enumerate(zip(found.order, counts))])
     what = "each channel pruned alone" if args.kind == "single" else "the first rank+1 channels pruned"
+    where = ("the test set: an upper bound, not a usable rule" if picker is eng
+             else f"the last {len(picker.y):,} training images, scored on the test set")
     print(f"wrote {args.out}: {args.kind} oracle order of {eng.channels} channels (mode {args.mode}), picked on "
-          f"{'the test set: an upper bound, not a usable rule' if picker is eng else 'held-out training images'}; "
-          f"correct_after = right test answers with {what}")
+          f"{where}; correct_after = right test answers with {what}")
     return 0
-
-
-def _single_count(eng, channel: int, mode: str) -> int:
-    import torch
-
-    mask = torch.ones(eng.channels)
-    mask[channel] = 0
-    return eng.correct_for_mask(mask, mode)
 
 
 def cmd_finetune(args) -> int:

@@ -49,68 +49,135 @@ def _predict(logits: torch.Tensor, task: str) -> torch.Tensor:
     return (logits[..., 0] > 0).long() if task == "binary" else logits.argmax(-1)
 
 
+def _pair_loss(logits: torch.Tensor, y: torch.Tensor, task: str) -> torch.Tensor:
+    """The loss of each row of logits (n, out) against its label (n,)."""
+    if task == "binary":
+        return F.binary_cross_entropy_with_logits(logits[:, 0], y.double(), reduction="none")
+    return -torch.log_softmax(logits, -1).gather(1, y[:, None])[:, 0]
+
+
+def _base_and_delta(cache, p: int, dtype: torch.dtype, channels: slice = slice(None)):
+    """(N, out) float64 logits at K = 0, and the (C, N, out) change in them when each of `channels`
+    alone is pruned: the read-out is linear, so removals add."""
+    s = cache.on[0][0].shape[1] // p
+    linear = cache.readout.linears[0]
+    weight = linear.weight.double().view(-1, p, s)[:, channels]
+    base = torch.cat([linear(on).double() for (on,) in cache.on])
+    delta = torch.cat([torch.einsum("nps,ops->pno", (off - on).double().view(len(on), p, s)[:, channels],
+                                    weight).to(dtype) for (on,), (off,) in zip(cache.on, cache.off)], dim=1)
+    return base, delta
+
+
+def _reach(delta: torch.Tensor, task: str) -> torch.Tensor:
+    """(C, N): a prediction can only change where its margin is at most this (the spread of the change)."""
+    if task == "binary":
+        return delta[..., 0].abs()
+    return delta.amax(-1) - delta.amin(-1)
+
+
+def _margin(logits: torch.Tensor, task: str) -> torch.Tensor:
+    """(N,) float32: how far each prediction is from changing (top-two gap, or |logit| for a pair),
+    shrunk by 1e-5 so that float32 rounding never hides a change."""
+    if task == "binary":
+        gap = logits[:, 0].abs()
+    elif logits.shape[1] == 1:
+        return torch.full((len(logits),), float("inf"))
+    else:
+        top2 = logits.topk(2, -1).values
+        gap = top2[:, 0] - top2[:, 1]
+    return (gap * (1 - 1e-5)).float()
+
+
 @torch.no_grad()
 def single(eng: Engine, mode: str = "zero") -> OracleOrder:
-    """Each channel pruned alone, exactly (the engine's count), ordered by cost, ties by lower loss."""
+    """Each channel pruned alone, exactly (the engine's count), ordered by cost, ties by lower loss.
+
+    The logits after each removal are computed in float64 from the linear read-out, a few channels
+    at a time; any image within rounding distance of a tie is recomputed the naive way."""
     cache = _readout(eng, mode)
+    p, y = eng.channels, torch.cat(cache.labels)
+    starts = torch.tensor([0] + [len(b) for b in cache.labels]).cumsum(0)
     correct, loss = [], []
-    for c in range(eng.channels):
-        mask = torch.ones(eng.channels, device=eng.device)
-        mask[c] = 0
-        right, total_loss = 0, 0.0
-        for on, off, y in zip(cache.on, cache.off, cache.labels):
-            logits = cache.logits(cache.features(mask, on, off)).double()
-            right += int((_predict(logits, eng.task) == y).sum())
-            total_loss += float(_loss(logits, y, eng.task))
-        correct.append(right)
-        loss.append(total_loss)
-    order = sorted(range(eng.channels), key=lambda c: (-correct[c], loss[c], c))
+    for first in range(0, p, 32):
+        chunk = slice(first, min(first + 32, p))
+        base, delta = _base_and_delta(cache, p, torch.float64, chunk)
+        logits = base[None] + delta                                                      # (C, N, out)
+        right = _predict(logits, eng.task) == y
+        for j, n in cache.near_ties(logits).tolist():
+            b = int(torch.searchsorted(starts, n, right=True)) - 1      # the batch holding image n
+            i = n - int(starts[b])
+            keep = torch.ones(p, dtype=torch.bool, device=eng.device)
+            keep[first + j] = False
+            one = cache.logits(cache.features(keep, (cache.on[b][0][i:i + 1],), (cache.off[b][0][i:i + 1],)))
+            right[j, n] = bool(cache.predict(one)[0] == y[n])
+        correct += right.sum(1).tolist()
+        loss += _loss(logits, y, eng.task).tolist()
+    order = sorted(range(p), key=lambda c: (-correct[c], loss[c], c))
     return OracleOrder("single", order, [correct[c] for c in order])
 
 
 @torch.no_grad()
 def greedy(eng: Engine, mode: str = "zero", progress: Progress | None = None) -> OracleOrder:
     cache = _readout(eng, mode)
-    p = eng.channels
-    s = cache.on[0][0].shape[1] // p
-    weight = cache.readout.linears[0].weight.double().view(-1, p, s)
-    y = torch.cat(cache.labels)
-    logits = torch.cat([cache.readout.linears[0](on).double() for (on,) in cache.on])     # (N, out), K = 0
-    delta = torch.cat([torch.einsum("nps,ops->pno", ((off - on).double().view(len(on), p, s)), weight).float()
-                       for (on,), (off,) in zip(cache.on, cache.off)], dim=1)                # (P, N, out)
-    reach = 2 * delta.abs().amax(-1)                                                        # (P, N)
-    left = list(range(p))
-    order, after = [], []
+    p, y = eng.channels, torch.cat(cache.labels)
+    logits, delta = _base_and_delta(cache, p, torch.float32)    # float32 changes: P x N x out is large
+    reach = _reach(delta, eng.task)                             # (P, N): how far each removal moves each image
+    bound = reach.amax(0)                                       # (N,): how far any removal moves it
+    taken = torch.zeros(p, dtype=torch.bool)
+    order = []
     for step in range(p):
-        pred = _predict(logits, eng.task)
-        right = pred == y
-        if eng.task == "binary":
-            margin = logits[:, 0].abs()
+        right = _predict(logits, eng.task) == y
+        margin = _margin(logits, eng.task)
+        gain = torch.zeros(p, dtype=torch.long)
+        contested = torch.nonzero(bound >= margin).flatten()    # only these images can change at all
+        if len(contested):
+            c, j = torch.nonzero(reach[:, contested] >= margin[contested]).unbind(1)
+            n = contested[j]
+            new = _predict(logits[n] + delta[c, n].double(), eng.task) == y[n]
+            gain.index_add_(0, c, new.long() - right[n].long())
+        gain[taken] = -len(y) - 1
+        tied = torch.nonzero(gain == gain.max()).flatten()
+        if len(tied) > 1:  # ties by the lower loss: only the images a candidate moves change its loss
+            c, n = torch.nonzero(reach[tied] > 0).unbind(1)
+            change = torch.zeros(len(tied), dtype=torch.float64)
+            change.index_add_(0, c, _pair_loss(logits[n] + delta[tied[c], n].double(), y[n], eng.task)
+                              - _pair_loss(logits[n], y[n], eng.task))
+            channel = int(tied[int(torch.argmin(change))])
         else:
-            top2 = logits.topk(min(2, logits.shape[1]), -1).values
-            margin = top2[:, 0] - top2[:, -1] if logits.shape[1] > 1 else torch.full_like(top2[:, 0], float("inf"))
-        cand = torch.tensor(left)
-        gain = torch.zeros(len(left), dtype=torch.long)
-        risky = torch.nonzero(reach[cand] >= margin[None].float())                          # (pairs, 2): cand i, image n
-        if len(risky):
-            i, n = risky[:, 0], risky[:, 1]
-            new = _predict(logits[n] + delta[cand[i], n].double(), eng.task) == y[n]
-            gain.index_add_(0, i, new.long() - right[n].long())
-        best = int(gain.max())
-        tied = torch.nonzero(gain == best).flatten()
-        if len(tied) > 1:  # ties by the lower loss, exactly over every image
-            losses = torch.cat([_loss(logits[None] + delta[cand[tied[j:j + 32]]].double(), y, eng.task)
-                                for j in range(0, len(tied), 32)])
-            pick = int(tied[int(torch.argmin(losses))])
-        else:
-            pick = int(tied[0])
-        channel = left.pop(pick)
+            channel = int(tied[0])
+        taken[channel] = True
+        reach[channel] = -1
         logits = logits + delta[channel].double()
         order.append(channel)
         if progress:
             progress(step + 1, p, "greedy oracle")
     curve = [c for _, c in eng.sweep_order(order, range(1, p + 1), mode)]
     return OracleOrder("greedy", order, curve)
+
+
+HELDOUT_IMAGES = 10_000
+
+
+def training_engine(ckpt, eng: Engine, data_root: str | None = None, progress: Progress | None = None) -> Engine:
+    """An engine over the last 10,000 training images at the same layer: the oracle can choose its order
+    there without looking at the test labels, and the order is then scored on the test set. (The bundled
+    models were trained on these images too: they are apart from the test set, not unseen.)"""
+    from . import data
+
+    train = data.load(ckpt.dataset, train=True, data_root=data_root)
+    n = min(HELDOUT_IMAGES, len(train) // 6)
+    return Engine(ckpt.build_model(), train.x[-n:], train.y[-n:], layer=eng.layer, task=eng.task,
+                  device=eng.device, progress=progress)
+
+
+def scored_on(eng: Engine, found: OracleOrder, mode: str) -> OracleOrder:
+    """The same order with its counts on `eng`'s images (the test set), whatever it was chosen on."""
+    if found.kind == "single":
+        alone = single(eng, mode)
+        count = dict(zip(alone.order, alone.correct_after))
+        return OracleOrder("single", found.order, [count[c] for c in found.order])
+    return OracleOrder("greedy", found.order, [c for _, c in eng.sweep_order(found.order, range(1, eng.channels + 1),
+                                                                            mode)])
 
 
 @dataclass(frozen=True)

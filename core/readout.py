@@ -159,7 +159,7 @@ class ReadoutCache:
             if self.readout.tail is not None:
                 out = self.readout.tail(out.float().flatten(0, 1)).double().view(len(ks), len(y), -1)
             right = self.predict(out.flatten(0, 1)).view(len(ks), len(y)) == y
-            ties = self._near_ties(out)
+            ties = self.near_ties(out)
             if len(ties):
                 j, i = ties[:, 0], ties[:, 1]
                 keep = rank[None, :] >= ks_t[j, None]                                   # (ties, P)
@@ -167,7 +167,7 @@ class ReadoutCache:
             counts += right.sum(1).cpu()
         return counts.tolist()
 
-    def _near_ties(self, logits: torch.Tensor) -> torch.Tensor:
+    def near_ties(self, logits: torch.Tensor) -> torch.Tensor:
         """(k index, image) pairs whose prediction float rounding could flip."""
         scale = 1 + logits.abs().amax(-1)
         if self.task == "binary" or logits.shape[-1] == 1:

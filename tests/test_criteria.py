@@ -139,6 +139,26 @@ def test_greedy_oracle_beats_every_criterion_on_area(vgg_small):
         assert area >= sum(eng.curve("remove", name)[1:]), name
 
 
+def test_an_order_picked_on_training_images_is_scored_on_the_test_images(vgg_small):
+    ckpt, x, y, eng = vgg_small
+    picker = oracle.training_engine(ckpt, eng)
+    train = data.load(ckpt.dataset, train=True)
+    assert picker.total == 10_000 and torch.equal(picker.y, train.y[-10_000:]) and picker.layer == eng.layer
+    single = oracle.scored_on(eng, oracle.single(picker, "remove"), "remove")
+    greedy = oracle.scored_on(eng, oracle.greedy(picker, "remove"), "remove")
+    assert sorted(greedy.order) == list(range(512)) and greedy.order != oracle.greedy(eng, "remove").order
+
+    def naive(channels):
+        pruned = engine.prune_copy(eng.model, eng.layer, channels, "remove", eng.bn_name)
+        with torch.no_grad():
+            return int((pruned(x).argmax(1) == y).sum())
+
+    for k in (1, 200, 480):
+        assert greedy.correct_after[k - 1] == naive(greedy.order[:k])
+    for i in (0, 300, 511):
+        assert single.correct_after[i] == naive([single.order[i]])
+
+
 def test_oracle_refuses_without_the_linear_read_out(vgg_small):
     ckpt, x, y, _ = vgg_small
     eng = engine.Engine(ckpt.build_model(), x[:200], y[:200], layer="features.4.0", device="cpu")
@@ -207,6 +227,16 @@ def test_curve_page_compares_rules_with_a_scoreboard():
     assert board["area under the curve"].tolist()[0] == f"{sum(mean) / len(mean):.2%}"
     at.multiselect(key=keys.COMPARE_CRITERIA).set_value(["bn_gamma", "random"]).run()
     assert not at.exception, at.exception
+    at.toggle(key=keys.COMPARE_ORACLE).set_value(True)
+    at.radio(key=keys.COMPARE_PICK_ON).set_value("train").run()
+    assert not at.exception, at.exception
+    board = next(df.value for df in at.dataframe if "area under the curve" in df.value.columns)
+    ckpt = checkpoints.load(BUNDLED["vgg"])
+    picked = oracle.scored_on(eng, oracle.greedy(oracle.training_engine(ckpt, eng), "zero"), "zero")
+    best = [eng.correct(0, "zero") / eng.total] + [c / eng.total for c in picked.correct_after]
+    assert board["rule"].tolist()[-1] == "greedy order picked on training images"
+    assert board["area under the curve"].tolist()[-1] == f"{sum(best) / len(best):.2%}"
+    assert board["looks at"].tolist()[-1] == "the last 10,000 training images"
 
 
 def test_a_criterion_that_does_not_apply_gets_one_sentence_on_the_page():

@@ -9,15 +9,29 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from core import criteria, engine, oracle
+from core.checkpoints import Checkpoint
 
 SEEDS = 20
 FONT = 15
 
 
+PICK_ON = {"test": "the test images (an upper bound)", "train": "training images (a usable rule)"}
+
+
 @st.cache_resource(max_entries=16, show_spinner=False)
-def oracles(key: tuple, mode: str, _eng: engine.Engine) -> tuple[oracle.OracleOrder, oracle.OracleOrder]:
-    """(single, greedy) for one engine and mode; raises ValueError where the read-out is not linear."""
-    return oracle.single(_eng, mode), oracle.greedy(_eng, mode)
+def oracles(key: tuple, mode: str, pick_on: str, _eng: engine.Engine,
+            _ckpt: Checkpoint) -> tuple[oracle.OracleOrder, oracle.OracleOrder]:
+    """(single, greedy) for one engine and mode, chosen on the test images or on the last 10,000
+    training images and then scored on the test images; raises ValueError where the read-out is not linear."""
+    if pick_on == "test":
+        return oracle.single(_eng, mode), oracle.greedy(_eng, mode)
+    picker = oracle.training_engine(_ckpt, _eng)
+    return (oracle.scored_on(_eng, oracle.single(picker, mode), mode),
+            oracle.scored_on(_eng, oracle.greedy(picker, mode), mode))
+
+
+def oracle_label(pick_on: str) -> str:
+    return "greedy oracle (upper bound)" if pick_on == "test" else "greedy order picked on training images"
 
 
 @st.cache_resource(max_entries=16, show_spinner=False)
@@ -30,7 +44,7 @@ def random_band(key: tuple, mode: str, _eng: engine.Engine) -> tuple[list[float]
 
 
 def scoreboard(eng: engine.Engine, mode: str, names: list[str], single: oracle.OracleOrder | None,
-               greedy: oracle.OracleOrder | None) -> list[dict]:
+               greedy: oracle.OracleOrder | None, pick_on: str = "test") -> list[dict]:
     """One row per criterion (and the greedy oracle): area under the curve, K at the first point lost,
     Spearman's rank correlation of its order with the single-removal oracle's."""
     reference = single.order if single else None
@@ -43,7 +57,8 @@ def scoreboard(eng: engine.Engine, mode: str, names: list[str], single: oracle.O
         rows.append(_row(criteria.get(name).label, s, criteria.get(name).looks_at, beats))
     if greedy is not None:
         s = oracle.score("oracle", best, eng.total, greedy.order, reference)
-        rows.append(_row("greedy oracle (upper bound)", s, "the test labels: not a usable rule", None))
+        looks_at = "the test labels: not a usable rule" if pick_on == "test" else "the last 10,000 training images"
+        rows.append(_row(oracle_label(pick_on), s, looks_at, None))
     return rows
 
 
@@ -56,7 +71,7 @@ def _row(label: str, s: oracle.Score, looks_at: str, beats: int | None) -> dict:
 
 
 def figure(eng: engine.Engine, mode: str, names: list[str], band, greedy: oracle.OracleOrder | None,
-           chance: float | None) -> go.Figure:
+           chance: float | None, pick_on: str = "test") -> go.Figure:
     ks = list(range(eng.channels + 1))
     fig = go.Figure()
     if band is not None:
@@ -70,7 +85,7 @@ def figure(eng: engine.Engine, mode: str, names: list[str], band, greedy: oracle
         fig.add_trace(go.Scatter(x=ks, y=acc, name=criteria.get(name).label, line=dict(width=3)))
     if greedy is not None:
         acc = [eng.correct(0, mode) / eng.total] + [c / eng.total for c in greedy.correct_after]
-        fig.add_trace(go.Scatter(x=ks, y=acc, name="greedy oracle (upper bound)",
+        fig.add_trace(go.Scatter(x=ks, y=acc, name=oracle_label(pick_on),
                                  line=dict(color="black", dash="dash", width=3)))
     if chance is not None:
         fig.add_hline(y=chance, line_dash="dot", line_color="grey", annotation_text="chance")
