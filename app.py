@@ -43,21 +43,34 @@ st.caption(f"Test accuracy at K = {k}: **{acc:.2%}** ({correct:,} of {eng.total:
            f"32 channels), or press play.")
 if eng.path != engine.PATH_FAST:
     st.caption(state.evaluation_in_words(eng))
+    job = key + (mode, criterion)
+    st.session_state.setdefault(keys.POINTS_DRAWN, {})[job] = len(known)
 
     @st.fragment(run_every=2)
-    def coarse_curve_progress() -> None:
-        """Counts the background coarse curve's points; redraws the page once when they are all in."""
+    def curve_in_the_background() -> None:
+        """The coarse curve's progress, then a button for more points; redraws the page once when
+        points have arrived (from here, or from another session's counts) and nothing is running."""
         done, total = state.coarse_progress(eng, mode, criterion)
-        shown = st.session_state.setdefault(keys.COARSE_SHOWN, set())
-        job = key + (mode, criterion)
         if done < total:
             st.progress(done / total, text=f"Coarse curve: {done} of {total} points (every 1/16 of the channels), "
                                            "computed in the background; each is exact.")
-        elif job not in shown:
-            shown.add(job)
+            return
+        refining = state.refinement_progress(key, mode, criterion)
+        if refining is None and len(eng.answers(mode, criterion)) > st.session_state[keys.POINTS_DRAWN][job]:
             st.rerun()
+        if refining is None and eng.next_refinement(mode, criterion) is not None:
+            slot = st.empty()
+            if slot.button(f"Refine the curve: {state.REFINE_POINTS} more exact points", key=keys.REFINE,
+                           help="Each point costs a pass of the rest of the network over every test image; they "
+                                "go where the curve changes most between the points known so far."):
+                slot.empty()
+                state.start_refinement(eng, key, mode, criterion)
+                refining = state.refinement_progress(key, mode, criterion)
+        if refining is not None:
+            st.progress(refining[0] / refining[1], text=f"Refining: {refining[0]} of {refining[1]} more points, "
+                                                        "each where the curve is least known; each is exact.")
 
-    coarse_curve_progress()
+    curve_in_the_background()
 st.query_params[keys.K] = str(k)  # the released K, so a copied link reopens this view
 
 if st.toggle(f"Which images flipped at K = {k}?", key=keys.SHOW_FLIPS,

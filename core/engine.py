@@ -441,7 +441,9 @@ class Engine:
     def known(self, k: int, mode: str = "zero", criterion: str = "mean") -> int | None:
         """The exact count if it is already known (a lookup, never a computation)."""
         curve = self._curves.get((mode, criterion))
-        return curve[k] if curve is not None else self._answers.get((mode, criterion, k))
+        if curve is not None:
+            return curve[k]
+        return self.base_correct if k == 0 and self.base_correct is not None else self._answers.get((mode, criterion, k))
 
     def answers(self, mode: str = "zero", criterion: str = "mean") -> dict[int, int]:
         """Every K whose exact count is known so far (the whole curve where it is computed)."""
@@ -489,6 +491,15 @@ class Engine:
     def coarse_ks(self, points: int = 17) -> list[int]:
         """K at every 1/(points-1) of the channels (17 points: every 1/16), always with 0 and P."""
         return sorted({round(i * self.channels / (points - 1)) for i in range(points)})
+
+    def next_refinement(self, mode: str = "zero", criterion: str = "mean") -> int | None:
+        """The K where one more exact count teaches most about the curve: the middle of the gap between
+        two known neighbours that is widest times the accuracy change across it (plus one image, so a flat
+        gap, which may hide a dip, is filled in its turn). None when no gap is left."""
+        known = sorted(self.answers(mode, criterion).items())
+        gaps = [((b - a) * (abs(cb - ca) + 1), (a + b) // 2)
+                for (a, ca), (b, cb) in zip(known, known[1:]) if b - a > 1]
+        return max(gaps)[1] if gaps else None
 
     def sweep(self, ks: Iterable[int], mode: str = "zero", criterion: str = "mean",
               progress: Progress | None = None) -> list[tuple[int, int]]:

@@ -92,6 +92,42 @@ def test_a_middle_layer_shows_last_known_values_and_says_why(app):
     assert any("computed when you release" in c.value for c in app.main.caption)
 
 
+def test_a_middle_layers_curve_fills_in_then_refines_on_request(app):
+    """The coarse curve arrives in the background; the Refine button adds 16 exact points where the curve
+    is least known, and the page redraws with them."""
+    import time
+
+    app.selectbox(key="layer").set_value("features.4.0").run()
+    coarse = {round(i * 128 / 16) for i in range(17)}
+
+    def known_when(ready) -> set[int]:
+        for _ in range(600):  # the background thread counts; each run of the page reads what it has
+            known = {k for k, _ in live(app.run())["known"]}
+            if ready(known):
+                return known
+            time.sleep(0.5)
+        raise AssertionError(f"the points did not arrive: {sorted(known)}")
+
+    before = known_when(lambda known: coarse <= known)  # (other tests may have counted more Ks of this engine)
+    app.button(key="refine").click().run()
+    assert not app.exception, app.exception
+    known = known_when(lambda known: len(known) >= len(before) + 16)
+    assert len(known) == len(before) + 16 and before < known
+    eng = engine.Engine(checkpoints.load(BUNDLED["vgg"]).build_model(), *_test_set(), layer="features.4.0",
+                        device="cpu")
+    for k, acc in live(app)["known"]:
+        if k not in coarse:
+            assert acc == eng.correct(k) / eng.total, k  # the page's points are exact counts
+            break
+
+
+def _test_set():
+    from core import data
+
+    split = data.load("fashion_mnist")
+    return split.x, split.y
+
+
 def test_url_reopens_the_same_view(vgg_engine):
     at = AppTest.from_file(APP, default_timeout=300)
     at.query_params.update({"k": "300", "mode": "remove"})

@@ -48,6 +48,23 @@ def test_sample_answer_is_the_first_batch_and_known_answers_are_lookups(vgg):
     assert eng.correct(0) == eng.base_correct == _naive(eng, 0, "zero")  # counted in the one pass
 
 
+def test_refinement_fills_the_least_known_gap_first_and_ends_with_every_k(vgg):
+    ckpt, x, y = vgg
+    eng = engine.Engine(ckpt.build_model(), x[:300], y[:300], layer="features.2.0", device="cpu")
+    for k in eng.coarse_ks():
+        eng.correct(k, "remove")
+    known = eng.answers("remove")
+    gaps = [((b - a) * (abs(known[b] - known[a]) + 1), (a + b) // 2)
+            for a, b in zip(eng.coarse_ks(), eng.coarse_ks()[1:])]
+    assert eng.next_refinement("remove") == max(gaps)[1]
+    while (k := eng.next_refinement("remove")) is not None:
+        assert eng.known(k, "remove") is None  # never a K already counted
+        eng.correct(k, "remove")
+    assert sorted(eng.answers("remove")) == list(range(eng.channels + 1))
+    assert eng.next_refinement("zero") is None  # only K = 0 is known there: no gap between two known points
+    assert [eng.answers("remove")[k] for k in (5, 37)] == [_naive(eng, k, "remove") for k in (5, 37)]
+
+
 def test_sensitivity_rows_equal_the_naive_procedure(vgg):
     ckpt, x, y = vgg
     model = ckpt.build_model()

@@ -5,6 +5,7 @@ What is shared between sessions (checkpoints, engines) is read-only; what one us
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import hashlib
 import os
@@ -282,13 +283,22 @@ def accuracy_at(eng: engine.Engine, k: int, mode: str, criterion: str) -> tuple[
 
 @st.cache_resource(show_spinner=False)
 def _background() -> dict:
-    """{(engine id, mode, criterion): thread} coarse curves being computed, and busy counters."""
-    return {"threads": {}, "busy": {}, "lock": threading.Lock()}
+    """Background curve jobs shared by every session: {job: thread}, {job: [done, total]}, busy counters
+    per engine, and one stop event set when the server exits (so no thread dies inside PyTorch)."""
+    shared = {"threads": {}, "progress": {}, "busy": {}, "lock": threading.Lock(), "stop": threading.Event()}
+
+    def stop() -> None:
+        shared["stop"].set()
+        for thread in list(shared["threads"].values()):
+            thread.join(timeout=60)  # each finishes the count it is in
+
+    atexit.register(stop)
+    return shared
 
 
 @contextlib.contextmanager
 def _foreground(eng: engine.Engine):
-    """While a session waits for an exact count, background coarse curves of that engine pause."""
+    """While a session waits for an exact count, background curves of that engine pause."""
     shared = _background()
     with shared["lock"]:
         shared["busy"][id(eng)] = shared["busy"].get(id(eng), 0) + 1
@@ -299,32 +309,67 @@ def _foreground(eng: engine.Engine):
             shared["busy"][id(eng)] -= 1
 
 
-def start_coarse_curve(eng: engine.Engine, key: tuple, mode: str, criterion: str) -> None:
-    """Compute the 17-point coarse curve of a middle layer in a background thread, once per engine
-    (`key`: its cache key; an evicted engine's id() may be reused), mode and criterion; it yields to any
-    session waiting for an exact count."""
+def _start_job(eng: engine.Engine, job: tuple, points: int, next_k, label: str) -> None:
+    """Count up to `points` exact Ks in a background thread, each chosen by `next_k()` (None: done),
+    pausing while any session waits for an exact count of this engine. One thread per job."""
     shared = _background()
-    job = (key, mode, criterion)
-    with shared["lock"]:
-        done, total = coarse_progress(eng, mode, criterion)
-        earlier = shared["threads"].get(job)
-        if done == total or (earlier is not None and earlier.is_alive()):  # known, or being computed
-            return
+    progress = [0, points]
 
-        def run() -> None:
-            for k in eng.coarse_ks():
-                while shared["busy"].get(id(eng), 0):
-                    time.sleep(0.05)
-                eng.correct(k, mode, criterion)
+    def run() -> None:
+        for i in range(points):
+            while shared["busy"].get(id(eng), 0) and not shared["stop"].is_set():
+                time.sleep(0.05)
+            k = None if shared["stop"].is_set() else next_k()
+            if k is None:
+                break
+            eng.correct(k, job[1], job[2])
+            progress[0] = i + 1
+        progress[1] = progress[0]
 
-        shared["threads"][job] = threading.Thread(target=run, daemon=True, name=f"coarse curve {mode} {criterion}")
-        shared["threads"][job].start()
+    shared["progress"][job] = progress
+    shared["threads"][job] = threading.Thread(target=run, daemon=True, name=label)
+    shared["threads"][job].start()
+
+
+def _running(job: tuple) -> bool:
+    thread = _background()["threads"].get(job)
+    return thread is not None and thread.is_alive()
+
+
+def start_coarse_curve(eng: engine.Engine, key: tuple, mode: str, criterion: str) -> None:
+    """Compute the 17-point coarse curve of a middle layer in the background, once per engine (`key`:
+    its cache key; an evicted engine's id() may be reused), mode and criterion."""
+    job = (key, mode, criterion, "coarse")
+    with _background()["lock"]:
+        missing = [k for k in eng.coarse_ks() if eng.known(k, mode, criterion) is None]
+        if missing and not _running(job):
+            _start_job(eng, job, len(missing), lambda: next((k for k in missing if eng.known(k, mode, criterion)
+                                                             is None), None), f"coarse curve {mode} {criterion}")
 
 
 def coarse_progress(eng: engine.Engine, mode: str, criterion: str) -> tuple[int, int]:
     """(coarse points known, coarse points in all)."""
     ks = eng.coarse_ks()
     return sum(eng.known(k, mode, criterion) is not None for k in ks), len(ks)
+
+
+REFINE_POINTS = 16
+
+
+def start_refinement(eng: engine.Engine, key: tuple, mode: str, criterion: str) -> None:
+    """16 more exact points of a middle layer's curve, in the background, each where the curve is least
+    known (`Engine.next_refinement`); a second request while one runs is ignored."""
+    job = (key, mode, criterion, "refine")
+    with _background()["lock"]:
+        if not _running(job):
+            _start_job(eng, job, REFINE_POINTS, lambda: eng.next_refinement(mode, criterion),
+                       f"refine curve {mode} {criterion}")
+
+
+def refinement_progress(key: tuple, mode: str, criterion: str) -> tuple[int, int] | None:
+    """(points counted, points asked) of a refinement running now, else None."""
+    job = (key, mode, criterion, "refine")
+    return tuple(_background()["progress"][job]) if _running(job) else None
 
 
 def speed_note(eng: engine.Engine) -> str:
