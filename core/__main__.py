@@ -263,7 +263,7 @@ def cmd_finetune(args) -> int:
 
 
 def cmd_slim(args) -> int:
-    from . import program, slim
+    from . import checkpoints, program, slim
     from .engine import count_correct
 
     ckpt, eng, _ = _engine(args)
@@ -290,7 +290,16 @@ def cmd_slim(args) -> int:
     meta.update(dataset=ckpt.dataset, test_correct=correct, test_total=eng.total, test_accuracy=correct / eng.total,
                 slimmed={"from": ckpt.name, "layer": eng.layer, "k": args.k, "mode": args.mode,
                          "criterion": args.criterion, "shrunk": result.shrunk, "exact": result.exact})
-    program.save(result.model, shape, args.out, meta)
+    if str(args.out).endswith(".pt2"):
+        program.save(result.model, shape, args.out, meta)
+    else:  # a state dict with the new widths in arch_kwargs, where the architecture is registered
+        kwargs = slim.widths(ckpt.arch, ckpt.arch_kwargs, result.model) if ckpt.program is None else None
+        if kwargs is None:
+            print(f"error: {ckpt.name}'s architecture has no argument for this layer's width, so the slim model "
+                  "can only be written as a .pt2 program: use --out FILE.pt2.", file=sys.stderr)
+            return 2
+        checkpoints.save(args.out, ckpt.arch, kwargs, result.model, meta)
+        print(f"arch_kwargs: {kwargs}")
     print(f"wrote {args.out}")
     return 0 if result.exact is False or correct == masked else 1
 
@@ -418,7 +427,8 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--lr", type=float, default=1e-3, help="Adam's learning rate")
     f.add_argument("--seed", type=int, default=0)
     f.set_defaults(func=cmd_finetune)
-    sl = sub.add_parser("slim", help="remove K channels for real (Torch-Pruning), measure, write a .pt2 program")
+    sl = sub.add_parser("slim", help="remove K channels for real (Torch-Pruning), measure, write a .pt2 program "
+                                             "(or, --out FILE.pt, a state dict with the new widths)")
     common(sl)
     sl.add_argument("--k", type=int, required=True)
     sl.add_argument("--mode", default="remove", choices=list(MODES))
@@ -429,7 +439,8 @@ def parser() -> argparse.ArgumentParser:
     o.add_argument("--mode", default="zero", choices=list(MODES))
     o.add_argument("--kind", default="greedy", choices=["single", "greedy"])
     o.add_argument("--pick-on", default="test", choices=["test", "heldout"],
-                   help="choose the order on the test set (an upper bound) or on held-out training images")
+                   help="choose the order on the test set (an upper bound) or on the last 10,000 training "
+                        "images (then scored on the test set)")
     o.set_defaults(func=cmd_oracle)
     se = sub.add_parser("sensitivity", help="each conv layer pruned alone by each fraction of its channels, to CSV")
     se.add_argument("checkpoint")

@@ -14,6 +14,7 @@ is folded into the linear layer's bias, so the slim model computes the same logi
 from __future__ import annotations
 
 import copy
+import inspect
 import io
 import statistics
 import time
@@ -101,6 +102,28 @@ def slim(eng: Engine, k: int, mode: str = "remove", criterion: str = "mean") -> 
     for p in model.parameters():
         p.requires_grad_(False)
     return SlimResult(model, list(dict.fromkeys(shrunk)), list(dict.fromkeys(tied)), folded)
+
+
+def widths(arch: str, arch_kwargs: dict, model: nn.Module) -> dict | None:
+    """The constructor arguments of a registered architecture that build exactly the slim model's
+    shapes (the VGG-style model's `width` for its last conv, the ResNet-style model's `width` or
+    `bottleneck`), or None where no single integer argument says this layer's width."""
+    from . import models
+
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if models.shapes(arch, arch_kwargs) == want:  # nothing was removed
+        return dict(arch_kwargs)
+    narrowed = {t for shape in want.values() for t in shape}
+    params = inspect.signature(models.REGISTRY[arch].builder).parameters
+    for name, param in params.items():
+        value = arch_kwargs.get(name, param.default)
+        if not isinstance(value, int) or isinstance(value, bool):
+            continue
+        for width in sorted(narrowed):
+            kwargs = {**arch_kwargs, name: width}
+            if width != value and models.shapes(arch, kwargs) == want:
+                return kwargs
+    return None
 
 
 @dataclass(frozen=True)

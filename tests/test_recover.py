@@ -49,6 +49,23 @@ def test_slim_model_counts_exactly_what_the_masked_model_counts(small, mode):
                              "classifier: linear in channels"] or "classifier" in " ".join(result.shrunk)
 
 
+@pytest.mark.parametrize("mode", ["zero", "remove"])
+def test_slim_state_dict_with_its_widths_loads_back_and_counts_the_same(small, tmp_path, mode):
+    x, y, eng = small
+    vgg = checkpoints.load(BUNDLED["vgg"])
+    result = slim.slim(eng, 480, mode)
+    widths = slim.widths(vgg.arch, vgg.arch_kwargs, result.model)
+    assert widths == {**vgg.arch_kwargs, "width": 32}
+    checkpoints.save(tmp_path / "slim.pt", vgg.arch, widths, result.model, {"dataset": vgg.dataset})
+    again = checkpoints.load(tmp_path / "slim.pt")  # the safe loader, as an upload
+    assert (again.arch, again.arch_kwargs) == (vgg.arch, widths)
+    assert engine.count_correct(again.build_model(), x, y) == eng.correct(480, mode)
+    resnet = checkpoints.load(BUNDLED["resnet"])
+    eng = engine.Engine(resnet.build_model(), x[:200], y[:200], layer="res3.0.0", device="cpu")
+    model = slim.slim(eng, 100, "remove").model  # the bottleneck conv: nothing else shares its channels
+    assert slim.widths(resnet.arch, resnet.arch_kwargs, model) == {**resnet.arch_kwargs, "bottleneck": 28}
+
+
 def test_residual_shortcut_ties_the_last_conv_to_the_blocks_input(small):
     x, y, _ = small
     eng = engine.Engine(checkpoints.load(BUNDLED["resnet"]).build_model(), x, y, device="cpu")
@@ -83,10 +100,21 @@ def test_cli_slim_program_sweeps_to_the_masked_count(tmp_path):
     assert sweep.read_text().splitlines()[1].split(",")[1] == str(vgg.correct(480, "remove"))
 
 
-def test_prune_page_fine_tunes_and_removes_for_real():
+def test_prune_page_fine_tunes_and_removes_for_real(monkeypatch):
+    from streamlit.runtime.memory_media_file_storage import MemoryMediaFileStorage
     from streamlit.testing.v1 import AppTest
 
     from ui import keys
+
+    downloads = {}  # what the page's download buttons hand the browser, by file name
+    keep = MemoryMediaFileStorage.load_and_get_id
+
+    def record(self, data, mimetype, kind, filename=None):
+        if filename:
+            downloads[filename] = data
+        return keep(self, data, mimetype, kind, filename)
+
+    monkeypatch.setattr(MemoryMediaFileStorage, "load_and_get_id", record)
 
     at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=600)
     at.run()
@@ -108,3 +136,15 @@ def test_prune_page_fine_tunes_and_removes_for_real():
     table = next(df.value for df in at.dataframe if "MACs" in df.value.columns)
     assert table["model"].tolist() == ["original", "slim (K = 480)"]
     assert int(table["parameters"][1].replace(",", "")) < int(table["parameters"][0].replace(",", ""))
+    # Both downloads load back on the Load page and give the slim model's accuracy at K = 0.
+    want = f"{eng.correct(480, 'remove') / 1e4:.2%}"
+    for name in ("fmnist_vgg_K480_remove_slim.pt2", "fmnist_vgg_K480_remove_slim.pt"):
+        at.switch_page("pages/1_load.py").run()
+        at.file_uploader(key=keys.UPLOAD).set_value((name, downloads[name], "application/octet-stream")).run()
+        assert not at.exception and not at.error, (name, [e.value for e in at.error])
+        assert at.selectbox(key=keys.MODEL).value == "upload: " + name
+        at.session_state[keys.K] = 0
+        at.switch_page("app.py").run()
+        assert not at.exception, at.exception
+        text = next(c.value for c in at.main.caption if c.value.startswith("Test accuracy at K = 0:"))
+        assert f"**{want}**" in text, (name, text)

@@ -49,6 +49,7 @@ SHOW_RECOVER = "show_recover"  # the Prune page's toggle: fine-tune, remove for 
 FT_STEPS, FT_START, FT_STOP = "ft_steps", "ft_start", "ft_stop"
 FT_RUNNING = "ft_running"  # a fine-tuning run is under way in this session (its Stop button clears it)
 SLIM_SHOW, SLIM_DOWNLOAD, SLIM_CURVE = "slim_show", "slim_download", "slim_curve"
+SLIM_DOWNLOAD_STATE = "slim_download_state"  # the slim model as a state dict with its widths
 SHOW_FLIPS = "show_flips"  # the Prune page's toggle: which images flipped at K
 POINTS_DRAWN = "points_drawn"  # {middle-layer curve: exact points the page last drew}
 REFINE = "refine"  # the button asking for more exact points of a middle layer's curve

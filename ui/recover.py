@@ -115,15 +115,27 @@ def _realise(ckpt: Checkpoint, eng: engine.Engine, k: int, mode: str, criterion:
     st.dataframe(rows, hide_index=True, width="stretch")
     st.caption("Latency: median of 10 runs after warm-up, measured now on this server (other users' work "
                "slows it). MACs: PyTorch's FlopCounterMode.")
+    meta = {**{kk: v for kk, v in ckpt.meta.items() if kk != "fitting_datasets"}, "dataset": ckpt.dataset,
+            "test_correct": right, "test_total": eng.total, "test_accuracy": right / eng.total,
+            "slimmed": {"from": ckpt.name, "layer": eng.layer, "k": k, "mode": mode, "criterion": criterion}}
     buf = io.BytesIO()
-    program.save(result.model, shape, buf, {**{kk: v for kk, v in ckpt.meta.items() if kk != "fitting_datasets"},
-                                            "dataset": ckpt.dataset, "test_correct": right,
-                                            "test_total": eng.total, "test_accuracy": right / eng.total,
-                                            "slimmed": {"from": ckpt.name, "layer": eng.layer, "k": k,
-                                                        "mode": mode, "criterion": criterion}})
-    st.download_button("Download the slim model (.pt2)", buf.getvalue(), key=keys.SLIM_DOWNLOAD,
-                       file_name=f"{ckpt.name}_K{k}_{mode}_slim.pt2", icon=":material/download:",
-                       help="A torch.export program: upload it on the Load page and it gives the same accuracy.")
+    program.save(result.model, shape, buf, meta)
+    left, right_col = st.columns(2)
+    left.download_button("Download the slim model (.pt2)", buf.getvalue(), key=keys.SLIM_DOWNLOAD,
+                         file_name=f"{ckpt.name}_K{k}_{mode}_slim.pt2", icon=":material/download:",
+                         help="A torch.export program: upload it on the Load page and it gives the same accuracy.")
+    widths = slim.widths(ckpt.arch, ckpt.arch_kwargs, result.model) if ckpt.program is None else None
+    if widths is None:
+        right_col.caption("As a state dict: only where a registered architecture has an argument for this "
+                          "layer's width; here the .pt2 program carries the new shapes.")
+    else:
+        buf = io.BytesIO()
+        checkpoints.save(buf, ckpt.arch, widths, result.model, meta)
+        right_col.download_button(f"Download as a state dict (.pt, {ckpt.arch} with {_changed(ckpt, widths)})",
+                                  buf.getvalue(), key=keys.SLIM_DOWNLOAD_STATE, icon=":material/download:",
+                                  file_name=f"{ckpt.name}_K{k}_{mode}_slim.pt",
+                                  help="This product's checkpoint format: the architecture's name, its constructor "
+                                       "arguments with the new width, the weights and how they were made.")
     if st.toggle("Latency and MACs against K", key=keys.SLIM_CURVE,
                  help=f"Removes and measures at K = {', '.join(map(str, LATENCY_KS))}: where do fewer MACs stop "
                       "buying time?"):
@@ -138,6 +150,12 @@ def _realise(ckpt: Checkpoint, eng: engine.Engine, k: int, mode: str, criterion:
             bar.progress((i + 1) / len(LATENCY_KS), text=f"K = {kk}")
         bar.empty()
         st.plotly_chart(_latency_figure(points), width="stretch")
+
+
+def _changed(ckpt, widths: dict) -> str:
+    """The arguments the slim model changes, in words: 'width=32'."""
+    changed = [f"{name}={value}" for name, value in widths.items() if ckpt.arch_kwargs.get(name) != value]
+    return ", ".join(changed) or "its widths unchanged"
 
 
 def _latency_figure(points) -> go.Figure:
