@@ -218,11 +218,15 @@ def cmd_oracle(args) -> int:
 
     ckpt, eng, bar = _engine(args)
     picker = eng if args.pick_on == "test" else oracle.training_engine(ckpt, eng, args.data_root, bar)
-    found = oracle.single(picker, args.mode) if args.kind == "single" else oracle.greedy(picker, args.mode, bar)
+    if args.kind == "sampled":  # where the read-out is not linear: each channel alone, on a sample
+        found = oracle.sampled_single(picker, args.mode, bar)
+    else:
+        found = oracle.single(picker, args.mode) if args.kind == "single" else oracle.greedy(picker, args.mode, bar)
     counts = oracle.scored_on(eng, found, args.mode).correct_after if picker is not eng else found.correct_after
     _write_csv(args.out, ["rank", "channel", "correct_after"], [[r, c, n] for r, (c, n) in
                                                                 enumerate(zip(found.order, counts))])
-    what = "each channel pruned alone" if args.kind == "single" else "the first rank+1 channels pruned"
+    what = {"single": "each channel pruned alone", "greedy": "the first rank+1 channels pruned",
+            "sampled": f"each channel pruned alone, among the first {picker.sample_size:,} images only"}[args.kind]
     where = ("the test set: an upper bound, not a usable rule" if picker is eng
              else f"the last {len(picker.y):,} training images, scored on the test set")
     print(f"wrote {args.out}: {args.kind} oracle order of {eng.channels} channels (mode {args.mode}), picked on "
@@ -437,7 +441,9 @@ def parser() -> argparse.ArgumentParser:
     o = sub.add_parser("oracle", help="the best one-at-a-time order (an upper bound: it looks at the labels), to CSV")
     common(o)
     o.add_argument("--mode", default="zero", choices=list(MODES))
-    o.add_argument("--kind", default="greedy", choices=["single", "greedy"])
+    o.add_argument("--kind", default="greedy", choices=["single", "greedy", "sampled"],
+                   help="sampled: the coarse oracle where the read-out is not linear (each channel alone, counted "
+                        "on the first 1,000 images)")
     o.add_argument("--pick-on", default="test", choices=["test", "heldout"],
                    help="choose the order on the test set (an upper bound) or on the last 10,000 training "
                         "images (then scored on the test set)")

@@ -472,21 +472,26 @@ class Engine:
         """Every K and the whole curve cost milliseconds (the cumulative-sum read-out applies)."""
         return len(self._readouts) == len(MODES)
 
-    @torch.no_grad()
     def sample_answer(self, k: int, mode: str = "zero", criterion: str = "mean") -> "SampleAnswer":
         """The count on the first batch of test images only: a quick, labelled estimate while the
         exact count over every image is computed (a middle layer costs a suffix pass per K)."""
-        mask = self.mask_for(k, criterion).to(self.device)
-        n = min(self.batch_size, self.total)
+        return SampleAnswer(self.sample_correct(self.mask_for(k, criterion), mode), self.sample_size, self.total)
+
+    @property
+    def sample_size(self) -> int:
+        return min(self.batch_size, self.total)
+
+    @torch.no_grad()
+    def sample_correct(self, mask: torch.Tensor, mode: str = "zero") -> int:
+        """Right answers among the first batch of test images (`sample_size`) with `mask`'s zeros pruned."""
+        mask, n = mask.to(self.device), self.sample_size
         if mode in self._readouts:
             cache = self._readouts[mode]
-            correct = int((cache.predict(cache.logits(cache.features(mask, cache.on[0], cache.off[0])))
-                           == cache.labels[0]).sum())
-        elif self._split is None:
-            correct = count_correct(_masked_copy(self, mask, mode), self.x[:n], self.y[:n], self.task, self.device)
-        else:
-            correct = self._batch_correct(0, mask, mode, limit=n)
-        return SampleAnswer(correct, n, self.total)
+            return int((cache.predict(cache.logits(cache.features(mask, cache.on[0], cache.off[0])))
+                        == cache.labels[0]).sum())
+        if self._split is None:
+            return count_correct(_masked_copy(self, mask, mode), self.x[:n], self.y[:n], self.task, self.device)
+        return self._batch_correct(0, mask, mode, limit=n)
 
     def coarse_ks(self, points: int = 17) -> list[int]:
         """K at every 1/(points-1) of the channels (17 points: every 1/16), always with 0 and P."""

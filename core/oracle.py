@@ -28,12 +28,12 @@ class OracleOrder:
 
 
 def _readout(eng: Engine, mode: str):
-    cache = eng.readout(mode)
-    if cache is None or len(cache.readout.linears) != 1 or cache.readout.tail is not None:
+    why = why_not_exact(eng, mode)
+    if why is not None:
         raise ValueError("the oracle needs the cumulative-sum read-out (one linear layer right after the pruned "
-                         f"layer); here: {eng.fast_reason or 'not available'}. Use a coarse version: the "
-                         "sensitivity map, or criteria compared on the Curve page.")
-    return cache
+                         f"layer); here {why}. Use the coarse version (`--kind sampled`, or the Curve page), or "
+                         "the sensitivity map.")
+    return eng.readout(mode)
 
 
 def _loss(logits: torch.Tensor, y: torch.Tensor, task: str) -> torch.Tensor:
@@ -155,6 +155,33 @@ def greedy(eng: Engine, mode: str = "zero", progress: Progress | None = None) ->
     return OracleOrder("greedy", order, curve)
 
 
+def why_not_exact(eng: Engine, mode: str) -> str | None:
+    """Why the exact oracles do not apply here (they need one linear read-out right after the layer), or None."""
+    cache = eng.readout(mode)
+    if cache is None:
+        return eng.fast_reason or "the rest of the network mixes channels before its read-out"
+    if len(cache.readout.linears) != 1 or cache.readout.tail is not None:
+        return "the read-out goes on after its first linear layers (several branches, or a tail mixing them)"
+    return None
+
+
+@torch.no_grad()
+def sampled_single(eng: Engine, mode: str = "zero", progress: Progress | None = None) -> OracleOrder:
+    """The coarse oracle, where the read-out is not linear: each channel pruned alone and counted
+    exactly on the first `eng.sample_size` test images only (a sample: P passes of the rest of the
+    network over them), ordered from the least to the most costly (ties by channel). Its
+    `correct_after` are counts on that sample."""
+    correct = []
+    for c in range(eng.channels):
+        mask = torch.ones(eng.channels)
+        mask[c] = 0
+        correct.append(eng.sample_correct(mask, mode))
+        if progress:
+            progress(c + 1, eng.channels, "each channel alone, on a sample")
+    order = sorted(range(eng.channels), key=lambda c: (-correct[c], c))
+    return OracleOrder("sampled single", order, [correct[c] for c in order])
+
+
 HELDOUT_IMAGES = 10_000
 
 
@@ -172,10 +199,10 @@ def training_engine(ckpt, eng: Engine, data_root: str | None = None, progress: P
 
 def scored_on(eng: Engine, found: OracleOrder, mode: str) -> OracleOrder:
     """The same order with its counts on `eng`'s images (the test set), whatever it was chosen on."""
-    if found.kind == "single":
-        alone = single(eng, mode)
+    if found.kind in ("single", "sampled single"):
+        alone = single(eng, mode) if found.kind == "single" else sampled_single(eng, mode)
         count = dict(zip(alone.order, alone.correct_after))
-        return OracleOrder("single", found.order, [count[c] for c in found.order])
+        return OracleOrder(found.kind, found.order, [count[c] for c in found.order])
     return OracleOrder("greedy", found.order, [c for _, c in eng.sweep_order(found.order, range(1, eng.channels + 1),
                                                                             mode)])
 

@@ -4,7 +4,7 @@ import io
 
 import streamlit as st
 
-from core import criteria, data, engine
+from core import criteria, data, engine, oracle
 from ui import figures, keys, sidebar, state
 
 sidebar.show(sidebar.CURVE)
@@ -61,13 +61,14 @@ st.caption("Colour: model; solid line: zero, dashed: remove; markers: a second o
 st.subheader("Which rule picks the channels best?")
 eng = state.engine_for(models[chosen[0]], layer=None)
 mode = modes[0] if modes else st.session_state[keys.MODE]
-if not eng.fast:
-    st.info(f"{chosen[0]}: the side-by-side comparison and the oracle need the last conv's linear read-out, which "
-            f"this model does not have ({eng.fast_reason}). The Sensitivity page gives a coarse view instead.")
-else:
-    from ui import compare
+key = state.engine_key(models[chosen[0]])
+from ui import compare  # noqa: E402  (after the chart: its import is not needed to draw it)
 
-    key = state.engine_key(models[chosen[0]])
+if not eng.fast:
+    st.caption(f"{chosen[0]}: the side-by-side comparison needs every K of every rule, which costs a pass of the "
+               "rest of the network each here; the Sensitivity page gives another coarse view.")
+    compare.show_coarse(eng, key, mode, st.session_state[keys.CRITERION], oracle.why_not_exact(eng, mode))
+else:
     left, right = st.columns([0.7, 0.3])
     names = left.multiselect("Rules", list(criteria.CRITERIA), default=["mean", "apoz", "l1_norm", "taylor"],
                              key=keys.COMPARE_CRITERIA, format_func=lambda c: criteria.CRITERIA[c].label,
@@ -85,13 +86,17 @@ else:
                                "images too). Not offered for your own test images.")
     if state.own_data() is not None:
         pick_on = "test"
+    why = oracle.why_not_exact(eng, mode)
+    if extras and why is not None:
+        compare.show_coarse(eng, key, mode, st.session_state[keys.CRITERION], why)
     try:
         with st.spinner("Ranking the channels by each rule ..."):
             for name in names:
                 eng.curve(mode, name)
         with st.spinner(f"The random band and the oracle for {chosen[0]}, {mode} ..."):
             band = compare.random_band(key, mode, eng) if extras else None
-            single, greedy = compare.oracles(key, mode, pick_on, eng, models[chosen[0]]) if extras else (None, None)
+            single, greedy = compare.oracles(key, mode, pick_on, eng, models[chosen[0]]) \
+                if extras and why is None else (None, None)
     except ValueError as exc:  # e.g. bn_gamma on a layer without batch norm
         st.error(str(exc))
     except data.DataUnavailable as exc:  # the training split, for an order chosen on it

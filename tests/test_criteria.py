@@ -1,4 +1,5 @@
 """Criteria against independent computations of their definitions; the oracle against brute force."""
+import json
 import subprocess
 import sys
 
@@ -164,6 +165,35 @@ def test_oracle_refuses_without_the_linear_read_out(vgg_small):
     eng = engine.Engine(ckpt.build_model(), x[:200], y[:200], layer="features.4.0", device="cpu")
     with pytest.raises(ValueError, match="the oracle needs the cumulative-sum read-out"):
         oracle.single(eng)
+    eng = engine.Engine(ckpt.build_model(), x[:200], y[:200], layer="features.4.0", device="cpu", batch_size=100)
+    coarse = oracle.sampled_single(eng, "remove")  # the coarse version: each channel alone on the first 100
+
+    def naive(channel):
+        pruned = engine.prune_copy(eng.model, eng.layer, [channel], "remove", eng.bn_name)
+        with torch.no_grad():
+            return int((pruned(x[:100]).argmax(1) == y[:100]).sum())
+
+    assert sorted(coarse.order) == list(range(128)) and coarse.correct_after == sorted(coarse.correct_after)[::-1]
+    for i in (0, 64, 127):
+        assert coarse.correct_after[i] == naive(coarse.order[i])
+
+
+def test_curve_page_offers_a_coarse_oracle_where_the_read_out_is_not_linear():
+    from streamlit.testing.v1 import AppTest
+
+    from ui import keys
+
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=600)
+    at.switch_page("pages/3_curve.py").run()
+    at.multiselect(key=keys.CURVE_MODELS).set_value(["fmnist_siamese"]).run()
+    at.toggle(key=keys.COMPARE_ORACLE).set_value(True).run()
+    assert not at.exception, at.exception
+    assert any("The exact oracles need one linear layer right after this conv; here the read-out goes on" in i.value
+               for i in at.info)
+    at.toggle(key=keys.COARSE_ORACLE).set_value(True).run()
+    assert not at.exception, at.exception
+    titles = [json.loads(c.proto.spec)["layout"]["title"]["text"] for c in at.get("plotly_chart")]
+    assert any(t.startswith("A coarse oracle (") for t in titles), titles
 
 
 def test_predictions_at_k_are_the_pruned_models_and_flips_follow(vgg_small):

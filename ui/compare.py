@@ -10,6 +10,7 @@ import streamlit as st
 
 from core import criteria, engine, oracle
 from core.checkpoints import Checkpoint
+from ui import keys
 
 SEEDS = 20
 FONT = 15
@@ -28,6 +29,45 @@ def oracles(key: tuple, mode: str, pick_on: str, _eng: engine.Engine,
     picker = oracle.training_engine(_ckpt, _eng)
     return (oracle.scored_on(_eng, oracle.single(picker, mode), mode),
             oracle.scored_on(_eng, oracle.greedy(picker, mode), mode))
+
+
+@st.cache_resource(max_entries=16, show_spinner=False)
+def coarse_oracle(key: tuple, mode: str, _eng: engine.Engine, _progress=None) -> tuple[list[int], list[int]]:
+    """Where the read-out is not linear: the order of each channel's cost alone on a sample of the test
+    images, and its exact counts over every test image at the 17 coarse Ks: (ks, counts)."""
+    found = oracle.sampled_single(_eng, mode, _progress)
+    ks = _eng.coarse_ks()
+    return ks, [c for _, c in _eng.sweep_order(found.order, ks, mode)]
+
+
+def show_coarse(eng: engine.Engine, key: tuple, mode: str, criterion: str, why: str) -> None:
+    """The coarse oracle where the exact ones do not apply: why, then on request its curve."""
+    st.info(f"The exact oracles need one linear layer right after this conv; here {why}. A coarse version "
+            f"instead: each channel pruned alone on the first {eng.sample_size:,} test images (a sample), and "
+            "that order scored exactly over every test image at every 1/16 of the channels.")
+    if not st.toggle("Coarse oracle", key=keys.COARSE_ORACLE,
+                     help=f"{eng.channels} passes of the rest of the network over the sample, then 17 over every "
+                          "test image for the order and 17 for the sidebar's rule; shared by every session."):
+        return
+    bar = st.progress(0.0, text="Each channel alone, on a sample ...")
+    ks, counts = coarse_oracle(key, mode, eng, _progress=lambda done, total, label: bar.progress(
+        done / total, text=f"{label}: {done} of {total}"))
+    bar.empty()
+    st.plotly_chart(coarse_figure(eng, mode, criterion, ks, counts), width="stretch")
+
+
+def coarse_figure(eng: engine.Engine, mode: str, criterion: str, ks: list[int], counts: list[int]) -> go.Figure:
+    fig = go.Figure()
+    rule = [c for _, c in eng.sweep(ks, mode, criterion)]
+    fig.add_trace(go.Scatter(x=ks, y=[c / eng.total for c in rule], name=criteria.get(criterion).label,
+                             mode="lines+markers", line=dict(width=3)))
+    fig.add_trace(go.Scatter(x=ks, y=[c / eng.total for c in counts], mode="lines+markers",
+                             name=f"single-removal order from {eng.sample_size:,} test images (upper bound)",
+                             line=dict(color="black", dash="dash", width=3)))
+    fig.update_layout(font=dict(size=FONT), height=420, margin=dict(l=10, r=10, t=50, b=40),
+                      title=f"A coarse oracle ({eng.layer}, {mode}): exact at every 1/16 of the channels",
+                      xaxis_title="channels pruned (K)", yaxis_title="test accuracy", yaxis_tickformat=".0%")
+    return fig
 
 
 def oracle_label(pick_on: str) -> str:

@@ -44,6 +44,7 @@ ORDER_BY_SCORE = "order_by_score"
 UPLOAD = "upload"
 UPLOAD_ARCH = "upload_arch"
 COMPARE_CRITERIA, COMPARE_ORACLE = "compare_criteria", "compare_oracle"  # the Curve page's comparison
+COARSE_ORACLE = "coarse_oracle"  # the Curve page's coarse oracle, where the exact ones do not apply
 COMPARE_PICK_ON = "compare_pick_on"  # the oracle chooses its order on the test or the training images
 SHOW_RECOVER = "show_recover"  # the Prune page's toggle: fine-tune, remove for real, measure
 FT_STEPS, FT_START, FT_STOP = "ft_steps", "ft_start", "ft_stop"
