@@ -7,86 +7,87 @@ import streamlit as st
 
 with st.spinner("Starting the explorer ..."):  # the server's first run imports PyTorch: show a frame meanwhile
     from core import criteria, engine
-    from ui import keys, live_slider, sidebar, state
+    from ui import guard, keys, live_slider, sidebar, state
 
-sidebar.show(sidebar.PRUNE)
-st.markdown("### Prune the least active channels")
-ckpt = state.current_checkpoint()
-eng = state.current_engine()
-key = state.current_engine_key()
-mode, criterion = st.session_state[keys.MODE], st.session_state[keys.CRITERION]
-state.check_criterion(eng, criterion)
-k = st.session_state[keys.K] = min(st.session_state.get(keys.K, 0), eng.channels)
+with guard.page():  # an unexpected error: one sentence, the session intact (ui/guard.py)
+    sidebar.show(sidebar.PRUNE)
+    st.markdown("### Prune the least active channels")
+    ckpt = state.current_checkpoint()
+    eng = state.current_engine()
+    key = state.current_engine_key()
+    mode, criterion = st.session_state[keys.MODE], st.session_state[keys.CRITERION]
+    state.check_criterion(eng, criterion)
+    k = st.session_state[keys.K] = min(st.session_state.get(keys.K, 0), eng.channels)
 
-if eng.path == engine.PATH_FAST:  # the whole curve from one pass: every K is known in the browser
-    accuracy = state.curve(eng, mode, criterion)
-    acc, baseline, known = accuracy[k], accuracy[0], {}
-else:  # a middle layer: each K costs a pass of the rest of the network, computed on release
-    accuracy = None
-    acc, known = state.accuracy_at(eng, k, mode, criterion)  # a sample's estimate first, then the exact count
-    baseline = known[0] if 0 in known else state.accuracy_at(eng, 0, mode, criterion)[0]
-    state.start_coarse_curve(eng, key, mode, criterion)  # every 1/16 of the channels, in the background
+    if eng.path == engine.PATH_FAST:  # the whole curve from one pass: every K is known in the browser
+        accuracy = state.curve(eng, mode, criterion)
+        acc, baseline, known = accuracy[k], accuracy[0], {}
+    else:  # a middle layer: each K costs a pass of the rest of the network, computed on release
+        accuracy = None
+        acc, known = state.accuracy_at(eng, k, mode, criterion)  # a sample's estimate first, then the exact count
+        baseline = known[0] if 0 in known else state.accuracy_at(eng, 0, mode, criterion)[0]
+        state.start_coarse_curve(eng, key, mode, criterion)  # every 1/16 of the channels, in the background
 
-live_slider.live_slider(
-    engine_key=key + (criterion,), maps=eng.stats.mean_map.numpy(), scores=eng.scores(criterion).numpy(),
-    order=eng.ranking(criterion).numpy(), k=k, accuracy=accuracy, known=known, baseline=baseline,
-    chance=state.chance_level(ckpt), per_filter=state.pruned_parameters(eng, 1),
-    total_params=state.parameter_count(ckpt),
-    curve_title=f"Accuracy vs K · {mode} · {criteria.CRITERIA[criterion].label}",
-    note=state.speed_note(eng), contrast=st.session_state[keys.CONTRAST], axis=st.session_state[keys.AXIS],
-    present=bool(st.session_state.get(keys.PRESENT)),
-)
-correct = round(acc * eng.total)
-st.caption(f"Test accuracy at K = {k}: **{acc:.2%}** ({correct:,} of {eng.total:,} right, "
-           f"{'binary accuracy: same or different pair' if eng.task == 'binary' else 'multi-class accuracy'}). "
-           f"{ckpt.name}, layer {eng.layer}, mode {mode}. Drag the slider, use the arrow keys (PageUp/PageDown: "
-           f"32 channels), or press play.")
-if eng.path != engine.PATH_FAST:
-    st.caption(state.evaluation_in_words(eng))
-    job = key + (mode, criterion)
-    st.session_state.setdefault(keys.POINTS_DRAWN, {})[job] = len(known)
+    live_slider.live_slider(
+        engine_key=key + (criterion,), maps=eng.stats.mean_map.numpy(), scores=eng.scores(criterion).numpy(),
+        order=eng.ranking(criterion).numpy(), k=k, accuracy=accuracy, known=known, baseline=baseline,
+        chance=state.chance_level(ckpt), per_filter=state.pruned_parameters(eng, 1),
+        total_params=state.parameter_count(ckpt),
+        curve_title=f"Accuracy vs K · {mode} · {criteria.CRITERIA[criterion].label}",
+        note=state.speed_note(eng), contrast=st.session_state[keys.CONTRAST], axis=st.session_state[keys.AXIS],
+        present=bool(st.session_state.get(keys.PRESENT)),
+    )
+    correct = round(acc * eng.total)
+    st.caption(f"Test accuracy at K = {k}: **{acc:.2%}** ({correct:,} of {eng.total:,} right, "
+               f"{'binary accuracy: same or different pair' if eng.task == 'binary' else 'multi-class accuracy'}). "
+               f"{ckpt.name}, layer {eng.layer}, mode {mode}. Drag the slider, use the arrow keys (PageUp/PageDown: "
+               f"32 channels), or press play.")
+    if eng.path != engine.PATH_FAST:
+        st.caption(state.evaluation_in_words(eng))
+        job = key + (mode, criterion)
+        st.session_state.setdefault(keys.POINTS_DRAWN, {})[job] = len(known)
 
-    @st.fragment(run_every=2)
-    def curve_in_the_background() -> None:
-        """The coarse curve's progress, then a button for more points; redraws the page once when
-        points have arrived (from here, or from another session's counts) and nothing is running."""
-        done, total = state.coarse_progress(eng, mode, criterion)
-        if done < total:
-            st.progress(done / total, text=f"Coarse curve: {done} of {total} points (every 1/16 of the channels), "
-                                           "computed in the background; each is exact.")
-            return
-        refining = state.refinement_progress(key, mode, criterion)
-        if refining is None and len(eng.answers(mode, criterion)) > st.session_state[keys.POINTS_DRAWN][job]:
-            st.rerun()
-        if refining is None and eng.next_refinement(mode, criterion) is not None:
-            slot = st.empty()
-            if slot.button(f"Refine the curve: {state.REFINE_POINTS} more exact points", key=keys.REFINE,
-                           help="Each point costs a pass of the rest of the network over every test image; they "
-                                "go where the curve changes most between the points known so far."):
-                slot.empty()
-                state.start_refinement(eng, key, mode, criterion)
-                refining = state.refinement_progress(key, mode, criterion)
-        if refining is not None:
-            st.progress(refining[0] / refining[1], text=f"Refining: {refining[0]} of {refining[1]} more points, "
-                                                        "each where the curve is least known; each is exact.")
+        @st.fragment(run_every=2)
+        def curve_in_the_background() -> None:
+            """The coarse curve's progress, then a button for more points; redraws the page once when
+            points have arrived (from here, or from another session's counts) and nothing is running."""
+            done, total = state.coarse_progress(eng, mode, criterion)
+            if done < total:
+                st.progress(done / total, text=f"Coarse curve: {done} of {total} points (every 1/16 of the channels), "
+                                               "computed in the background; each is exact.")
+                return
+            refining = state.refinement_progress(key, mode, criterion)
+            if refining is None and len(eng.answers(mode, criterion)) > st.session_state[keys.POINTS_DRAWN][job]:
+                st.rerun()
+            if refining is None and eng.next_refinement(mode, criterion) is not None:
+                slot = st.empty()
+                if slot.button(f"Refine the curve: {state.REFINE_POINTS} more exact points", key=keys.REFINE,
+                               help="Each point costs a pass of the rest of the network over every test image; they "
+                                    "go where the curve changes most between the points known so far."):
+                    slot.empty()
+                    state.start_refinement(eng, key, mode, criterion)
+                    refining = state.refinement_progress(key, mode, criterion)
+            if refining is not None:
+                st.progress(refining[0] / refining[1], text=f"Refining: {refining[0]} of {refining[1]} more points, "
+                                                            "each where the curve is least known; each is exact.")
 
-    curve_in_the_background()
-st.query_params[keys.K] = str(k)  # the released K, so a copied link reopens this view
+        curve_in_the_background()
+    st.query_params[keys.K] = str(k)  # the released K, so a copied link reopens this view
 
-if st.toggle(f"Which images flipped at K = {k}?", key=keys.SHOW_FLIPS,
-             help="The test images this pruning turned from right to wrong (and from wrong to right), against "
-                  "K = 0, and the accuracy of each class."):
-    from ui import flips
+    if st.toggle(f"Which images flipped at K = {k}?", key=keys.SHOW_FLIPS,
+                 help="The test images this pruning turned from right to wrong (and from wrong to right), against "
+                      "K = 0, and the accuracy of each class."):
+        from ui import flips
 
-    with st.spinner("Comparing every test image's prediction at K with K = 0 ..."):
-        result = flips.flips(key + (criterion,), k, mode, criterion, eng)
-    own = state.own_data()
-    names = own["classes"] if own else list(state.test_split(ckpt).spec.class_names)
-    flips.show(result, eng.x, eng.y, names, k)
+        with st.spinner("Comparing every test image's prediction at K with K = 0 ..."):
+            result = flips.flips(key + (criterion,), k, mode, criterion, eng)
+        own = state.own_data()
+        names = own["classes"] if own else list(state.test_split(ckpt).spec.class_names)
+        flips.show(result, eng.x, eng.y, names, k)
 
-if st.toggle(f"Recover and realise at K = {k}", key=keys.SHOW_RECOVER,
-             help="Fine-tune the pruned model with the pruned channels held at zero; remove the channels for real "
-                  "(Torch-Pruning) and measure parameters, MACs, file size and latency."):
-    from ui import recover
+    if st.toggle(f"Recover and realise at K = {k}", key=keys.SHOW_RECOVER,
+                 help="Fine-tune the pruned model with the pruned channels held at zero; remove the channels for real "
+                      "(Torch-Pruning) and measure parameters, MACs, file size and latency."):
+        from ui import recover
 
-    recover.panel(ckpt, eng, k, mode, criterion)
+        recover.panel(ckpt, eng, k, mode, criterion)

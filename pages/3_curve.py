@@ -5,111 +5,114 @@ import io
 import streamlit as st
 
 from core import criteria, data, engine, oracle
-from ui import figures, keys, sidebar, state
+from ui import figures, guard, keys, sidebar, state
 
-sidebar.show(sidebar.CURVE)
-st.title("Accuracy vs channels pruned")
-models = state.channel_models()
-c1, c2, c3, c4, c5 = st.columns([0.34, 0.16, 0.22, 0.14, 0.14])
-contrast = [m for m in ("fmnist_vgg", "fmnist_resnet") if m in models]  # a plain VGG against a shortcut
-chosen = c1.multiselect("Models", list(models), default=contrast or [st.session_state[keys.MODEL]],
-                        key=keys.CURVE_MODELS)
-modes = c2.pills("Modes", list(engine.MODES), selection_mode="multi", default=list(engine.MODES),
-                 key=keys.CURVE_MODES, help="\n\n".join(f"**{m}**: {text}" for m, text in engine.MODES.items()))
-crits = c3.multiselect("Ranked by", list(criteria.CRITERIA), default=[st.session_state[keys.CRITERION]],
-                       key=keys.CURVE_CRITERIA, format_func=lambda c: criteria.CRITERIA[c].label)
-axis = c4.radio("x axis", ["K", "%"], key=keys.AXIS, format_func={"K": "K", "%": "% of channels"}.get,
-                help="% of channels compares layers of different widths (64, 128, 512 channels) on one axis.")
-step = c5.number_input("Step in K", min_value=1, max_value=64, value=1, key=keys.CURVE_STEP,
-                       help="Every K is exact and cheap here; a step of 32 gives the coarse curve of a sweep "
-                            "done by hand.")
+with guard.page():  # an unexpected error: one sentence, the session intact (ui/guard.py)
+    sidebar.show(sidebar.CURVE)
+    st.title("Accuracy vs channels pruned")
+    models = state.channel_models()
+    c1, c2, c3, c4, c5 = st.columns([0.34, 0.16, 0.22, 0.14, 0.14])
+    contrast = [m for m in ("fmnist_vgg", "fmnist_resnet") if m in models]  # a plain VGG against a shortcut
+    chosen = c1.multiselect("Models", list(models), default=contrast or [st.session_state[keys.MODEL]],
+                            key=keys.CURVE_MODELS)
+    modes = c2.pills("Modes", list(engine.MODES), selection_mode="multi", default=list(engine.MODES),
+                     key=keys.CURVE_MODES, help="\n\n".join(f"**{m}**: {text}" for m, text in engine.MODES.items()))
+    crits = c3.multiselect("Ranked by", list(criteria.CRITERIA), default=[st.session_state[keys.CRITERION]],
+                           key=keys.CURVE_CRITERIA, format_func=lambda c: criteria.CRITERIA[c].label)
+    axis = c4.radio("x axis", ["K", "%"], key=keys.AXIS, format_func={"K": "K", "%": "% of channels"}.get,
+                    help="% of channels compares layers of different widths (64, 128, 512 channels) on one axis.")
+    step = c5.number_input("Step in K", min_value=1, max_value=64, value=1, key=keys.CURVE_STEP,
+                           help="Every K is exact and cheap here; a step of 32 gives the coarse curve of a sweep "
+                                "done by hand.")
 
-series, styles, rows, chances = {}, {}, [], {}
-for i, name in enumerate(chosen):
-    ckpt = models[name]
-    eng = state.engine_for(ckpt, layer=None)
-    chance = state.chance_level(ckpt)
-    if chance is not None:
-        chances[chance] = "chance (same or different pair)" if eng.task == "binary" else "chance"
-    ks = list(range(0, eng.channels + 1, int(step)))
-    if ks[-1] != eng.channels:
-        ks.append(eng.channels)
-    xs = [100 * k / eng.channels for k in ks] if axis == "%" else ks
-    for mode in modes:
-        for j, crit in enumerate(crits):
-            acc = state.curve(eng, mode, crit)
-            label = f"{name} · {mode}" + (f" · {criteria.CRITERIA[crit].label}" if len(crits) > 1 else "")
-            series[label] = (xs, [acc[k] for k in ks])
-            styles[label] = figures.series_style(i, mode, j, len(ks))
-            rows += [[name, eng.layer, mode, crit, k, round(acc[k] * eng.total), eng.total, f"{acc[k]:.4f}"]
-                     for k in ks]
+    series, styles, rows, chances = {}, {}, [], {}
+    for i, name in enumerate(chosen):
+        ckpt = models[name]
+        eng = state.engine_for(ckpt, layer=None)
+        chance = state.chance_level(ckpt)
+        if chance is not None:
+            chances[chance] = "chance (same or different pair)" if eng.task == "binary" else "chance"
+        ks = list(range(0, eng.channels + 1, int(step)))
+        if ks[-1] != eng.channels:
+            ks.append(eng.channels)
+        xs = [100 * k / eng.channels for k in ks] if axis == "%" else ks
+        for mode in modes:
+            for j, crit in enumerate(crits):
+                acc = state.curve(eng, mode, crit)
+                label = f"{name} · {mode}" + (f" · {criteria.CRITERIA[crit].label}" if len(crits) > 1 else "")
+                series[label] = (xs, [acc[k] for k in ks])
+                styles[label] = figures.series_style(i, mode, j, len(ks))
+                rows += [[name, eng.layer, mode, crit, k, round(acc[k] * eng.total), eng.total, f"{acc[k]:.4f}"]
+                         for k in ks]
 
-if not series:
-    st.info("Choose at least one model, mode and criterion.")
-    st.stop()
-fig = figures.accuracy_curve(series, chances=chances, styles=styles, percent=axis == "%", height=500,
-                             title="Test accuracy vs channels pruned at each model's last conv layer")
-st.plotly_chart(fig, width="stretch", config={"toImageButtonOptions": {"format": "png", "filename": "accuracy_vs_k",
-                                                                        "scale": 2}})
-buf = io.StringIO()
-csv.writer(buf).writerows([["model", "layer", "mode", "criterion", "k", "correct", "total", "accuracy"]] + rows)
-st.download_button("Download CSV", buf.getvalue(), file_name="accuracy_vs_k.csv", mime="text/csv")
-st.caption("Colour: model; solid line: zero, dashed: remove; markers: a second or third ranking. PNG: the camera "
-           "icon at the chart's top right. With a shortcut around the pruned layer (ResNet-style) accuracy "
-           "degrades gracefully; a plain VGG falls to chance.")
+    if not series:
+        st.info("Choose at least one model, mode and criterion.")
+        st.stop()
+    fig = figures.accuracy_curve(series, chances=chances, styles=styles, percent=axis == "%", height=500,
+                                 title="Test accuracy vs channels pruned at each model's last conv layer")
+    st.plotly_chart(fig, width="stretch", config={"toImageButtonOptions": {"format": "png", "filename": "accuracy_vs_k",
+                                                                            "scale": 2}})
+    buf = io.StringIO()
+    csv.writer(buf).writerows([["model", "layer", "mode", "criterion", "k", "correct", "total", "accuracy"]] + rows)
+    st.download_button("Download CSV", buf.getvalue(), file_name="accuracy_vs_k.csv", mime="text/csv")
+    st.caption("Colour: model; solid line: zero, dashed: remove; markers: a second or third ranking. PNG: the camera "
+               "icon at the chart's top right. With a shortcut around the pruned layer (ResNet-style) accuracy "
+               "degrades gracefully; a plain VGG falls to chance.")
 
-st.subheader("Which rule picks the channels best?")
-eng = state.engine_for(models[chosen[0]], layer=None)
-mode = modes[0] if modes else st.session_state[keys.MODE]
-key = state.engine_key(models[chosen[0]])
-from ui import compare  # noqa: E402  (after the chart: its import is not needed to draw it)
+    st.subheader("Which rule picks the channels best?")
+    eng = state.engine_for(models[chosen[0]], layer=None)
+    mode = modes[0] if modes else st.session_state[keys.MODE]
+    key = state.engine_key(models[chosen[0]])
+    from ui import compare  # noqa: E402  (after the chart: its import is not needed to draw it)
 
-if not eng.fast:
-    st.caption(f"{chosen[0]}: the side-by-side comparison needs every K of every rule, which costs a pass of the "
-               "rest of the network each here; the Sensitivity page gives another coarse view.")
-    compare.show_coarse(eng, key, mode, st.session_state[keys.CRITERION], oracle.why_not_exact(eng, mode))
-else:
-    left, right = st.columns([0.7, 0.3])
-    names = left.multiselect("Rules", list(criteria.CRITERIA), default=["mean", "apoz", "l1_norm", "taylor"],
-                             key=keys.COMPARE_CRITERIA, format_func=lambda c: criteria.CRITERIA[c].label,
-                             help="\n\n".join(f"**{c.label}**: {c.explain} ({c.source}) Looks at "
-                                               f"{c.looks_at}." for c in criteria.CRITERIA.values()))
-    extras = right.toggle("Random band and greedy oracle", key=keys.COMPARE_ORACLE,
-                          help="20 seeded random orders, and the best one-at-a-time order, found by trying every "
-                               "channel at every step. The first time for a model and mode this takes 10-30 s on "
-                               "two CPU cores; then every session shares it.")
-    pick_on = right.radio("The oracle chooses its order on", list(compare.PICK_ON), format_func=compare.PICK_ON.get,
-                          key=keys.COMPARE_PICK_ON, disabled=state.own_data() is not None,
-                          help="On the test images the oracle sees the labels it is scored on: an upper bound. "
-                               "On the last 10,000 training images it chooses without them, and its order is then "
-                               "scored on the test images: a rule you could use (the model was trained on those "
-                               "images too). Not offered for your own test images.")
-    if state.own_data() is not None:
-        pick_on = "test"
-    why = oracle.why_not_exact(eng, mode)
-    if extras and why is not None:
-        compare.show_coarse(eng, key, mode, st.session_state[keys.CRITERION], why)
-    try:
-        with st.spinner("Ranking the channels by each rule ..."):
-            for name in names:
-                eng.curve(mode, name)
-        with st.spinner(f"The random band and the oracle for {chosen[0]}, {mode} ..."):
-            band = compare.random_band(key, mode, eng) if extras else None
-            single, greedy = compare.oracles(key, mode, pick_on, eng, models[chosen[0]]) \
-                if extras and why is None else (None, None)
-    except ValueError as exc:  # e.g. bn_gamma on a layer without batch norm
-        st.error(str(exc))
-    except data.DataUnavailable as exc:  # the training split, for an order chosen on it
-        st.error(exc.public)
+    if not eng.fast:
+        st.caption(f"{chosen[0]}: the side-by-side comparison needs every K of every rule, which costs a pass of the "
+                   "rest of the network each here; the Sensitivity page gives another coarse view.")
+        compare.show_coarse(eng, key, mode, st.session_state[keys.CRITERION], oracle.why_not_exact(eng, mode))
     else:
-        st.plotly_chart(compare.figure(eng, mode, names, band, greedy, state.chance_level(models[chosen[0]]),
-                                       pick_on), width="stretch")
-        st.dataframe(compare.scoreboard(eng, mode, names, single, greedy, pick_on), hide_index=True, width="stretch")
-        st.caption(f"{chosen[0]}, layer {eng.layer}, mode {mode}. Area: mean accuracy over every K. "
-                   + ("The oracle looks at the test images' labels, so it is an upper bound, not a rule you could "
-                      "use; " if pick_on == "test" else "The greedy order was chosen on the last 10,000 training "
-                      "images and is scored here on the test images: a rule you could use; ")
-                   + "the greedy order is not guaranteed optimal, and where a rule beats it at some K the "
-                     "scoreboard counts it. Spearman is against the single-removal order chosen on the same images.",
-                   help="Spearman's rank correlation against the single-removal oracle, as in Molchanov et al. "
-                        "2017, Table 1.")
+        left, right = st.columns([0.7, 0.3])
+        names = left.multiselect("Rules", list(criteria.CRITERIA), default=["mean", "apoz", "l1_norm", "taylor"],
+                                 key=keys.COMPARE_CRITERIA, format_func=lambda c: criteria.CRITERIA[c].label,
+                                 help="\n\n".join(f"**{c.label}**: {c.explain} ({c.source}) Looks at "
+                                                   f"{c.looks_at}." for c in criteria.CRITERIA.values()))
+        extras = right.toggle("Random band and greedy oracle", key=keys.COMPARE_ORACLE,
+                              help="20 seeded random orders, and the best one-at-a-time order, found by trying every "
+                                   "channel at every step. The first time for a model and mode this takes 10-30 s on "
+                                   "two CPU cores; then every session shares it.")
+        pick_on = right.radio("The oracle chooses its order on", list(compare.PICK_ON), format_func=compare.PICK_ON.get,
+                              key=keys.COMPARE_PICK_ON, disabled=state.own_data() is not None,
+                              help="On the test images the oracle sees the labels it is scored on: an upper bound. "
+                                   "On the last 10,000 training images it chooses without them, and its order is then "
+                                   "scored on the test images: a rule you could use (the model was trained on those "
+                                   "images too). Not offered for your own test images.")
+        if state.own_data() is not None:
+            pick_on = "test"
+        why = oracle.why_not_exact(eng, mode)
+        if extras and why is not None:
+            compare.show_coarse(eng, key, mode, st.session_state[keys.CRITERION], why)
+        try:
+            with st.spinner("Ranking the channels by each rule ..."):
+                for name in names:
+                    eng.curve(mode, name)
+            with st.spinner(f"The random band and the oracle for {chosen[0]}, {mode} ..."):
+                band = compare.random_band(key, mode, eng) if extras else None
+                single, greedy = compare.oracles(key, mode, pick_on, eng, models[chosen[0]]) \
+                    if extras and why is None else (None, None)
+        except ValueError as exc:  # e.g. bn_gamma on a layer without batch norm
+            st.error(str(exc))
+        except data.DataUnavailable as exc:  # the training split, for an order chosen on it
+            st.error(exc.public)
+        else:
+            st.plotly_chart(compare.figure(eng, mode, names, band, greedy, state.chance_level(models[chosen[0]]),
+                                           pick_on), width="stretch")
+            st.dataframe(compare.scoreboard(eng, mode, names, single, greedy, pick_on), hide_index=True,
+                         width="stretch")
+            st.caption(f"{chosen[0]}, layer {eng.layer}, mode {mode}. Area: mean accuracy over every K. "
+                       + ("The oracle looks at the test images' labels, so it is an upper bound, not a rule you could "
+                          "use; " if pick_on == "test" else "The greedy order was chosen on the last 10,000 training "
+                          "images and is scored here on the test images: a rule you could use; ")
+                       + "the greedy order is not guaranteed optimal, and where a rule beats it at some K the "
+                         "scoreboard counts it. Spearman is against the single-removal order chosen on the same "
+                         "images.",
+                       help="Spearman's rank correlation against the single-removal oracle, as in Molchanov et al. "
+                            "2017, Table 1.")

@@ -3,86 +3,89 @@ import numpy as np
 import streamlit as st
 
 from core import magnitude
-from ui import figures, keys, sidebar, state
+from ui import figures, guard, keys, sidebar, state
 
-sidebar.show(sidebar.MAGNITUDE)
-st.title("Magnitude pruning with retraining")
-st.caption("Set the weights with the smallest |w| to zero, then retrain the rest with the pruned weights held at "
-           "zero (Han et al. 2015, *Learning both Weights and Connections for Efficient Neural Networks*).")
-models = state.available_models()
-names = list(models)
-c1, c2, c3 = st.columns([0.4, 0.3, 0.3])
-name = c1.selectbox("Model", names, index=names.index("fmnist_lenet300") if "fmnist_lenet300" in names else 0,
-                    key=keys.MAG_MODEL)
-ckpt = models[name]
-per_layer = c2.radio("Threshold", ["global", "per layer"], horizontal=True, key=keys.MAG_THRESHOLD,
-                     help="global: one |w| threshold over every layer (the paper's way); per layer: the same "
-                          "fraction pruned in each layer.") == "per layer"
-sparsity = c3.slider("Weights pruned (%)", 0.0, 99.9, 90.0, step=0.1, key=keys.MAG_SPARSITY) / 100
+with guard.page():  # an unexpected error: one sentence, the session intact (ui/guard.py)
+    sidebar.show(sidebar.MAGNITUDE)
+    st.title("Magnitude pruning with retraining")
+    st.caption("Set the weights with the smallest |w| to zero, then retrain the rest with the pruned weights held at "
+               "zero (Han et al. 2015, *Learning both Weights and Connections for Efficient Neural Networks*).")
+    models = state.available_models()
+    names = list(models)
+    c1, c2, c3 = st.columns([0.4, 0.3, 0.3])
+    name = c1.selectbox("Model", names, index=names.index("fmnist_lenet300") if "fmnist_lenet300" in names else 0,
+                        key=keys.MAG_MODEL)
+    ckpt = models[name]
+    per_layer = c2.radio("Threshold", ["global", "per layer"], horizontal=True, key=keys.MAG_THRESHOLD,
+                         help="global: one |w| threshold over every layer (the paper's way); per layer: the same "
+                              "fraction pruned in each layer.") == "per layer"
+    sparsity = c3.slider("Weights pruned (%)", 0.0, 99.9, 90.0, step=0.1, key=keys.MAG_SPARSITY) / 100
 
-base_accuracy = state.magnitude_accuracy(ckpt, 0.0, False)
-accuracy = state.magnitude_accuracy(ckpt, sparsity, per_layer)
-pruned = state.magnitude_model(ckpt, sparsity, per_layer)
-report = magnitude.sparsity_of(pruned)
-m1, m2, m3 = st.columns(3)
-m1.metric("Test accuracy (no retraining)", f"{accuracy:.2%}", delta=f"{(accuracy - base_accuracy) * 100:+.2f} pts")
-m2.metric("Non-zero weights", f"{report.overall_nonzero:,} of {sum(report.total.values()):,}")
-m3.metric("Compression", f"{report.compression:.1f}x")
+    base_accuracy = state.magnitude_accuracy(ckpt, 0.0, False)
+    accuracy = state.magnitude_accuracy(ckpt, sparsity, per_layer)
+    pruned = state.magnitude_model(ckpt, sparsity, per_layer)
+    report = magnitude.sparsity_of(pruned)
+    m1, m2, m3 = st.columns(3)
+    m1.metric("Test accuracy (no retraining)", f"{accuracy:.2%}", delta=f"{(accuracy - base_accuracy) * 100:+.2f} pts")
+    m2.metric("Non-zero weights", f"{report.overall_nonzero:,} of {sum(report.total.values()):,}")
+    m3.metric("Compression", f"{report.compression:.1f}x")
 
-retrained = st.session_state.setdefault(keys.MAG_RETRAINED, {}).setdefault(ckpt.digest, [])
-with st.form("retrain"):
-    epochs = st.number_input("Epochs", 1, 20, 1, key=keys.MAG_EPOCHS)
-    go_retrain = st.form_submit_button(f"Retrain {int(epochs)} epoch(s) at this sparsity")
-if go_retrain:
-    with st.status("Retraining on the server (your session only) ...", expanded=True) as status:
-        bar = st.progress(0.0)
-        model, after = state.magnitude_retrain(ckpt, sparsity, per_layer, int(epochs),
-                                               lambda d, t, label: bar.progress(d / t, text=label))
-        retrained.append({"sparsity": sparsity, "per_layer": per_layer, "epochs": int(epochs), "accuracy": after})
-        state.keep_retrained(ckpt, sparsity, per_layer, model)
-        status.update(label=f"Retrained: {after:.2%} at {sparsity:.1%} sparsity", state="complete", expanded=False)
-if retrained:
-    st.dataframe([{"sparsity": f"{r['sparsity']:.1%}", "threshold": "per layer" if r["per_layer"] else "global",
-                   "epochs": r["epochs"], "accuracy after retraining": f"{r['accuracy']:.2%}",
-                   "vs baseline": f"{(r['accuracy'] - base_accuracy) * 100:+.2f} pts"} for r in retrained],
+    retrained = st.session_state.setdefault(keys.MAG_RETRAINED, {}).setdefault(ckpt.digest, [])
+    with st.form("retrain"):
+        epochs = st.number_input("Epochs", 1, 20, 1, key=keys.MAG_EPOCHS)
+        go_retrain = st.form_submit_button(f"Retrain {int(epochs)} epoch(s) at this sparsity")
+    if go_retrain:
+        with st.status("Retraining on the server (your session only) ...", expanded=True) as status:
+            bar = st.progress(0.0)
+            model, after = state.magnitude_retrain(ckpt, sparsity, per_layer, int(epochs),
+                                                   lambda d, t, label: bar.progress(d / t, text=label))
+            retrained.append({"sparsity": sparsity, "per_layer": per_layer, "epochs": int(epochs), "accuracy": after})
+            state.keep_retrained(ckpt, sparsity, per_layer, model)
+            status.update(label=f"Retrained: {after:.2%} at {sparsity:.1%} sparsity", state="complete", expanded=False)
+    if retrained:
+        st.dataframe([{"sparsity": f"{r['sparsity']:.1%}", "threshold": "per layer" if r["per_layer"] else "global",
+                       "epochs": r["epochs"], "accuracy after retraining": f"{r['accuracy']:.2%}",
+                       "vs baseline": f"{(r['accuracy'] - base_accuracy) * 100:+.2f} pts"} for r in retrained],
+                     hide_index=True)
+
+    log_axis = st.radio("Accuracy vs sparsity, x axis", ["log", "linear"], horizontal=True, key=keys.MAG_AXIS,
+                        format_func={"log": "weights remaining (log)",
+                                     "linear": "weights pruned (linear)"}.get) == "log"
+    grid = [0.0, 0.5, 0.7, 0.8, 0.85, 0.9, 0.92, 0.94, 0.96, 0.97, 0.98, 0.99, 0.995, 0.999]
+    curve = [state.magnitude_accuracy(ckpt, s, per_layer) for s in grid]
+    st.plotly_chart(figures.accuracy_vs_sparsity((grid, curve), [(r["sparsity"], r["accuracy"]) for r in retrained
+                                                                 if r["per_layer"] == per_layer], (sparsity, accuracy),
+                                                 log_remaining=log_axis), width="stretch")
+
+    # What the figures below show: the retrained model at this sparsity when there is one, else the pruned one.
+    own = state.retrained_model(ckpt, sparsity, per_layer)
+    shown = pruned
+    if own is not None:
+        which = st.radio("Show the weights of", ["retrained", "pruned"], horizontal=True, key=keys.MAG_SHOW,
+                         format_func={"retrained": "the retrained model",
+                                      "pruned": "the pruned model before retraining"}.get)
+        shown = own if which == "retrained" else pruned
+    shown_report = magnitude.sparsity_of(shown)
+    weights = {n: w.detach().cpu().numpy() for n, w in magnitude.prunable_weights(shown).items()}
+    st.plotly_chart(figures.weight_histograms(weights), width="stretch")
+    st.dataframe([{"layer": n, "weights": shown_report.total[n], "non-zero": shown_report.nonzero[n],
+                   "kept": f"{shown_report.nonzero[n] / shown_report.total[n]:.1%}"} for n in shown_report.total],
                  hide_index=True)
 
-log_axis = st.radio("Accuracy vs sparsity, x axis", ["log", "linear"], horizontal=True, key=keys.MAG_AXIS,
-                    format_func={"log": "weights remaining (log)", "linear": "weights pruned (linear)"}.get) == "log"
-grid = [0.0, 0.5, 0.7, 0.8, 0.85, 0.9, 0.92, 0.94, 0.96, 0.97, 0.98, 0.99, 0.995, 0.999]
-curve = [state.magnitude_accuracy(ckpt, s, per_layer) for s in grid]
-st.plotly_chart(figures.accuracy_vs_sparsity((grid, curve), [(r["sparsity"], r["accuracy"]) for r in retrained
-                                                             if r["per_layer"] == per_layer], (sparsity, accuracy),
-                                             log_remaining=log_axis), width="stretch")
+    first_name, first = next(iter(weights.items()))
+    if first.ndim == 2 and first.shape[1] == int(np.prod(ckpt.spec.input_shape)) and ckpt.spec.input_shape[0] == 1:
+        st.plotly_chart(figures.first_layer_maps(first, ckpt.spec.input_shape[1:]), width="stretch")
+        st.plotly_chart(figures.weight_matrix(first, first_name), width="stretch")
 
-# What the figures below show: the retrained model at this sparsity when there is one, else the pruned one.
-own = state.retrained_model(ckpt, sparsity, per_layer)
-shown = pruned
-if own is not None:
-    which = st.radio("Show the weights of", ["retrained", "pruned"], horizontal=True, key=keys.MAG_SHOW,
-                     format_func={"retrained": "the retrained model", "pruned": "the pruned model before retraining"}.get)
-    shown = own if which == "retrained" else pruned
-shown_report = magnitude.sparsity_of(shown)
-weights = {n: w.detach().cpu().numpy() for n, w in magnitude.prunable_weights(shown).items()}
-st.plotly_chart(figures.weight_histograms(weights), width="stretch")
-st.dataframe([{"layer": n, "weights": shown_report.total[n], "non-zero": shown_report.nonzero[n],
-               "kept": f"{shown_report.nonzero[n] / shown_report.total[n]:.1%}"} for n in shown_report.total],
-             hide_index=True)
-
-first_name, first = next(iter(weights.items()))
-if first.ndim == 2 and first.shape[1] == int(np.prod(ckpt.spec.input_shape)) and ckpt.spec.input_shape[0] == 1:
-    st.plotly_chart(figures.first_layer_maps(first, ckpt.spec.input_shape[1:]), width="stretch")
-    st.plotly_chart(figures.weight_matrix(first, first_name), width="stretch")
-
-st.subheader("Hidden neurons that fire for one test image")
-split = state.test_split(ckpt)
-index = st.number_input("Test image", 0, len(split) - 1, 0, key=keys.MAG_IMAGE)
-fired = magnitude.firing_neurons(shown, split.x[index])
-unpruned = magnitude.firing_neurons(state.base_model(ckpt), split.x[index])
-left, right = st.columns([0.25, 0.75])
-if split.x.shape[1] == 1:
-    left.image(((split.x[index, 0] - split.x[index, 0].min()) / (np.ptp(split.x[index, 0].numpy()) + 1e-8)).numpy(),
-               width=140, caption=f"label: {split.spec.class_names[int(split.y[index])]}")
-label = "firing (retrained)" if shown is own and own is not None else "firing (pruned)"
-right.dataframe([{"layer": n, "units": next(m.out_features for mn, m in shown.named_modules() if mn == n),
-                  label: fired[n], "firing (unpruned)": unpruned[n]} for n in fired], hide_index=True)
+    st.subheader("Hidden neurons that fire for one test image")
+    split = state.test_split(ckpt)
+    index = st.number_input("Test image", 0, len(split) - 1, 0, key=keys.MAG_IMAGE)
+    fired = magnitude.firing_neurons(shown, split.x[index])
+    unpruned = magnitude.firing_neurons(state.base_model(ckpt), split.x[index])
+    left, right = st.columns([0.25, 0.75])
+    if split.x.shape[1] == 1:
+        left.image(((split.x[index, 0] - split.x[index, 0].min()) / (np.ptp(split.x[index, 0].numpy()) + 1e-8)).numpy(),
+                   width=140, caption=f"label: {split.spec.class_names[int(split.y[index])]}")
+    label = "firing (retrained)" if shown is own and own is not None else "firing (pruned)"
+    right.dataframe([{"layer": n, "units": next(m.out_features for mn, m in shown.named_modules() if mn == n),
+                      label: fired[n], "firing (unpruned)": unpruned[n]} for n in fired], hide_index=True)

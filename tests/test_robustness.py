@@ -618,3 +618,22 @@ def test_each_session_keeps_a_bounded_number_of_uploads(monkeypatch):
         at.file_uploader(key="upload").set_value((f"mine{i}.pt", raw, "application/octet-stream")).run()
         assert not at.exception and not at.error, (i, at.exception, [e.value for e in at.error])
     assert list(at.session_state["uploads"]) == ["mine2.pt", "mine3.pt"]  # the oldest dropped first
+
+
+def test_an_unexpected_error_is_one_sentence_and_the_session_goes_on(caplog):
+    """The app's own handler (ui/guard.py): a page that fails shows one sentence with a reference the
+    server's log holds beside the traceback; no traceback or path reaches the visitor."""
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=300)
+    at.run()
+    at.session_state["k"] = "not a number"  # stands for any bug: the page compares it with an int
+    at.run()
+    assert not at.exception, at.exception
+    (error,) = [e.value for e in at.error]
+    ref = re.search(r"reference ([0-9a-f]{8}) in the server's log", error).group(1)
+    assert error.endswith("Your session keeps its model and settings: change a setting, open another page, or "
+                          "reload.") and "/" not in error.replace("server's log", "")
+    assert any(ref in r.getMessage() and r.exc_info for r in caplog.records)
+    at.session_state["k"] = 5
+    at.run()
+    assert not at.exception and not at.error
+    assert at.selectbox(key="model").value == "fmnist_vgg"
