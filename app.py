@@ -45,31 +45,38 @@ with guard.page():  # an unexpected error: one sentence, the session intact (ui/
     if eng.path != engine.PATH_FAST:
         st.caption(state.evaluation_in_words(eng))
         job = key + (mode, criterion)
-        st.session_state.setdefault(keys.POINTS_DRAWN, {})[job] = len(known)
 
         @st.fragment(run_every=2)
         def curve_in_the_background() -> None:
-            """The coarse curve's progress, then a button for more points; redraws the page once when
-            points have arrived (from here, or from another session's counts) and nothing is running."""
+            """The coarse curve's progress, then a button for more points; redraws the page once when a
+            background job this session watched has finished (other sessions' counts wait for its next run,
+            so a student's release never redraws the lecturer's page)."""
+            watched = st.session_state.setdefault(keys.CURVE_JOBS_WATCHED, set())
             done, total = state.coarse_progress(eng, mode, criterion)
             if done < total:
+                watched.add(job)
                 st.progress(done / total, text=f"Coarse curve: {done} of {total} points (every 1/16 of the channels), "
                                                "computed in the background; each is exact.")
                 return
             refining = state.refinement_progress(key, mode, criterion)
-            if refining is None and len(eng.answers(mode, criterion)) > st.session_state[keys.POINTS_DRAWN][job]:
+            if refining is None and job in watched:
+                watched.discard(job)
                 st.rerun()
-            if refining is None and eng.next_refinement(mode, criterion) is not None:
+            unknown = eng.channels + 1 - len(eng.answers(mode, criterion))
+            if refining is None and unknown > 0:
                 slot = st.empty()
-                if slot.button(f"Refine the curve: {state.REFINE_POINTS} more exact points", key=keys.REFINE,
-                               help="Each point costs a pass of the rest of the network over every test image; they "
-                                    "go where the curve changes most between the points known so far."):
+                if slot.button(f"Refine the curve: {min(state.REFINE_POINTS, unknown)} more exact points",
+                               key=keys.REFINE, help="Each point costs a pass of the rest of the network over every "
+                                                     "test image; they go where the curve changes most between the "
+                                                     "points known so far."):
                     slot.empty()
                     state.start_refinement(eng, key, mode, criterion)
                     refining = state.refinement_progress(key, mode, criterion)
             if refining is not None:
-                st.progress(refining[0] / refining[1], text=f"Refining: {refining[0]} of {refining[1]} more points, "
-                                                            "each where the curve is least known; each is exact.")
+                watched.add(job)
+                st.progress(refining[0] / max(refining[1], 1), text=f"Refining: {refining[0]} of {refining[1]} more "
+                                                                    "points, each where the curve is least known; "
+                                                                    "each is exact.")
 
         curve_in_the_background()
     st.query_params[keys.K] = str(k)  # the released K, so a copied link reopens this view

@@ -445,8 +445,8 @@ def parser() -> argparse.ArgumentParser:
                    help="sampled: the coarse oracle where the read-out is not linear (each channel alone, counted "
                         "on the first 1,000 images)")
     o.add_argument("--pick-on", default="test", choices=["test", "heldout"],
-                   help="choose the order on the test set (an upper bound) or on the last 10,000 training "
-                        "images (then scored on the test set)")
+                   help="choose the order on the test set (an upper bound) or on the last training images "
+                        "(a sixth of them, at most 10,000), then scored on the test set")
     o.set_defaults(func=cmd_oracle)
     se = sub.add_parser("sensitivity", help="each conv layer pruned alone by each fraction of its channels, to CSV")
     se.add_argument("checkpoint")

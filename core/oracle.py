@@ -123,12 +123,12 @@ def greedy(eng: Engine, mode: str = "zero", progress: Progress | None = None) ->
     logits, delta = _base_and_delta(cache, p, torch.float32)    # float32 changes: P x N x out is large
     reach = _reach(delta, eng.task)                             # (P, N): how far each removal moves each image
     bound = reach.amax(0)                                       # (N,): how far any removal moves it
-    taken = torch.zeros(p, dtype=torch.bool)
+    taken = torch.zeros(p, dtype=torch.bool, device=reach.device)
     order = []
     for step in range(p):
         right = _predict(logits, eng.task) == y
         margin = _margin(logits, eng.task)
-        gain = torch.zeros(p, dtype=torch.long)
+        gain = torch.zeros(p, dtype=torch.long, device=reach.device)
         contested = torch.nonzero(bound >= margin).flatten()    # only these images can change at all
         if len(contested):
             c, j = torch.nonzero(reach[:, contested] >= margin[contested]).unbind(1)
@@ -139,7 +139,7 @@ def greedy(eng: Engine, mode: str = "zero", progress: Progress | None = None) ->
         tied = torch.nonzero(gain == gain.max()).flatten()
         if len(tied) > 1:  # ties by the lower loss: only the images a candidate moves change its loss
             c, n = torch.nonzero(reach[tied] > 0).unbind(1)
-            change = torch.zeros(len(tied), dtype=torch.float64)
+            change = torch.zeros(len(tied), dtype=torch.float64, device=reach.device)
             change.index_add_(0, c, _pair_loss(logits[n] + delta[tied[c], n].double(), y[n], eng.task)
                               - _pair_loss(logits[n], y[n], eng.task))
             channel = int(tied[int(torch.argmin(change))])
@@ -185,14 +185,21 @@ def sampled_single(eng: Engine, mode: str = "zero", progress: Progress | None = 
 HELDOUT_IMAGES = 10_000
 
 
+def training_size(ckpt, data_root: str | None = None) -> int:
+    """How many of the last training images the oracle may choose on: a sixth of them, at most 10,000."""
+    from . import data
+
+    return min(HELDOUT_IMAGES, len(data.load(ckpt.dataset, train=True, data_root=data_root)) // 6)
+
+
 def training_engine(ckpt, eng: Engine, data_root: str | None = None, progress: Progress | None = None) -> Engine:
-    """An engine over the last 10,000 training images at the same layer: the oracle can choose its order
-    there without looking at the test labels, and the order is then scored on the test set. (The bundled
-    models were trained on these images too: they are apart from the test set, not unseen.)"""
+    """An engine over the last `training_size` training images at the same layer: the oracle can choose
+    its order there without looking at the test labels, and the order is then scored on the test set.
+    (The bundled models were trained on these images too: they are apart from the test set, not unseen.)"""
     from . import data
 
     train = data.load(ckpt.dataset, train=True, data_root=data_root)
-    n = min(HELDOUT_IMAGES, len(train) // 6)
+    n = training_size(ckpt, data_root)
     return Engine(ckpt.build_model(), train.x[-n:], train.y[-n:], layer=eng.layer, task=eng.task,
                   device=eng.device, progress=progress)
 

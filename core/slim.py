@@ -111,9 +111,10 @@ def widths(arch: str, arch_kwargs: dict, model: nn.Module) -> dict | None:
     from . import models
 
     want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    if models.shapes(arch, arch_kwargs) == want:  # nothing was removed
+    before = models.shapes(arch, arch_kwargs)
+    if before == want:  # nothing was removed
         return dict(arch_kwargs)
-    narrowed = {t for shape in want.values() for t in shape}
+    narrowed = {t for key, shape in want.items() if before.get(key) != shape for t in shape}  # shrunk tensors' sizes
     params = inspect.signature(models.REGISTRY[arch].builder).parameters
     for name, param in params.items():
         value = arch_kwargs.get(name, param.default)
@@ -121,8 +122,11 @@ def widths(arch: str, arch_kwargs: dict, model: nn.Module) -> dict | None:
             continue
         for width in sorted(narrowed):
             kwargs = {**arch_kwargs, name: width}
-            if width != value and models.shapes(arch, kwargs) == want:
-                return kwargs
+            try:
+                if width != value and models.shapes(arch, kwargs) == want:
+                    return kwargs
+            except (TypeError, ValueError, RuntimeError):  # a value this builder refuses
+                continue
     return None
 
 

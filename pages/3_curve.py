@@ -68,7 +68,9 @@ with guard.page():  # an unexpected error: one sentence, the session intact (ui/
     if not eng.fast:
         st.caption(f"{chosen[0]}: the side-by-side comparison needs every K of every rule, which costs a pass of the "
                    "rest of the network each here; the Sensitivity page gives another coarse view.")
-        compare.show_coarse(eng, key, mode, st.session_state[keys.CRITERION], oracle.why_not_exact(eng, mode))
+        why = oracle.why_not_exact(eng, mode) or f"the {'remove' if mode == 'zero' else 'zero'} mode's read-out " \
+            "is not linear"
+        compare.show_coarse(eng, key, mode, st.session_state[keys.CRITERION], why)
     else:
         left, right = st.columns([0.7, 0.3])
         names = left.multiselect("Rules", list(criteria.CRITERIA), default=["mean", "apoz", "l1_norm", "taylor"],
@@ -78,11 +80,13 @@ with guard.page():  # an unexpected error: one sentence, the session intact (ui/
         extras = right.toggle("Random band and greedy oracle", key=keys.COMPARE_ORACLE,
                               help="20 seeded random orders, and the best one-at-a-time order, found by trying every "
                                    "channel at every step. The first time for a model and mode this takes 10-30 s on "
-                                   "two CPU cores; then every session shares it.")
+                                   "two CPU cores (about twice that when chosen on training images); then every "
+                                   "session shares it.")
         pick_on = right.radio("The oracle chooses its order on", list(compare.PICK_ON), format_func=compare.PICK_ON.get,
                               key=keys.COMPARE_PICK_ON, disabled=state.own_data() is not None,
                               help="On the test images the oracle sees the labels it is scored on: an upper bound. "
-                                   "On the last 10,000 training images it chooses without them, and its order is then "
+                                   "On the last training images (a sixth of them, at most 10,000) it chooses "
+                                   "without them, and its order is then "
                                    "scored on the test images: a rule you could use (the model was trained on those "
                                    "images too). Not offered for your own test images.")
         if state.own_data() is not None:
@@ -105,12 +109,13 @@ with guard.page():  # an unexpected error: one sentence, the session intact (ui/
         else:
             st.plotly_chart(compare.figure(eng, mode, names, band, greedy, state.chance_level(models[chosen[0]]),
                                            pick_on), width="stretch")
-            st.dataframe(compare.scoreboard(eng, mode, names, single, greedy, pick_on), hide_index=True,
-                         width="stretch")
+            train_images = oracle.training_size(models[chosen[0]]) if pick_on == "train" else 0
+            st.dataframe(compare.scoreboard(eng, mode, names, single, greedy, pick_on, train_images),
+                         hide_index=True, width="stretch")
             st.caption(f"{chosen[0]}, layer {eng.layer}, mode {mode}. Area: mean accuracy over every K. "
                        + ("The oracle looks at the test images' labels, so it is an upper bound, not a rule you could "
-                          "use; " if pick_on == "test" else "The greedy order was chosen on the last 10,000 training "
-                          "images and is scored here on the test images: a rule you could use; ")
+                          "use; " if pick_on == "test" else f"The greedy order was chosen on the last {train_images:,} "
+                          "training images and is scored here on the test images: a rule you could use; ")
                        + "the greedy order is not guaranteed optimal, and where a rule beats it at some K the "
                          "scoreboard counts it. Spearman is against the single-removal order chosen on the same "
                          "images.",

@@ -81,10 +81,12 @@ async def stated(page, k: int, timeout=120_000) -> str:
     return await handle.json_value()
 
 
-async def slider_session(browser, url: str, model: str, rounds: int, truth: dict, seed: int, out: dict):
+async def slider_session(browser, url: str, model: str, rounds: int, truth: dict, seed: int, out: dict,
+                         delay: float = 0.0):
+    await asyncio.sleep(delay)  # students open the page over some seconds, not in the same millisecond
     context = await browser.new_context(viewport={"width": 1280, "height": 720})
     page = await context.new_page()
-    await page.goto(f"{url}/?model={model}")
+    await page.goto(f"{url}/?model={model}", timeout=300_000)
     await settle(page)
     slider = page.get_by_role(**SLIDER)
     await slider.wait_for(timeout=300_000)
@@ -139,8 +141,8 @@ async def run(args, url: str, truth: dict, files: dict) -> dict:
         browser = await p.chromium.launch(executable_path=CHROMIUM, args=[
             "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
             "--disable-component-update", "--disable-sync"])
-        sessions = [slider_session(browser, url, list(MODELS)[i % len(MODELS)], args.rounds, truth, i, out)
-                    for i in range(args.sessions)]
+        sessions = [slider_session(browser, url, list(MODELS)[i % len(MODELS)], args.rounds, truth, i, out,
+                                   i * args.stagger) for i in range(args.sessions)]
         await asyncio.gather(*sessions, hostile_session(browser, url, files, out))
         await browser.close()
     return out
@@ -150,6 +152,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sessions", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=15, help="slider moves per session")
+    parser.add_argument("--stagger", type=float, default=0.0, help="seconds between two sessions' first visits")
     args = parser.parse_args()
 
     from core import checkpoints, engine

@@ -620,9 +620,10 @@ def test_each_session_keeps_a_bounded_number_of_uploads(monkeypatch):
     assert list(at.session_state["uploads"]) == ["mine2.pt", "mine3.pt"]  # the oldest dropped first
 
 
-def test_an_unexpected_error_is_one_sentence_and_the_session_goes_on(caplog):
+def test_an_unexpected_error_is_one_sentence_and_the_session_goes_on(caplog, monkeypatch):
     """The app's own handler (ui/guard.py): a page that fails shows one sentence with a reference the
     server's log holds beside the traceback; no traceback or path reaches the visitor."""
+    monkeypatch.delenv("PRUNE_EXPLORER_PROPAGATE_ERRORS")
     at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=300)
     at.run()
     at.session_state["k"] = "not a number"  # stands for any bug: the page compares it with an int

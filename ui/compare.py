@@ -10,7 +10,7 @@ import streamlit as st
 
 from core import criteria, engine, oracle
 from core.checkpoints import Checkpoint
-from ui import keys
+from ui import keys, state
 
 SEEDS = 20
 FONT = 15
@@ -22,8 +22,9 @@ PICK_ON = {"test": "the test images (an upper bound)", "train": "training images
 @st.cache_resource(max_entries=16, show_spinner=False)
 def oracles(key: tuple, mode: str, pick_on: str, _eng: engine.Engine,
             _ckpt: Checkpoint) -> tuple[oracle.OracleOrder, oracle.OracleOrder]:
-    """(single, greedy) for one engine and mode, chosen on the test images or on the last 10,000
-    training images and then scored on the test images; raises ValueError where the read-out is not linear."""
+    """(single, greedy) for one engine and mode, chosen on the test images or on the last training
+    images (`oracle.training_size`) and then scored on the test images; raises ValueError where the
+    read-out is not linear."""
     if pick_on == "test":
         return oracle.single(_eng, mode), oracle.greedy(_eng, mode)
     picker = oracle.training_engine(_ckpt, _eng)
@@ -53,7 +54,10 @@ def show_coarse(eng: engine.Engine, key: tuple, mode: str, criterion: str, why: 
     ks, counts = coarse_oracle(key, mode, eng, _progress=lambda done, total, label: bar.progress(
         done / total, text=f"{label}: {done} of {total}"))
     bar.empty()
-    st.plotly_chart(coarse_figure(eng, mode, criterion, ks, counts), width="stretch")
+    state.check_criterion(eng, criterion)  # the sidebar's rule, drawn beside it, may not apply here
+    with st.spinner(f"The sidebar's rule at the same {len(ks)} K, over every test image ..."):
+        fig = coarse_figure(eng, mode, criterion, ks, counts)
+    st.plotly_chart(fig, width="stretch")
 
 
 def coarse_figure(eng: engine.Engine, mode: str, criterion: str, ks: list[int], counts: list[int]) -> go.Figure:
@@ -62,7 +66,8 @@ def coarse_figure(eng: engine.Engine, mode: str, criterion: str, ks: list[int], 
     fig.add_trace(go.Scatter(x=ks, y=[c / eng.total for c in rule], name=criteria.get(criterion).label,
                              mode="lines+markers", line=dict(width=3)))
     fig.add_trace(go.Scatter(x=ks, y=[c / eng.total for c in counts], mode="lines+markers",
-                             name=f"single-removal order from {eng.sample_size:,} test images (upper bound)",
+                             name=f"single-removal order from {eng.sample_size:,} test images "
+                                  "(a reference, not a bound)",
                              line=dict(color="black", dash="dash", width=3)))
     fig.update_layout(font=dict(size=FONT), height=420, margin=dict(l=10, r=10, t=50, b=40),
                       title=f"A coarse oracle ({eng.layer}, {mode}): exact at every 1/16 of the channels",
@@ -84,7 +89,7 @@ def random_band(key: tuple, mode: str, _eng: engine.Engine) -> tuple[list[float]
 
 
 def scoreboard(eng: engine.Engine, mode: str, names: list[str], single: oracle.OracleOrder | None,
-               greedy: oracle.OracleOrder | None, pick_on: str = "test") -> list[dict]:
+               greedy: oracle.OracleOrder | None, pick_on: str = "test", train_images: int = 0) -> list[dict]:
     """One row per criterion (and the greedy oracle): area under the curve, K at the first point lost,
     Spearman's rank correlation of its order with the single-removal oracle's."""
     reference = single.order if single else None
@@ -97,7 +102,8 @@ def scoreboard(eng: engine.Engine, mode: str, names: list[str], single: oracle.O
         rows.append(_row(criteria.get(name).label, s, criteria.get(name).looks_at, beats))
     if greedy is not None:
         s = oracle.score("oracle", best, eng.total, greedy.order, reference)
-        looks_at = "the test labels: not a usable rule" if pick_on == "test" else "the last 10,000 training images"
+        looks_at = "the test labels: not a usable rule" if pick_on == "test" else \
+            f"the last {train_images:,} training images"
         rows.append(_row(oracle_label(pick_on), s, looks_at, None))
     return rows
 

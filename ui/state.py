@@ -289,8 +289,9 @@ def _background() -> dict:
 
     def stop() -> None:
         shared["stop"].set()
+        deadline = time.monotonic() + 60  # each finishes the count it is in; all within a minute
         for thread in list(shared["threads"].values()):
-            thread.join(timeout=60)  # each finishes the count it is in
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
 
     atexit.register(stop)
     return shared
@@ -362,7 +363,8 @@ def start_refinement(eng: engine.Engine, key: tuple, mode: str, criterion: str) 
     job = (key, mode, criterion, "refine")
     with _background()["lock"]:
         if not _running(job):
-            _start_job(eng, job, REFINE_POINTS, lambda: eng.next_refinement(mode, criterion),
+            unknown = eng.channels + 1 - len(eng.answers(mode, criterion))
+            _start_job(eng, job, min(REFINE_POINTS, unknown), lambda: eng.next_refinement(mode, criterion),
                        f"refine curve {mode} {criterion}")
 
 
