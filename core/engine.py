@@ -44,9 +44,10 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 def predictions(logits: torch.Tensor, task: str) -> torch.Tensor:
+    """The predicted class of each image: logits (..., n, out), or (n,) for a pair task's one logit."""
     if task == "binary":
-        return (logits.reshape(-1) > 0).long()
-    return logits.argmax(dim=1)
+        return ((logits[..., 0] if logits.dim() > 1 else logits) > 0).long()
+    return logits.argmax(dim=-1)
 
 
 @torch.no_grad()

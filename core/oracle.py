@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .engine import Engine, Progress
+from .engine import Engine, Progress, predictions
 
 
 @dataclass(frozen=True)
@@ -36,24 +36,13 @@ def _readout(eng: Engine, mode: str):
     return eng.readout(mode)
 
 
-def _loss(logits: torch.Tensor, y: torch.Tensor, task: str) -> torch.Tensor:
-    """Summed loss per row of logits (..., n, out) -> (...,)."""
+def _losses(logits: torch.Tensor, y: torch.Tensor, task: str) -> torch.Tensor:
+    """The loss of each image: logits (..., n, out) and labels (n,) -> (..., n)."""
     if task == "binary":
         target = y.double().expand(logits.shape[:-1])
-        return F.binary_cross_entropy_with_logits(logits[..., 0], target, reduction="none").sum(-1)
+        return F.binary_cross_entropy_with_logits(logits[..., 0], target, reduction="none")
     logp = torch.log_softmax(logits, -1)
-    return -logp.gather(-1, y.expand(logits.shape[:-1]).unsqueeze(-1)).squeeze(-1).sum(-1)
-
-
-def _predict(logits: torch.Tensor, task: str) -> torch.Tensor:
-    return (logits[..., 0] > 0).long() if task == "binary" else logits.argmax(-1)
-
-
-def _pair_loss(logits: torch.Tensor, y: torch.Tensor, task: str) -> torch.Tensor:
-    """The loss of each row of logits (n, out) against its label (n,)."""
-    if task == "binary":
-        return F.binary_cross_entropy_with_logits(logits[:, 0], y.double(), reduction="none")
-    return -torch.log_softmax(logits, -1).gather(1, y[:, None])[:, 0]
+    return -logp.gather(-1, y.expand(logits.shape[:-1]).unsqueeze(-1)).squeeze(-1)
 
 
 def _base_and_delta(cache, p: int, dtype: torch.dtype, channels: slice = slice(None)):
@@ -102,7 +91,7 @@ def single(eng: Engine, mode: str = "zero") -> OracleOrder:
         chunk = slice(first, min(first + 32, p))
         base, delta = _base_and_delta(cache, p, torch.float64, chunk)
         logits = base[None] + delta                                                      # (C, N, out)
-        right = _predict(logits, eng.task) == y
+        right = predictions(logits, eng.task) == y
         for j, n in cache.near_ties(logits).tolist():
             b = int(torch.searchsorted(starts, n, right=True)) - 1      # the batch holding image n
             i = n - int(starts[b])
@@ -111,7 +100,7 @@ def single(eng: Engine, mode: str = "zero") -> OracleOrder:
             one = cache.logits(cache.features(keep, (cache.on[b][0][i:i + 1],), (cache.off[b][0][i:i + 1],)))
             right[j, n] = bool(cache.predict(one)[0] == y[n])
         correct += right.sum(1).tolist()
-        loss += _loss(logits, y, eng.task).tolist()
+        loss += _losses(logits, y, eng.task).sum(-1).tolist()
     order = sorted(range(p), key=lambda c: (-correct[c], loss[c], c))
     return OracleOrder("single", order, [correct[c] for c in order])
 
@@ -126,22 +115,22 @@ def greedy(eng: Engine, mode: str = "zero", progress: Progress | None = None) ->
     taken = torch.zeros(p, dtype=torch.bool, device=reach.device)
     order = []
     for step in range(p):
-        right = _predict(logits, eng.task) == y
+        right = predictions(logits, eng.task) == y
         margin = _margin(logits, eng.task)
         gain = torch.zeros(p, dtype=torch.long, device=reach.device)
         contested = torch.nonzero(bound >= margin).flatten()    # only these images can change at all
         if len(contested):
             c, j = torch.nonzero(reach[:, contested] >= margin[contested]).unbind(1)
             n = contested[j]
-            new = _predict(logits[n] + delta[c, n].double(), eng.task) == y[n]
+            new = predictions(logits[n] + delta[c, n].double(), eng.task) == y[n]
             gain.index_add_(0, c, new.long() - right[n].long())
         gain[taken] = -len(y) - 1
         tied = torch.nonzero(gain == gain.max()).flatten()
         if len(tied) > 1:  # ties by the lower loss: only the images a candidate moves change its loss
             c, n = torch.nonzero(reach[tied] > 0).unbind(1)
             change = torch.zeros(len(tied), dtype=torch.float64, device=reach.device)
-            change.index_add_(0, c, _pair_loss(logits[n] + delta[tied[c], n].double(), y[n], eng.task)
-                              - _pair_loss(logits[n], y[n], eng.task))
+            change.index_add_(0, c, _losses(logits[n] + delta[tied[c], n].double(), y[n], eng.task)
+                              - _losses(logits[n], y[n], eng.task))
             channel = int(tied[int(torch.argmin(change))])
         else:
             channel = int(tied[0])
@@ -160,7 +149,7 @@ def why_not_exact(eng: Engine, mode: str) -> str | None:
     cache = eng.readout(mode)
     if cache is None:
         return eng.fast_reason or "the rest of the network mixes channels before its read-out"
-    if len(cache.readout.linears) != 1 or cache.readout.tail is not None:
+    if not cache.linear:
         return "the read-out goes on after its first linear layers (several branches, or a tail mixing them)"
     return None
 

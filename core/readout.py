@@ -118,6 +118,12 @@ class ReadoutCache:
         self.off.append(tuple(off))
         self.labels.append(labels.to(on[0].device))
 
+    @property
+    def linear(self) -> bool:
+        """The logits are one linear layer of the features: each channel's removal adds a fixed change
+        (what the oracle and zero mode's folding rely on)."""
+        return len(self.readout.linears) == 1 and self.readout.tail is None
+
     def tensors(self) -> list[torch.Tensor]:
         return [t for batch in self.on + self.off for t in batch] + self.labels
 

@@ -43,7 +43,7 @@ class SlimResult:
 def _fold_constant(model: nn.Module, eng: Engine, channels: list[int], mode: str) -> bool:
     """Add the pruned channels' constant read-out features (x the linear weights) to the linear bias."""
     cache = eng.readout(mode)
-    if cache is None or len(cache.readout.linears) != 1 or cache.readout.tail is not None:
+    if cache is None or not cache.linear:
         return False
     off = cache.off[0][0]                                     # (n, P*S): features with every channel pruned
     p = eng.channels
