@@ -27,26 +27,9 @@ with guard.page():  # an unexpected error: one sentence, the session intact (ui/
         acc, known = state.accuracy_at(eng, k, mode, criterion)  # a sample's estimate first, then the exact count
         baseline = known[0] if 0 in known else state.accuracy_at(eng, 0, mode, criterion)[0]
         state.start_coarse_curve(eng, key, mode, criterion)  # every 1/16 of the channels, in the background
-
-    live_slider.live_slider(
-        engine_key=key + (criterion,), maps=eng.stats.mean_map.numpy(), scores=eng.scores(criterion).numpy(),
-        order=eng.ranking(criterion).numpy(), k=k, accuracy=accuracy, known=known, baseline=baseline,
-        chance=state.chance_level(ckpt), per_filter=state.pruned_parameters(eng, 1),
-        total_params=state.parameter_count(ckpt),
-        curve_title=f"Accuracy vs K · {mode} · {criteria.CRITERIA[criterion].label}",
-        note=state.speed_note(eng), contrast=st.session_state[keys.CONTRAST], axis=st.session_state[keys.AXIS],
-        present=bool(st.session_state.get(keys.PRESENT)),
-    )
-    correct = round(acc * eng.total)
-    st.caption(f"Test accuracy at K = {k}: **{acc:.2%}** ({correct:,} of {eng.total:,} right, "
-               f"{'binary accuracy: same or different pair' if eng.task == 'binary' else 'multi-class accuracy'}). "
-               f"{ckpt.name}, layer {eng.layer}, mode {mode}. Drag the slider, use the arrow keys (PageUp/PageDown: "
-               f"32 channels), or press play.")
-    if eng.path != engine.PATH_FAST:
-        st.caption(state.evaluation_in_words(eng))
         job = key + (mode, criterion)
 
-        @st.fragment(run_every=2)
+        @st.fragment(run_every=2)  # above the slider: in sight at 1280x720
         def curve_in_the_background() -> None:
             """The coarse curve's progress, then a button for more points; redraws the page once when a
             background job this session watched has finished (other sessions' counts wait for its next run,
@@ -79,6 +62,23 @@ with guard.page():  # an unexpected error: one sentence, the session intact (ui/
                                                                     "each is exact.")
 
         curve_in_the_background()
+
+    live_slider.live_slider(
+        engine_key=key + (criterion,), maps=eng.stats.mean_map.numpy(), scores=eng.scores(criterion).numpy(),
+        order=eng.ranking(criterion).numpy(), k=k, accuracy=accuracy, known=known, baseline=baseline,
+        chance=state.chance_level(ckpt), per_filter=state.pruned_parameters(eng, 1),
+        total_params=state.parameter_count(ckpt),
+        curve_title=f"Accuracy vs K · {mode} · {criteria.CRITERIA[criterion].label}",
+        note=state.speed_note(eng), contrast=st.session_state[keys.CONTRAST], axis=st.session_state[keys.AXIS],
+        present=bool(st.session_state.get(keys.PRESENT)),
+    )
+    correct = round(acc * eng.total)
+    st.caption(f"Test accuracy at K = {k}: **{acc:.2%}** ({correct:,} of {eng.total:,} right, "
+               f"{'binary accuracy: same or different pair' if eng.task == 'binary' else 'multi-class accuracy'}). "
+               f"{ckpt.name}, layer {eng.layer}, mode {mode}. Drag the slider, use the arrow keys (PageUp/PageDown: "
+               f"32 channels), or press play.")
+    if eng.path != engine.PATH_FAST:
+        st.caption(state.evaluation_in_words(eng))
     st.query_params[keys.K] = str(k)  # the released K, so a copied link reopens this view
 
     if st.toggle(f"Which images flipped at K = {k}?", key=keys.SHOW_FLIPS,
