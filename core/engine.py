@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import threading
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.fx as fx
@@ -202,7 +202,8 @@ class Engine:
         self.conv: nn.Conv2d = self.model.get_submodule(self.layer)
         self.task, self.batch_size = task, batch_size
         self.x, self.y = x, y
-        self._memo_lock = threading.RLock()  # curve() calls ranking()
+        self._memo_locks: dict[tuple, threading.Lock] = {}  # one per memo entry, see `_memo`
+        self._memo_locks_lock = threading.Lock()
         self.fast_reason = ""
         self._readouts = {}
         try:
@@ -234,7 +235,7 @@ class Engine:
         self._rankings: dict[str, torch.Tensor] = {}
         self._curves: dict[tuple[str, str], list[int]] = {}
         self._answers: dict[tuple[str, str, int], int] = {}  # (mode, criterion, K) -> correct, once computed
-        self._taylor: torch.Tensor | None = None
+        self._taylor: dict[str, torch.Tensor] = {}  # {"scores": ...} once computed
 
     @property
     def path(self) -> str:
@@ -330,10 +331,7 @@ class Engine:
     # -- ranking ------------------------------------------------------------------------------
     def ranking(self, criterion: str = "mean") -> torch.Tensor:
         """Channel indices in pruning order (rank 0 = pruned first). Computed once per criterion."""
-        with self._memo_lock:
-            if criterion not in self._rankings:
-                self._rankings[criterion] = criteria.get(criterion).rank(self.facts())
-            return self._rankings[criterion]
+        return self._memo(self._rankings, criterion, lambda: criteria.get(criterion).rank(self.facts()))
 
     def scores(self, criterion: str = "mean") -> torch.Tensor:
         return criteria.get(criterion).scores(self.facts())
@@ -349,10 +347,7 @@ class Engine:
     def taylor_scores(self) -> torch.Tensor:
         """Molchanov et al.'s first-order Taylor criterion: mean over images of |sum over positions of
         activation x d(loss)/d(activation)|; one forward and backward pass, computed once."""
-        with self._memo_lock:
-            if self._taylor is None:
-                self._taylor = self._taylor_pass()
-            return self._taylor
+        return self._memo(self._taylor, "scores", self._taylor_pass)
 
     def _taylor_pass(self) -> torch.Tensor:
         if self._split is None:
@@ -540,11 +535,21 @@ class Engine:
 
     def curve(self, mode: str = "zero", criterion: str = "mean", progress: Progress | None = None) -> list[int]:
         """Correct counts for every K from 0 to P; computed once per (mode, criterion), then shared."""
-        key = (mode, criterion)
-        with self._memo_lock:
-            if key not in self._curves:
-                self._curves[key] = [c for _, c in self.sweep(range(self.channels + 1), mode, criterion, progress)]
-            return self._curves[key]
+        return self._memo(self._curves, (mode, criterion),
+                          lambda: [c for _, c in self.sweep(range(self.channels + 1), mode, criterion, progress)])
+
+    def _memo(self, table: dict, key, compute: Callable[[], Any]):
+        """`table[key]`, computed once. A value already there is read without waiting; callers of the
+        same missing key wait for one computation; other keys never wait: a student's lookup of a ready
+        curve must not wait behind the warm-up computing another criterion's (seconds under load)."""
+        if key in table:  # a dict read is atomic; entries are only ever added
+            return table[key]
+        with self._memo_locks_lock:
+            lock = self._memo_locks.setdefault((id(table), key), threading.Lock())
+        with lock:
+            if key not in table:
+                table[key] = compute()
+            return table[key]
 
     @torch.no_grad()
     def reranked_order(self, steps: int, mode: str = "remove", criterion: str = "mean") -> list[int]:

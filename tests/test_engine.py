@@ -1,4 +1,6 @@
 """The engine against the naive procedure (copy the model, zero the weights, evaluate everything), on the bundled models and real data."""
+import threading
+
 import pytest
 import torch
 from torch import nn
@@ -184,3 +186,35 @@ def test_near_tie_recheck_gives_the_exact_counts(bundled, monkeypatch):
     ks = [0, 1, 100, 300, 511, 512]
     for mode in engine.MODES:
         assert [c for _, c in eng.sweep(ks, mode)] == [eng.correct(k, mode) for k in ks]
+
+
+def test_a_ready_curve_never_waits_behind_another_being_computed(bundled):
+    """Under a class, the warm-up computes one criterion's curve while students look up another's:
+    the lookup must not wait; two callers of the same missing entry share one computation."""
+    _, eng = bundled
+    ready = eng.curve("zero", "mean")
+    started, release, calls = threading.Event(), threading.Event(), []
+
+    def slow():  # stands in for a long computation of another entry
+        calls.append(1)
+        started.set()
+        release.wait(60)
+        return [0]
+
+    workers = [threading.Thread(target=eng._memo, args=(eng._curves, ("zero", "slow test entry"), slow))
+               for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    try:
+        assert started.wait(60)
+        looked_up = []
+        lookup = threading.Thread(target=lambda: looked_up.append(eng.curve("zero", "mean")))
+        lookup.start()
+        lookup.join(30)  # it would wait for `release` (60 s) if entries shared one lock
+        assert looked_up == [ready]
+    finally:
+        release.set()
+        for worker in workers:
+            worker.join(60)
+        eng._curves.pop(("zero", "slow test entry"), None)
+    assert calls == [1]
