@@ -638,3 +638,21 @@ def test_an_unexpected_error_is_one_sentence_and_the_session_goes_on(caplog, mon
     at.run()
     assert not at.exception and not at.error
     assert at.selectbox(key="model").value == "fmnist_vgg"
+
+
+@pytest.mark.parametrize("query, k", [
+    ({"k": "²"}, 0), ({"k": "1" * 5000}, 0), ({"k": "-3"}, 0), ({"k": "99999"}, 512),  # K clamped to the channels
+    ({"layer": "nope"}, 0), ({"model": "../../etc/passwd"}, 0), ({"criterion": "__class__", "mode": "x"}, 0),
+    ({"present": "<script>alert(1)</script>"}, 0),
+])
+def test_hostile_url_values_open_the_default_view(query, k):
+    """A link is typed by anyone: every value the URL carries is checked before it is used; an unknown
+    one falls back to the default, and the page states an accuracy as usual."""
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=300)
+    for name, value in query.items():
+        at.query_params[name] = value
+    at.run()
+    assert not at.exception, at.exception
+    assert not at.error, [e.value for e in at.error]
+    assert at.selectbox(key="model").value == "fmnist_vgg"
+    assert any(c.value.startswith(f"Test accuracy at K = {k}: ") for c in at.caption), [c.value for c in at.caption]
