@@ -10,7 +10,7 @@ server on a small machine where thirty chromium tabs do not.
   checks the stated accuracy against the engine computed here, thinks for a while, and moves again.
   Like a student waiting for the answer, it sends one release at a time.
 - The hostile session opens the Prune page on the ResNet-style model, then uploads each hostile
-  checkpoint of tests/test_robustness.py on the Load page as the browser does (a file-URL request,
+  checkpoint and image zip of tests/test_robustness.py on the Load page as the browser does (a file-URL request,
   an HTTP PUT, then the uploader's widget state). It times each refusal until its sentence arrives,
   and checks that its Prune page still states the accuracy of the model it had.
 Any exception element sent to any session counts as a failure. It reports the slider's median and
@@ -241,7 +241,7 @@ async def slider_session(url: str, model: str, args, truth: dict, seed: int, out
     await tab.close()
 
 
-async def hostile_session(url: str, files: dict, truth: dict, out: dict) -> None:
+async def hostile_session(url: str, files: dict, zips: dict, truth: dict, out: dict) -> None:
     tab = Tab(url)
     await tab.open()
     own = "fmnist_resnet"
@@ -249,9 +249,11 @@ async def hostile_session(url: str, files: dict, truth: dict, out: dict) -> None
     if stated(await tab.run("", f"model={own}")) != expected:
         out["missed"].append("the uploader's Prune page before the uploads")
     await tab.run("load")
-    for name, (raw, reason) in files.items():
+    uploads = [(name, raw, reason, "Checkpoint file") for name, (raw, reason) in files.items()]
+    uploads += [(name, raw, reason, "Image folder (.zip)") for name, (raw, reason) in zips.items()]
+    for name, raw, reason, label in uploads:
         start = time.perf_counter()
-        texts = await tab.upload(name, raw)
+        texts = await tab.upload(name, raw, label)
         if any(reason in text for text in texts):
             out["refusals"].append((name, time.perf_counter() - start))
         else:
@@ -276,13 +278,13 @@ async def lecturer(url: str, pid: int | None) -> float:
     return idle
 
 
-async def run(args, url: str, truth: dict, files: dict, pid: int) -> dict:
+async def run(args, url: str, truth: dict, files: dict, zips: dict, pid: int) -> dict:
     out = {"first": [], "times": [], "wrong": [], "refusals": [], "missed": [], "exceptions": []}
     out["warm"] = await lecturer(url, None if args.cold else pid)
     out["class_start"], out["at"] = time.perf_counter(), []
     models = list(MODELS)
     await asyncio.gather(*[slider_session(url, models[i % len(models)], args, truth, i, out)
-                           for i in range(args.sessions)], hostile_session(url, files, truth, out))
+                           for i in range(args.sessions)], hostile_session(url, files, zips, truth, out))
     return out
 
 
@@ -304,18 +306,19 @@ def main() -> int:
     args = parser.parse_args()
 
     from core import checkpoints, engine
-    from test_robustness import hostile_checkpoints
+    from test_robustness import hostile_checkpoints, hostile_zips
 
     truth = {}
     for model, file in MODELS.items():  # the exact accuracies, computed here
         eng = engine.from_checkpoint(checkpoints.load(ROOT / "checkpoints" / file), device="cpu")
         truth[model] = [c / eng.total for c in eng.curve("zero")]
     files = {n: v for n, v in hostile_checkpoints().items() if n in HOSTILE}
+    zips = hostile_zips()
     port = free_port()
     server = start_server(port, tempfile.mkdtemp())
     try:
         start = time.perf_counter()
-        out = asyncio.run(run(args, f"http://127.0.0.1:{port}", truth, files, server.pid))
+        out = asyncio.run(run(args, f"http://127.0.0.1:{port}", truth, files, zips, server.pid))
         wall = time.perf_counter() - start
         peak = memory_mb(server.pid, "VmHWM")
         alive = urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=5).read() == b"ok"
@@ -324,7 +327,8 @@ def main() -> int:
         server.wait(timeout=60)
     times = out["times"]
     print(f"{args.sessions} slider sessions x {args.rounds} releases (think {args.think[0]:g}-{args.think[1]:g} s, "
-          f"arrivals {args.stagger:g} s apart) + 1 session uploading {len(files)} hostile files; {wall - out['warm']:.0f} s, "
+          f"arrivals {args.stagger:g} s apart) + 1 session uploading {len(files)} hostile checkpoints and {len(zips)} "
+          f"image zips; {wall - out['warm']:.0f} s, "
           f"{os.cpu_count()} CPU cores; Streamlit's websocket protocol, no browser")
     print("a cold server: the class arrived at once" if args.cold else
           f"the lecturer opened the app {out['warm']:.0f} s before the class (until the server's warm-up was done)")
@@ -336,7 +340,8 @@ def main() -> int:
     slowest = sorted(zip(times, out["at"]), reverse=True)[:5]
     print("slowest answers: " + ", ".join(f"{t:.1f} s (sent {at:.0f} s into the class)" for t, at in slowest))
     refusals = ", ".join(f"{n} {s:.1f} s" for n, s in out["refusals"])
-    print(f"hostile uploads refused: {len(out['refusals'])}/{len(files)} ({refusals}); missed: {out['missed']}")
+    print(f"hostile uploads refused: {len(out['refusals'])}/{len(files) + len(zips)} ({refusals}); "
+          f"missed: {out['missed']}")
     print(f"exceptions shown to a session: {len(out['exceptions'])} {out['exceptions'][:3]}")
     print(f"server peak memory (VmHWM): {peak:,.0f} MB; health endpoint answering at the end: {alive}")
     return 1 if out["wrong"] or out["missed"] or out["exceptions"] or not alive else 0
