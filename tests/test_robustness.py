@@ -655,4 +655,8 @@ def test_hostile_url_values_open_the_default_view(query, k):
     assert not at.exception, at.exception
     assert not at.error, [e.value for e in at.error]
     assert at.selectbox(key="model").value == "fmnist_vgg"
+    layer = at.selectbox(key="layer")
+    assert layer.index == len(layer.options) - 1  # the last conv, the default
+    assert (at.selectbox(key="criterion").value, at.radio(key="mode").value) == ("mean", "zero")
+    assert at.toggle(key="present").value is False
     assert any(c.value.startswith(f"Test accuracy at K = {k}: ") for c in at.caption), [c.value for c in at.caption]
