@@ -45,7 +45,7 @@ with guard.page():  # an unexpected error: one sentence, the session intact (ui/
             if refining is None and job in watched:
                 watched.discard(job)
                 st.rerun()
-            unknown = eng.channels + 1 - len(eng.answers(mode, criterion))
+            unknown = eng.unknown(mode, criterion)
             if refining is None and unknown > 0:
                 slot = st.empty()
                 if slot.button(f"Refine the curve: {min(state.REFINE_POINTS, unknown)} more exact points",

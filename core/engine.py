@@ -493,6 +493,10 @@ class Engine:
         """K at every 1/(points-1) of the channels (17 points: every 1/16), always with 0 and P."""
         return sorted({round(i * self.channels / (points - 1)) for i in range(points)})
 
+    def unknown(self, mode: str = "zero", criterion: str = "mean") -> int:
+        """How many Ks from 0 to P have no exact count yet."""
+        return self.channels + 1 - len(self.answers(mode, criterion))
+
     def next_refinement(self, mode: str = "zero", criterion: str = "mean") -> int | None:
         """The K where one more exact count teaches most about the curve: the middle of the gap between
         two known neighbours that is widest times the accuracy change across it (plus one image, so a flat

@@ -54,13 +54,14 @@ def test_refinement_fills_the_least_known_gap_first_and_ends_with_every_k(vgg):
     for k in eng.coarse_ks():
         eng.correct(k, "remove")
     known = eng.answers("remove")
+    assert eng.unknown("remove") == eng.channels + 1 - len(eng.coarse_ks())
     gaps = [((b - a) * (abs(known[b] - known[a]) + 1), (a + b) // 2)
             for a, b in zip(eng.coarse_ks(), eng.coarse_ks()[1:])]
     assert eng.next_refinement("remove") == max(gaps)[1]
     while (k := eng.next_refinement("remove")) is not None:
         assert eng.known(k, "remove") is None  # never a K already counted
         eng.correct(k, "remove")
-    assert sorted(eng.answers("remove")) == list(range(eng.channels + 1))
+    assert sorted(eng.answers("remove")) == list(range(eng.channels + 1)) and eng.unknown("remove") == 0
     assert eng.next_refinement("zero") is None  # only K = 0 is known there: no gap between two known points
     assert [eng.answers("remove")[k] for k in (5, 37)] == [_naive(eng, k, "remove") for k in (5, 37)]
 

@@ -363,8 +363,7 @@ def start_refinement(eng: engine.Engine, key: tuple, mode: str, criterion: str) 
     job = (key, mode, criterion, "refine")
     with _background()["lock"]:
         if not _running(job):
-            unknown = eng.channels + 1 - len(eng.answers(mode, criterion))
-            _start_job(eng, job, min(REFINE_POINTS, unknown), lambda: eng.next_refinement(mode, criterion),
+            _start_job(eng, job, min(REFINE_POINTS, eng.unknown(mode, criterion)), lambda: eng.next_refinement(mode, criterion),
                        f"refine curve {mode} {criterion}")
 
 
