@@ -660,3 +660,21 @@ def test_hostile_url_values_open_the_default_view(query, k):
     assert (at.selectbox(key="criterion").value, at.radio(key="mode").value) == ("mean", "zero")
     assert at.toggle(key="present").value is False
     assert any(c.value.startswith(f"Test accuracy at K = {k}: ") for c in at.caption), [c.value for c in at.caption]
+
+
+def test_the_warm_up_skips_rules_a_model_refuses_and_warms_the_rest():
+    """The pair model's last conv has no batch norm, so bn_gamma refuses it: the background warm-up
+    must go on to the other rules (and models) instead of dying on that refusal."""
+    from core import checkpoints, criteria, engine
+    from ui import state
+
+    ckpt = checkpoints.load(ROOT / "checkpoints" / "fmnist_pair_cnn.pt")
+    layer = state.conv_layers(ckpt.digest, ckpt)[-1].name
+    key = (ckpt.digest, ckpt.dataset, layer, "cpu")
+    state._Warmer()._run([(key, ckpt, "cpu")])  # raised ValueError from bn_gamma before
+    eng = state.engine_cache().lookup(key)
+    assert eng is not None and eng.bn_name is None and eng.path == engine.PATH_FAST
+    warmed = {name for name, rule in criteria.CRITERIA.items()
+              if rule.looks_at != criteria.GRADIENTS and name != "bn_gamma"}
+    assert all(eng.answers(mode, name) and len(eng.answers(mode, name)) == eng.channels + 1
+               for name in warmed for mode in engine.MODES)

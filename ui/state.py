@@ -211,6 +211,10 @@ class _Warmer:
                 for name, rule in criteria.CRITERIA.items():
                     if rule.looks_at == criteria.GRADIENTS:  # a backward pass: computed when first asked for
                         continue
+                    try:
+                        eng.ranking(name)
+                    except ValueError:  # a rule this layer refuses (bn_gamma without a batch norm): none to warm
+                        continue
                     for mode in engine.MODES:
                         eng.curve(mode, name)
 
