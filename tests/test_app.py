@@ -179,9 +179,14 @@ def test_sidebar_choices_survive_a_page_switch(app):
 
 
 def test_feature_map_page_shows_a_16_by_32_grid(app):
+    app.session_state["k"] = 0
     app.switch_page("pages/2_feature_maps.py").run()
     assert not app.exception
     assert any("16 x 32" in c.value for c in app.caption)
+    assert any("None is pruned at K = 0" in c.value for c in app.caption)  # not "The 0 channels pruned"
+    app.session_state["k"] = 5
+    app.run()
+    assert any("The 5 channels pruned at the current K" in c.value for c in app.caption)
 
 
 def _upload(at, name: str, data: bytes):
