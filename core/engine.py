@@ -109,7 +109,9 @@ class _Split:
     """The traced model cut at the conv: `prefix(x) -> boundary`, `suffix(*boundary, mask) -> (logits, acts)`."""
 
     def __init__(self, model: nn.Module, layer: str):
-        gm = fx.symbolic_trace(model)
+        # A program's module is a graph already: tracing it again would lose what each node records
+        # (the user's module path, the shapes), which the reasons shown to the user are made of.
+        gm = model if isinstance(model, fx.GraphModule) else fx.symbolic_trace(model)
         self.sites = _conv_sites(gm, layer)
         if not self.sites:
             raise ValueError(f"layer '{layer}' is not called in the traced forward pass")
@@ -125,6 +127,10 @@ class _Split:
             [s.conv for s in self.sites]
             + [i for n in suffix_nodes + [nodes[-1]] for i in n.all_input_nodes
                if i not in affected and i.op != "get_attr"]))
+        # A batch size read before the cut (a channel shuffle's `view(x, [batch, groups, ...])`) is
+        # not a tensor to cache: the suffix reads it again from the conv output.
+        self.batch_sizes = [b for b in boundary if _is_batch_size(b)]
+        boundary = [b for b in boundary if b not in self.batch_sizes]
         self.bn_name = self.sites[0].batchnorm.target if self.sites[0].batchnorm is not None else None
         self.prefix = self._build_prefix(gm, nodes, boundary)
         self.suffixes = {mode: self._build_suffix(gm, nodes, boundary, suffix_nodes, mode) for mode in MODES}
@@ -143,6 +149,8 @@ class _Split:
         for i, b in enumerate(boundary):
             env[b] = graph.placeholder(f"boundary_{i}")
         mask = graph.placeholder("mask")
+        for b in self.batch_sizes:
+            env[b] = graph.call_method("size", (env[boundary[0]], 0))
         mask_points = {(s.batchnorm if mode == "remove" and s.batchnorm is not None else s.conv) for s in self.sites}
 
         def masked(node: fx.Node, value: fx.Node) -> fx.Node:
@@ -161,6 +169,16 @@ class _Split:
         logits = fx.map_arg(nodes[-1].args[0], lambda a: env[a])
         graph.output((logits, tuple(env[s.activation] for s in self.sites)))
         return compact(gm, graph)
+
+
+def _is_batch_size(node: fx.Node) -> bool:
+    """`x.size(0)` or `aten.sym_size.int(x, 0)`: an int that is the batch size (the one dimension a
+    program leaves free), not a tensor."""
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    if dim != 0 or not ((node.op == "call_function" and node.target == torch.ops.aten.sym_size.int)
+                        or (node.op == "call_method" and node.target == "size")):
+        return False
+    return not isinstance(node.meta.get("val"), int)  # a fixed size would be a plain int here
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,7 +229,9 @@ class Engine:
             self.bn_name = self._split.bn_name
         except Exception as exc:  # data-dependent control flow etc.: fall back, and say so
             self._split = None
-            self.fast_reason = f"torch.fx cannot trace this model ({type(exc).__name__}: {exc})"
+            self.fast_reason = ("its forward pass cannot be followed operation by operation (it decides what to "
+                                "do from its data, or calls code that cannot be traced), so it cannot be cut at "
+                                "this layer")
             self.bn_name = _following_batchnorm(self.model, self.layer)
         if self._split is not None and fast:
             for mode, suffix in self._split.suffixes.items():
@@ -312,11 +332,12 @@ class Engine:
                 cache.add_batch(on, zone(*boundary, zeros), labels)
             except ValueError as exc:
                 del self._readouts[mode]
-                self.fast_reason = str(exc)
+                self.fast_reason = f"the features the linear layer reads do not split evenly into this layer's {self.channels} channels"
                 continue
             if first and not self._readout_agrees(mode, boundary, logits):
                 del self._readouts[mode]
-                self.fast_reason = f"the read-out self-check failed for mode {mode}"
+                self.fast_reason = (f"the fast read-out did not give the model's own answers on the first batch "
+                                    f"({mode} mode), so each K is counted by running the rest of the network")
 
     def _readout_agrees(self, mode: str, boundary, logits) -> bool:
         """Belt and braces: on the first batch the fast path must give the suffix's own logits."""
@@ -688,7 +709,7 @@ def from_checkpoint(ckpt, layer: str | None = None, device: str = "auto", data_r
     """The engine for a checkpoint on its data set's test split (or on `split`, e.g. one's own images)."""
     from . import data
 
-    split = split if split is not None else data.load(ckpt.dataset, train=False, data_root=data_root)
+    split = split if split is not None else ckpt.split(train=False, data_root=data_root)
     return Engine(ckpt.build_model(), split.x, split.y, layer=layer, task=ckpt.spec.task,
                   device=device, progress=progress)
 

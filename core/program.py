@@ -30,7 +30,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .graph import ALLOWED_ATEN, aten, op_name
+from .graph import ALIASING_ATEN, ALLOWED_ATEN, INPLACE_TO_FUNCTIONAL, aten, described_op, module_path, op_name
 
 MAX_UNCOMPRESSED_BYTES = 2 * 2**30  # the whole archive, unpacked
 MAX_GRAPH_BYTES = 64 * 2**20        # the graph's JSON
@@ -38,6 +38,15 @@ MAX_EXPR_CHARS = 2000                # one symbolic shape expression
 
 DYNAMIC_BATCH_HINT = ("export it with a dynamic batch dimension: torch.export.export(model.eval(), (example,), "
                       "dynamic_shapes=({0: torch.export.Dim('batch')},))")
+
+
+# How a user exports their own model (the README shows the same lines; tests/test_zoo.py runs them).
+EXPORT_LINES = """import json, torch
+model.eval()  # batch norm in inference mode
+example = torch.zeros(2, 1, 28, 28)  # two images of the size your model takes
+meta = {"input": {"scale": "0-1", "mean": [0.2860], "std": [0.3530]}}  # or {"scale": "0-1", "normalize": None}
+torch.export.save(torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},)),
+                  "model.pt2", extra_files={"meta.json": json.dumps(meta)})"""
 
 
 class ProgramError(ValueError):
@@ -137,7 +146,7 @@ def _payloads(reader, config_name: str, base_dir: str, what: str) -> dict[str, t
 
 
 _SYMBOL = re.compile(r"[a-z]+\d+")
-_SYMPY_CALLS = {"Symbol", "Integer", "Float", "Rational", "Max", "Min", "Abs", "Mod", "FloorDiv", "CeilDiv",
+_SYMPY_CALLS = {"Symbol", "Integer", "Add", "Mul", "Float", "Rational", "Max", "Min", "Abs", "Mod", "FloorDiv", "CeilDiv",
                 "CleanDiv", "ModularIndexing", "PythonMod", "Where", "IntTrueDiv", "FloatTrueDiv",
                 "TruncToInt", "TruncToFloat", "CeilToInt", "FloorToInt", "RoundToInt", "RoundDecimal",
                 "ToFloat", "PowByNatural", "FloatPow", "Identity", "LShift", "RShift", "Eq", "Ne", "Lt", "Le",
@@ -246,12 +255,85 @@ def extra_files(data: bytes) -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------
 # From the exported graph to a module the engine can prune
 
+def _alias_root(node: fx.Node) -> fx.Node:
+    """The tensor whose memory `node` shares: itself, or what it is a view of."""
+    while node.op == "call_function" and node.target in ALIASING_ATEN and node.args \
+            and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node
+
+
+def _aliases(root: fx.Node) -> set[fx.Node]:
+    """`root` and every view of it, views of views included."""
+    found, stack = {root}, [root]
+    while stack:
+        for user in stack.pop().users:
+            if user not in found and user.op == "call_function" and user.target in ALIASING_ATEN \
+                    and user.args and user.args[0] in found:
+                found.add(user)
+                stack.append(user)
+    return found
+
+
+def functionalize(ep: torch.export.ExportedProgram) -> int:
+    """Rewrite in-place operators as their functional twins; returns how many were rewritten.
+
+    `torch.export` keeps the in-place calls of torchvision's modules (`ReLU(inplace=True)`,
+    `out += identity`). `y = relu_(a)` becomes `y = relu(a)`, and every later reader of `a` reads `y`,
+    which is what it saw before. Refused, in words: a write into a weight, a buffer or the input
+    (the model would change itself or its caller's images), and a write through a view whose
+    other views are read later (a functional graph cannot say that)."""
+    graph = ep.graph
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    rewritten = 0
+    for node in list(graph.nodes):
+        functional = INPLACE_TO_FUNCTIONAL.get(node.target) if node.op == "call_function" else None
+        if functional is None:
+            continue
+        target = node.args[0] if node.args else None
+        where = module_path(node)
+        if not isinstance(target, fx.Node):
+            raise ProgramError(f"Refused: {described_op(node.target)}{where} writes in place into something that is "
+                               "not a tensor of the graph.")
+        root = _alias_root(target)
+        if root.op == "placeholder":
+            what = "its input images" if root.name in _user_inputs(ep) else "one of its weights or buffers"
+            raise ProgramError(f"Refused: {described_op(node.target)}{where} writes in place into {what}; a model "
+                               "that changes itself while it runs cannot be pruned reliably (use the operation "
+                               "without `inplace=True` there).")
+        later = [u for a in _aliases(root) if a is not target for u in a.users if order[u] > order[node]]
+        if later:
+            raise ProgramError(f"Refused: {described_op(node.target)}{where} writes in place through a view of a "
+                               "tensor that is read again afterwards; use the operation without `inplace=True` "
+                               "there.")
+        with graph.inserting_after(node):
+            new = graph.call_function(functional, node.args, node.kwargs)
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        target.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new and user is not node
+                                     and order.get(user, -1) > order[node])
+        graph.erase_node(node)
+        order[new] = order.pop(node)
+        rewritten += 1
+    if rewritten:
+        graph.lint()
+    return rewritten
+
+
+def _user_inputs(ep: torch.export.ExportedProgram) -> set[str]:
+    from torch.export.graph_signature import InputKind
+
+    return {s.arg.name for s in ep.graph_signature.input_specs if s.kind == InputKind.USER_INPUT}
+
+
 def check_operators(ep: torch.export.ExportedProgram) -> None:
-    """Only known tensor operators: anything else is refused, by name."""
+    """Only known tensor operators: anything else is refused, by name and place, with what to do."""
     for node in ep.graph.nodes:
         if node.op == "call_function" and node.target not in ALLOWED_ATEN:
-            raise ProgramError(f"Refused: the program uses the operator '{op_name(node.target)}', which is not on "
-                               "this product's list of known tensor operators (core/graph.py).")
+            raise ProgramError(f"Refused: the program uses the operator '{op_name(node.target)}'{module_path(node)}, "
+                               "which is not on this product's list of known tensor operators (core/graph.py): "
+                               "replace it with a standard layer or function, or export the part of the model "
+                               "before it.")
         if node.op in ("call_module", "call_method", "get_attr"):
             raise ProgramError(f"Refused: the program's graph has a '{node.op}' node ('{node.target}'); only "
                                "ATen tensor operators are accepted.")
@@ -316,11 +398,23 @@ def _layer_path(target: str, suffix: str) -> str:
 
 
 def _free(name: str, taken: set[str]) -> str:
-    base, i = name.replace("/", "_") or "layer", 1
-    while name in taken or not all(p.isidentifier() or p.isdigit() for p in name.split(".")):
-        name, i = f"{re.sub(r'[^0-9A-Za-z_.]', '_', base)}_{i}", i + 1
-    taken.add(name)
-    return name
+    """A module path not taken yet: the user's own (`trunk_output.block1.block1-0.proj.0`) where each
+    part is plain letters, digits, `_` or `-`; other characters become `_`, a clash gets `_2`, `_3`."""
+    parts = [re.sub(r"[^0-9A-Za-z_-]", "_", p)[:100] or "_" for p in name.replace("/", ".").split(".")[:32]]
+    base = ".".join(parts) if parts and parts[0] else "layer"
+    def clashes(path: str) -> bool:  # taken, a parent of a taken path, or inside a taken module
+        parents = path.split(".")
+        return path in taken or path + "." in taken or \
+            any(".".join(parents[:j]) in taken for j in range(1, len(parents)))
+
+    candidate, i = base, 1
+    while clashes(candidate):
+        i += 1
+        candidate = f"{base}_{i}"
+    parts = candidate.split(".")
+    taken.update(".".join(parts[:j]) + "." for j in range(1, len(parts)))  # "a." marks a parent module
+    taken.add(candidate)
+    return candidate
 
 
 def to_module(ep: torch.export.ExportedProgram) -> fx.GraphModule:
@@ -464,6 +558,7 @@ class Program:
 def load(data: bytes) -> Program:
     """Read, check and rebuild a `.pt2` program; raises ProgramError with one sentence."""
     ep = read_exported(data)
+    functionalize(ep)
     check_operators(ep)
     sig = signature(ep)
     module = to_module(ep)

@@ -1,4 +1,4 @@
-"""The cumulative-sum fast path (DESIGN.md, point 4).
+"""The cumulative-sum fast path: the whole accuracy curve from one pass at a linear read-out.
 
 When everything between the pruned conv and the first cross-channel layer works channel by
 channel (BatchNorm, activations, a residual add of the same channel, pooling, flatten) and that
@@ -18,7 +18,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .graph import compact, is_linear, is_per_channel
+from .graph import compact, describe_node, is_linear, is_per_channel
 
 @dataclass
 class Readout:
@@ -51,16 +51,18 @@ def find_readout(suffix: fx.GraphModule) -> tuple[Readout | None, str]:
             elif is_per_channel(suffix, n) or n.args[:1] == (mask,):  # the mask's own view
                 zone.add(n)
             else:
-                return None, f"'{n.name}' ({n.op} {n.target}) mixes channels before any linear layer"
+                return None, (f"after this layer, {describe_node(suffix, n)} mixes its channels before the "
+                              "classifier's linear layer reads them")
         elif any(i in zone for i in inputs) or any(i.op == "placeholder" for i in n.all_input_nodes):
-            return None, f"'{n.name}' after the linear layer reads the pruned layer directly"
+            return None, (f"after the classifier's linear layer, {describe_node(suffix, n)} reads this layer's "
+                          "channels again")
         else:
             tail.append(n)
     if not entries:
-        return None, "no linear layer after the pruned conv"
+        return None, "no linear layer reads this layer's channels out (the classifier is a convolution or a pooling)"
     logits = output.args[0][0]
     if logits not in entries and logits not in tail:
-        return None, "the logits do not come from the linear layers"
+        return None, "the model's output is not computed from the linear layers that read this layer"
     return Readout(_zone(suffix, nodes, [e.args[0] for e in entries]),
                    [suffix.get_submodule(e.target) for e in entries], _tail(suffix, entries, tail, logits)), ""
 
