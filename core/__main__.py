@@ -9,7 +9,7 @@ import sys
 def cmd_train(args) -> int:
     import torch
 
-    from . import checkpoints, data
+    from . import checkpoints, data, inputs
     from .train import TrainConfig, train
 
     torch.set_num_threads(args.threads) if args.threads else None
@@ -20,7 +20,7 @@ def cmd_train(args) -> int:
     total = len(data.load(cfg.dataset, train=False, data_root=args.data_root))
     meta = {
         "dataset": cfg.dataset,
-        "normalization": {"mean": list(spec.mean), "std": list(spec.std)},
+        "input": inputs.usual(spec, spec.input_shape[0]).to_meta(),  # what train() fed the model
         "class_names": list(spec.class_names),
         "test_accuracy": correct / total,
         "test_correct": correct,
@@ -83,26 +83,39 @@ def parse_ks(spec: str, channels: int) -> list[int]:
     return ks
 
 
-def _engine(args):
-    from . import checkpoints, engine
+def _checkpoint(args):
+    """The checkpoint named on the command line, on `--dataset` if given, its inputs prepared as
+    `--normalize` says (else as the file states, else as assumed, and then it says so)."""
+    from . import checkpoints, inputs
 
     ckpt = checkpoints.load(args.checkpoint, dataset=args.dataset)
     if args.dataset:
         ckpt.meta["dataset"] = args.dataset  # this process's own copy: evaluate on another data set
+    if getattr(args, "normalize", None):
+        from . import data
+
+        ckpt = ckpt.with_prep(inputs.parse(args.normalize, data.DATASETS.get(ckpt.dataset), ckpt.spec.input_shape[0]))
+    return ckpt
+
+
+def _engine(args):
+    from . import engine
+
+    ckpt = _checkpoint(args)
     if not ckpt.dataset and not args.image_folder:
         raise ValueError(f"No registered data set fits this program (input {'x'.join(map(str, ckpt.spec.input_shape))}"
                          f", task {ckpt.spec.task}): pass --image-folder DIR with your own test images.")
     split = None
-    if args.image_folder:  # one's own images, normalised as the checkpoint's data set
+    if args.image_folder:  # one's own images, prepared as the model's inputs are
         from . import data
 
-        mean, std = data.normalisation_for(ckpt.dataset, ckpt.spec.input_shape[0])
-        split = data.load_image_folder(args.image_folder, ckpt.spec.input_shape, mean, std)
+        split = data.load_image_folder(args.image_folder, ckpt.spec.input_shape, ckpt.prep)
     bar = _Bar()
     eng = engine.from_checkpoint(ckpt, layer=args.layer, device=args.device, data_root=args.data_root,
                                  progress=bar, split=split)
     print(f"{args.checkpoint}: {ckpt.arch}, layer {eng.layer} ({eng.channels} channels), "
-          f"{eng.total} test images, device {eng.device}, path: {eng.path}"
+          f"{eng.total} test images, device {eng.device}, path: {eng.path}; inputs: {ckpt.prep.describe()} "
+          f"({ckpt.prep.source})"
           + (f"; {eng.recomputed_batches} batches over the memory budget are recomputed per evaluation"
              if eng.recomputed_batches else ""), file=sys.stderr)
     return ckpt, eng, bar
@@ -140,9 +153,9 @@ RERANK_NOTE = ("note: re-ranking after every prune (seed 001) gives this same or
 
 
 def cmd_info(args) -> int:
-    from . import checkpoints, data, engine
+    from . import data, engine, inputs
 
-    ckpt = checkpoints.load(args.checkpoint, dataset=args.dataset)
+    ckpt = _checkpoint(args)
     spec = ckpt.spec
     dataset = data.DATASETS.get(ckpt.dataset)
     print(f"{args.checkpoint}")
@@ -158,6 +171,14 @@ def cmd_info(args) -> int:
         fits = ckpt.meta.get("fitting_datasets") or []
         print(f"  a torch.export program: {ckpt.spec.input_shape} in, {ckpt.program.signature.outputs} outputs; "
               f"registered data sets that fit: {', '.join(fits) or 'none (use --image-folder)'}")
+    print(f"  inputs: {ckpt.prep.describe()} ({ckpt.prep.source})")
+    if ckpt.prep.source == inputs.ASSUMED and ckpt.dataset:
+        try:
+            hint = inputs.better_preparation(ckpt)
+        except data.DataUnavailable:  # info needs no data set; the check is then left out
+            hint = None
+        if hint is not None:
+            print(f"  note: {hint.sentence} Pass --normalize {hint.better.token()} to use it.")
     if "test_accuracy" in ckpt.meta:
         print(f"  recorded test accuracy: {ckpt.meta['test_accuracy']:.2%}")
     if "train_command" in ckpt.meta:
@@ -176,27 +197,24 @@ def cmd_info(args) -> int:
 def cmd_export(args) -> int:
     from . import checkpoints, program
 
-    ckpt = checkpoints.load(args.checkpoint, dataset=args.dataset)
-    meta = {k: v for k, v in ckpt.meta.items() if k != "fitting_datasets"}
-    meta.update(dataset=ckpt.dataset, exported_from=ckpt.name or str(args.checkpoint), architecture=ckpt.arch)
+    ckpt = _checkpoint(args)
+    meta = ckpt.saved_meta(exported_from=ckpt.name or str(args.checkpoint), architecture=ckpt.arch)
     program.save(ckpt.build_model(), ckpt.spec.input_shape, args.out, meta)
     again = checkpoints.load(args.out)  # read back the safe way, as any upload would be
     print(f"wrote {args.out}: {ckpt.arch} as a torch.export program with a dynamic batch dimension "
-          f"({again.spec.summary}); data set {again.dataset}")
+          f"({again.spec.summary}); data set {again.dataset}; inputs: {again.prep.describe()}")
     return 0
 
 
 def cmd_sensitivity(args) -> int:
-    from . import checkpoints, data, sensitivity
+    from . import sensitivity
 
-    ckpt = checkpoints.load(args.checkpoint, dataset=args.dataset)
-    if args.dataset:
-        ckpt.meta["dataset"] = args.dataset
+    ckpt = _checkpoint(args)
     try:
         fractions = [float(f) for f in args.fractions.split(",") if f.strip()]
     except ValueError:
         raise ValueError(f"--fractions '{args.fractions}' is not a comma list of numbers.") from None
-    split = data.load(ckpt.dataset, train=False, data_root=args.data_root)
+    split = ckpt.split(train=False, data_root=args.data_root)
     model = ckpt.build_model()
     tied = sensitivity.ties(model)
     rows = []
@@ -237,7 +255,7 @@ def cmd_oracle(args) -> int:
 def cmd_finetune(args) -> int:
     import time
 
-    from . import checkpoints, data, program
+    from . import checkpoints, program
     from .engine import count_correct
     from .finetune import FinetuneConfig, finetune
 
@@ -246,14 +264,13 @@ def cmd_finetune(args) -> int:
                          lr=args.lr, seed=args.seed)
     eng.mask_for(cfg.k, cfg.criterion)  # K in range, or one sentence
     before = eng.correct(cfg.k, cfg.mode, cfg.criterion)
-    train = data.load(ckpt.dataset, train=True, data_root=args.data_root)
+    train = ckpt.split(train=True, data_root=args.data_root)
     start = time.perf_counter()
     model, losses = finetune(eng, cfg, train.x, train.y,
                              progress=lambda done, total, loss: bar(done, total, f"fine-tuning (loss {loss:.3f})"))
     seconds = time.perf_counter() - start
     after = count_correct(model, eng.x, eng.y, eng.task)
-    meta = {k: v for k, v in ckpt.meta.items() if k != "fitting_datasets"}
-    meta.update(test_accuracy=after / eng.total, test_correct=after, test_total=eng.total,
+    meta = ckpt.saved_meta(test_accuracy=after / eng.total, test_correct=after, test_total=eng.total,
                 finetuned={**cfg.describe(), "pruned_channels": eng.ranking(cfg.criterion)[:cfg.k].tolist(),
                            "accuracy_before": before / eng.total, "seconds": round(seconds, 1),
                            "from": ckpt.name})
@@ -290,8 +307,7 @@ def cmd_slim(args) -> int:
         lat = ", ".join(f"batch {b} {ms:.2f} ms" for (_, b), ms in m.latency_ms.items())
         print(f"  {label:8s} parameters {m.parameters:,}  MACs {m.macs:,}  file {m.file_bytes / 1e6:.2f} MB  "
               f"CPU latency (median of {args.repeats}): {lat}")
-    meta = {k: v for k, v in ckpt.meta.items() if k != "fitting_datasets"}
-    meta.update(dataset=ckpt.dataset, test_correct=correct, test_total=eng.total, test_accuracy=correct / eng.total,
+    meta = ckpt.saved_meta(test_correct=correct, test_total=eng.total, test_accuracy=correct / eng.total,
                 slimmed={"from": ckpt.name, "layer": eng.layer, "k": args.k, "mode": args.mode,
                          "criterion": args.criterion, "shrunk": result.shrunk, "exact": result.exact})
     if str(args.out).endswith(".pt2"):
@@ -323,15 +339,15 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_magnitude(args) -> int:
-    from . import checkpoints, data, magnitude
+    from . import checkpoints, magnitude
     from .engine import count_correct, pick_device
 
-    ckpt = checkpoints.load(args.checkpoint, dataset=args.dataset)
+    ckpt = _checkpoint(args)
     schedule = [float(v) for v in args.schedule.split(",") if v.strip()]
     if not schedule or any(not 0 <= v < 1 for v in schedule):
         raise ValueError(f"--schedule '{args.schedule}': give sparsities in [0, 1), e.g. 0.5,0.8,0.9")
-    test = data.load(ckpt.dataset, train=False, data_root=args.data_root)
-    train = data.load(ckpt.dataset, train=True, data_root=args.data_root) if args.retrain_epochs else None
+    test = ckpt.split(train=False, data_root=args.data_root)
+    train = ckpt.split(train=True, data_root=args.data_root) if args.retrain_epochs else None
     model = ckpt.build_model()
     base = count_correct(model, test.x, test.y, ckpt.spec.task) / len(test)
     print(f"{args.checkpoint}: {ckpt.arch}, {magnitude.sparsity_of(model).overall_nonzero:,} weights, "
@@ -352,9 +368,9 @@ def cmd_magnitude(args) -> int:
               f"  nonzero {r.sparsity_after.overall_nonzero:,}  compression {r.sparsity_after.compression:.1f}x")
     print(f"wrote {args.out} (baseline accuracy {base:.4f})")
     if args.save_checkpoint:
-        meta = dict(ckpt.meta, magnitude_pruned={"schedule": schedule, "retrain_epochs": args.retrain_epochs,
+        meta = ckpt.saved_meta(magnitude_pruned={"schedule": schedule, "retrain_epochs": args.retrain_epochs,
                                                  "per_layer": args.per_layer},
-                    test_accuracy=steps[-1].accuracy_after)
+                               test_accuracy=steps[-1].accuracy_after)
         if ckpt.program is not None:  # a program stays a program
             from . import program
 
@@ -392,6 +408,9 @@ def parser() -> argparse.ArgumentParser:
     i.add_argument("--dataset", default=None, choices=sorted(DATASETS),
                    help="for a .pt2 program: the data set it is meant for (checked to fit)")
     i.set_defaults(func=cmd_info)
+    normalize_help = ("how the model's inputs are prepared, where the file does not say (or to override it): "
+                      "none (pixels in [0, 1]), dataset (the data set's usual mean and std), or MEAN,STD "
+                      "('/' between channels)")
 
     e = sub.add_parser("export", help="write any loadable model as a torch.export program (.pt2)")
     e.add_argument("checkpoint")
@@ -410,6 +429,7 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("--image-folder", default=None, metavar="DIR",
                         help="evaluate on your own images: one sub-folder per class (ImageFolder layout)")
         sp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+        sp.add_argument("--normalize", default=None, metavar="none|dataset|MEAN,STD", help=normalize_help)
 
     r = sub.add_parser("rank", help="rank the layer's channels (rank 0 = pruned first) to CSV")
     common(r)
@@ -472,6 +492,8 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--data-root", default=None)
     m.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     m.set_defaults(func=cmd_magnitude)
+    for sp in (i, e, se, m):
+        sp.add_argument("--normalize", default=None, metavar="none|dataset|MEAN,STD", help=normalize_help)
     for sp in (t, i, e, r, s, f, sl, o, se, m):
         sp.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     return p
@@ -488,6 +510,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"error: {exc}", file=sys.stderr)
+        if getattr(exc, "how_to", None):  # e.g. the lines that export a model of one's own as a .pt2
+            print(exc.how_to, file=sys.stderr)
         return 2
     except Exception as exc:  # a bug, not bad input: still one line, the traceback with --debug
         if args.debug:

@@ -12,13 +12,13 @@ import hashlib
 import io
 import json
 import pickle
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from . import data, models, program, untrusted
+from . import data, inputs, models, program, untrusted
 
 
 class CheckpointError(ValueError):
@@ -26,7 +26,10 @@ class CheckpointError(ValueError):
 
 
 class UnknownArchitecture(CheckpointError):
-    """A plain state dict that matches no registered architecture: the user may say which it is."""
+    """A plain state dict that matches no registered architecture: the user may say which it is, or
+    export the model as a program (`how_to`: the lines that do it)."""
+
+    how_to = program.EXPORT_LINES
 
 
 @dataclass
@@ -35,10 +38,11 @@ class Checkpoint:
     arch_kwargs: dict
     state_dict: dict[str, torch.Tensor]
     meta: dict = field(default_factory=dict)
-    digest: str = ""  # sha256 of the file's bytes: the cache key, so a replaced file is never stale
+    digest: str = ""  # sha256 of the file's bytes (and a chosen input preparation): the key of every cache
     name: str = ""
     program: program.Program | None = None  # a .pt2 file: the graph is the architecture
     program_spec: models.ArchSpec | None = None
+    input_prep: inputs.Preparation | None = None  # as the file states it or the user chose; None: not said
 
     @property
     def spec(self) -> models.ArchSpec:
@@ -47,6 +51,42 @@ class Checkpoint:
     @property
     def dataset(self) -> str:
         return self.meta.get("dataset", self.spec.dataset)
+
+    @property
+    def prep(self) -> inputs.Preparation:
+        """How this model's inputs are prepared; where nothing says, the data set's usual statistics
+        (`prep.source` then says it was assumed)."""
+        if self.input_prep is not None:
+            return self.input_prep
+        return inputs.usual(data.DATASETS.get(self.dataset), self.spec.input_shape[0])
+
+    def with_prep(self, prep: inputs.Preparation) -> "Checkpoint":
+        """The same model with inputs prepared as the user chose: a new object (a shared checkpoint is never
+        changed) whose digest, the key of every cache, includes the choice."""
+        prep = prep.with_source(inputs.CHOSEN)
+        if not prep.fits(self.spec.input_shape[0]):
+            raise CheckpointError(f"The input preparation gives {len(prep.mean)} means, but the model takes "
+                                  f"{self.spec.input_shape[0]} channels.")
+        digest = self.file_digest + ":" + prep.token()
+        return replace(self, input_prep=prep, digest=digest)
+
+    @property
+    def file_digest(self) -> str:
+        """The file's own sha256 (the digest without a chosen preparation)."""
+        return self.digest.split(":", 1)[0]
+
+    def split(self, train: bool = False, data_root: str | None = None) -> data.DataSplit:
+        """Its data set's test (or training) split, prepared as this model's inputs are."""
+        return data.load(self.dataset, train, data_root, self.prep)
+
+    def saved_meta(self, **updates) -> dict:
+        """The meta to write beside this model (or a model made from it): the data set and the input
+        preparation stated, this product's own notes left out."""
+        meta = {k: v for k, v in self.meta.items() if k not in ("fitting_datasets", "renamed_tensors",
+                                                                "normalization")}
+        meta.update(dataset=self.dataset, input=self.prep.to_meta())
+        meta.update(updates)
+        return meta
 
     def build_model(self) -> nn.Module:
         """A fresh model in eval mode with the weights loaded; each call returns a new object."""
@@ -143,9 +183,10 @@ def detect_arch(state_dict: dict[str, torch.Tensor]) -> tuple[str, dict, dict[st
     best, kwargs, ours = max(candidates, key=lambda c: len(set(c[2]) & set(theirs)))
     matching = len(set(ours) & set(theirs))
     raise UnknownArchitecture(
-        f"This state dict ({len(theirs)} tensors, first '{theirs[0][0]}' {list(theirs[0][1])}) matches no "
-        f"registered architecture. Registered: {', '.join(models.REGISTRY)}. Nearest: '{best}' "
-        f"({matching} of its {len(ours)} tensors match by name and shape)."
+        f"This state dict ({len(theirs)} tensors, first '{theirs[0][0]}' {list(theirs[0][1])}) matches none of "
+        f"the registered architectures ({', '.join(models.REGISTRY)}; nearest '{best}', {matching} of its "
+        f"{len(ours)} tensors match), and a state dict alone does not say how the model computes: export the "
+        "model as a .pt2 program with the lines below (where the model is defined) and upload model.pt2."
     )
 
 
@@ -414,6 +455,7 @@ def from_bytes(data: bytes, name: str = "", arch: str | None = None, dataset: st
         ckpt.meta = {**_meta({k: v for k, v in ckpt.meta.items() if k not in ("dataset", "fitting_datasets")}),
                      "dataset": ckpt.meta["dataset"], "fitting_datasets": ckpt.meta["fitting_datasets"]}
         _check_tensors(ckpt.state_dict, strict_dtypes=False)
+        ckpt.input_prep = _stated_prep(ckpt)
         return ckpt
     obj = _torch_load(data)
     digest = hashlib.sha256(data).hexdigest()
@@ -440,7 +482,20 @@ def from_bytes(data: bytes, name: str = "", arch: str | None = None, dataset: st
     else:
         raise CheckpointError("This file holds no state dict: expected a dict of tensors or the bundled format.")
     ckpt.build_model()  # fail now, with the shapes named, rather than later
+    ckpt.input_prep = _stated_prep(ckpt)
     return ckpt
+
+
+def _stated_prep(ckpt: Checkpoint) -> inputs.Preparation | None:
+    """The input preparation the file states (`meta.input`), checked like every other field."""
+    try:
+        prep = inputs.from_meta(ckpt.meta)
+    except inputs.PreparationError as exc:
+        raise CheckpointError(str(exc)) from None
+    if prep is not None and not prep.fits(ckpt.spec.input_shape[0]):
+        raise CheckpointError(f"The checkpoint's 'meta.input' gives {len(prep.mean)} means, but the model takes "
+                              f"{ckpt.spec.input_shape[0]} channels.")
+    return prep
 
 
 def load(path: str | Path, dataset: str | None = None) -> Checkpoint:

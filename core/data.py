@@ -20,6 +20,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from . import inputs
+from .inputs import Preparation
 from .untrusted import env_int
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -53,13 +55,15 @@ class DataSpec:
 
 @dataclass(frozen=True)
 class DataSplit:
-    """A whole split as tensors: `x` normalised float (N, C, H, W), `y` int64 labels. Read-only."""
+    """A whole split as tensors: `x` the model's inputs (N, C, H, W), prepared by `prep`; `y` int64 labels.
+    Read-only."""
 
     spec: DataSpec
     train: bool
     x: torch.Tensor
     y: torch.Tensor
     source: str  # where the files were found, shown to the user
+    prep: Preparation = inputs.NONE  # how the pixels were prepared (see core/inputs.py)
 
     def __len__(self) -> int:
         return len(self.y)
@@ -208,16 +212,21 @@ def locate(name: str, train: bool, data_root: str | Path | None = None,
 # ---------------------------------------------------------------------------------------------
 # Loading
 
-def _normalise(images: np.ndarray, spec: DataSpec) -> torch.Tensor:
+def _pixels(images: np.ndarray) -> torch.Tensor:
+    """uint8 images as float pixels in [0, 1], (N, C, H, W)."""
     x = torch.from_numpy(np.array(images)).float().div_(255.0)  # a copy: IDX arrays are read-only
-    if x.dim() == 3:
-        x = x.unsqueeze(1)
-    mean = torch.tensor(spec.mean).view(1, -1, 1, 1)
-    std = torch.tensor(spec.std).view(1, -1, 1, 1)
-    return x.sub_(mean).div_(std)
+    return x.unsqueeze(1) if x.dim() == 3 else x
 
 
-def _load_images(name: str, train: bool, data_root: str | None) -> DataSplit:
+def _prepared(x: torch.Tensor, prep: Preparation) -> torch.Tensor:
+    """`(x - mean) / std` per channel, in place (an exact no-op where the preparation does not normalise)."""
+    if not prep.normalised:
+        return x
+    mean, std = prep.stats(x.shape[1])
+    return x.sub_(torch.tensor(mean).view(1, -1, 1, 1)).div_(torch.tensor(std).view(1, -1, 1, 1))
+
+
+def _load_images(name: str, train: bool, data_root: str | None, prep: Preparation) -> DataSplit:
     spec = DATASETS[name]
     files = locate(name, train, data_root)
     if name == "cifar10":
@@ -228,7 +237,8 @@ def _load_images(name: str, train: bool, data_root: str | None) -> DataSplit:
         images, labels = read_idx(files[0]), read_idx(files[1]).astype(np.int64)
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
             raise DataUnavailable(f"{files[0]} and {files[1]} do not match: {images.shape} vs {labels.shape}.")
-    return DataSplit(spec, train, _normalise(images, spec), torch.from_numpy(labels), str(files[0].parent))
+    return DataSplit(spec, train, _prepared(_pixels(images), prep), torch.from_numpy(labels), str(files[0].parent),
+                     prep)
 
 
 def make_pairs(labels: torch.Tensor, seed: int = PAIR_SEED) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -252,28 +262,27 @@ def make_pairs(labels: torch.Tensor, seed: int = PAIR_SEED) -> tuple[torch.Tenso
     return torch.arange(n), partner, same.long()
 
 
-def _load_pairs(name: str, train: bool, data_root: str | None) -> DataSplit:
-    base = load(name.removesuffix("_pairs"), train, data_root)
+def _load_pairs(name: str, train: bool, data_root: str | None, prep: Preparation) -> DataSplit:
+    base = load(name.removesuffix("_pairs"), train, data_root, inputs.NONE)
     first, second, same = make_pairs(base.y, seed=PAIR_SEED + (1 if train else 0))
     x = torch.cat([base.x[first], base.x[second]], dim=1)  # (N, 2, 28, 28): the two images as channels
-    return DataSplit(DATASETS[name], train, x, same, base.source)
+    return DataSplit(DATASETS[name], train, _prepared(x, prep), same, base.source, prep)
 
 
-@lru_cache(maxsize=6)
-def load(name: str = "fashion_mnist", train: bool = False, data_root: str | None = None) -> DataSplit:
-    """The whole split as normalised tensors. Cached: callers must not write into them."""
+@lru_cache(maxsize=8)
+def load(name: str = "fashion_mnist", train: bool = False, data_root: str | None = None,
+         prep: Preparation | None = None) -> DataSplit:
+    """The whole split as the model's inputs: pixels in [0, 1] prepared by `prep` (None: the data set's
+    usual mean and std). Cached: callers must not write into them."""
     if name not in DATASETS:
         raise DataUnavailable(f"Unknown data set '{name}'. Known: {', '.join(sorted(DATASETS))}.")
+    spec = DATASETS[name]
+    prep = prep if prep is not None else inputs.usual(spec, spec.input_shape[0])
+    if not prep.fits(spec.input_shape[0]):
+        raise DataUnavailable(f"The input preparation gives {len(prep.mean)} means, but '{name}' has "
+                              f"{spec.input_shape[0]}-channel images.")
     loader: Callable = _load_pairs if name.endswith("_pairs") else _load_images
-    return loader(name, train, data_root)
-
-
-def normalisation_for(dataset: str, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Mean and std for one's own images fed to a model trained on `dataset` (0.5 where unknown)."""
-    spec = DATASETS.get(dataset)
-    if spec and len(spec.mean) == channels:
-        return spec.mean, spec.std
-    return (0.5,) * channels, (0.5,) * channels
+    return loader(name, train, data_root, prep)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -335,10 +344,10 @@ def _image_size(source, label: str, limits: dict) -> int:
     return w * h
 
 
-def load_image_folder(path: str | Path, input_shape: tuple[int, ...], mean: tuple[float, ...],
-                      std: tuple[float, ...]) -> DataSplit:
-    """One's own data in torchvision's ImageFolder layout (a folder per class), resized to the model's input.
-    Bounded before decoding: the number of images, pixels per image and in all (see `image_limits`)."""
+def load_image_folder(path: str | Path, input_shape: tuple[int, ...], prep: Preparation) -> DataSplit:
+    """One's own data in torchvision's ImageFolder layout (a folder per class), resized to the model's input
+    and prepared as the model's inputs are (`prep`). Bounded before decoding: the number of images, pixels
+    per image and in all (see `image_limits`)."""
     from PIL import Image
     from torchvision import datasets, transforms
 
@@ -352,7 +361,7 @@ def load_image_folder(path: str | Path, input_shape: tuple[int, ...], mean: tupl
     os.utime(path)  # recently used: kept by the uploads' LRU bound
     channels, h, w = input_shape
     tf = transforms.Compose(([transforms.Grayscale(channels)] if channels in (1, 3) else [])
-                            + [transforms.Resize((h, w)), transforms.ToTensor(), transforms.Normalize(mean, std)])
+                            + [transforms.Resize((h, w)), transforms.ToTensor()])
     limits = image_limits()
     try:
         ds = datasets.ImageFolder(str(path), transform=tf)
@@ -382,9 +391,10 @@ def load_image_folder(path: str | Path, input_shape: tuple[int, ...], mean: tupl
     prefixes = [re.match(r"^(\d+)", c) for c in ds.classes]
     if all(prefixes):
         ys = [int(prefixes[y].group(1)) for y in ys]
-    spec = DataSpec(f"image_folder:{path}", path.name, tuple(ds.classes), tuple(mean), tuple(std), input_shape,
+    mean, std = prep.stats(channels)
+    spec = DataSpec(f"image_folder:{path}", path.name, tuple(ds.classes), mean, std, input_shape,
                     "check the folder")
-    return DataSplit(spec, False, torch.stack(xs), torch.tensor(ys), str(path))
+    return DataSplit(spec, False, _prepared(torch.stack(xs), prep), torch.tensor(ys), str(path), prep)
 
 
 def _zip_members(zf, label: str, limits: dict) -> tuple[list, str]:

@@ -176,18 +176,14 @@ HELDOUT_IMAGES = 10_000
 
 def training_size(ckpt, data_root: str | None = None) -> int:
     """How many of the last training images the oracle may choose on: a sixth of them, at most 10,000."""
-    from . import data
-
-    return min(HELDOUT_IMAGES, len(data.load(ckpt.dataset, train=True, data_root=data_root)) // 6)
+    return min(HELDOUT_IMAGES, len(ckpt.split(train=True, data_root=data_root)) // 6)
 
 
 def training_engine(ckpt, eng: Engine, data_root: str | None = None, progress: Progress | None = None) -> Engine:
     """An engine over the last `training_size` training images at the same layer: the oracle can choose
     its order there without looking at the test labels, and the order is then scored on the test set.
     (The bundled models were trained on these images too: they are apart from the test set, not unseen.)"""
-    from . import data
-
-    train = data.load(ckpt.dataset, train=True, data_root=data_root)
+    train = ckpt.split(train=True, data_root=data_root)
     n = training_size(ckpt, data_root)
     return Engine(ckpt.build_model(), train.x[-n:], train.y[-n:], layer=eng.layer, task=eng.task,
                   device=eng.device, progress=progress)

@@ -500,7 +500,8 @@ def _conv(node: fx.Node, tensor) -> nn.Conv2d:
     stride, padding, dilation, groups = (_opt(node, 3, [1, 1]), _opt(node, 4, [0, 0]), _opt(node, 5, [1, 1]),
                                          _opt(node, 6, 1))
     if isinstance(padding, str) or not all(isinstance(v, int) for v in [*stride, *padding, *dilation, groups]):
-        raise ProgramError(f"Refused: the conv '{node.name}' has a stride or padding this product cannot rebuild.")
+        raise ProgramError(f"Refused: the convolution{module_path(node)} has a stride or padding this product cannot "
+                           "rebuild (a padding mode given by name, or a computed value).")
     conv = nn.Conv2d(weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]), stride=tuple(stride),
                      padding=tuple(padding), dilation=tuple(dilation), groups=groups, bias=bias is not None)
     conv.weight = nn.Parameter(weight, requires_grad=False)

@@ -1,10 +1,10 @@
 """Load page: the bundled checkpoints, an upload of one's own, and a summary of the model in use."""
 import streamlit as st
 
-from core import checkpoints
+from core import checkpoints, program
 from core import data as datasets
 from core.models import REGISTRY
-from ui import guard, keys, sidebar, state
+from ui import guard, keys, preparation, sidebar, state
 
 with guard.page():  # an unexpected error: one sentence, the session intact (ui/guard.py)
     sidebar.show(sidebar.LOAD)
@@ -21,15 +21,17 @@ with guard.page():  # an unexpected error: one sentence, the session intact (ui/
 
     st.subheader("Upload your own")
     st.markdown(
-        "**Any CNN** as a `torch.export` program (`.pt2`): "
-        "`torch.export.save(torch.export.export(model.eval(), (example,), "
-        "dynamic_shapes=({0: torch.export.Dim('batch')},)), 'model.pt2')`. Its graph and weights are read "
-        "without running anything in the file, and only known tensor operators are accepted. "
+        "**Any CNN** as a `torch.export` program (`.pt2`), torchvision's models included, exported with the "
+        "lines below (the example's size is your model's input; `meta` says how its images were prepared). "
+        "Its graph and weights are read without running anything in the file, and only known tensor "
+        "operators are accepted. "
         "Or a state dict saved with `torch.save(model.state_dict(), 'model.pt')` for one of the registered "
         f"architectures ({', '.join(f'`{a}`' for a in REGISTRY)}), or a checkpoint in this app's format "
         "(`{'arch', 'arch_kwargs', 'state_dict', 'meta'}`), read with `weights_only=True`: "
         "a whole pickled model is refused, because loading it could run code."
     )
+    with st.expander("Export your model as a .pt2 program"):
+        st.code(program.EXPORT_LINES, language="python")
     st.caption(f"Uploads are limited to {st.get_option('server.maxUploadSize')} MB (`.streamlit/config.toml`).")
     dataset = st.selectbox("Test a .pt2 program on", ["", *datasets.DATASETS], key=keys.UPLOAD_DATASET,
                            format_func=lambda d: datasets.DATASETS[d].title if d else "the first data set that fits",
@@ -42,6 +44,8 @@ with guard.page():  # an unexpected error: one sentence, the session intact (ui/
             ckpt = state.add_upload(upload.name, upload.getvalue(), dataset=dataset or None)
         except checkpoints.CheckpointError as exc:
             st.error(f"{upload.name} was not loaded. {exc}")
+            if getattr(exc, "how_to", None):  # a model of one's own architecture: the lines that export it
+                st.code(exc.how_to, language="python")
             st.caption(f"Still using **{st.session_state[keys.MODEL]}**.")
             if isinstance(exc, checkpoints.UnknownArchitecture):  # let the user say which it is
                 arch = st.selectbox("Load it as", list(REGISTRY), index=None, key=keys.UPLOAD_ARCH,
@@ -86,8 +90,9 @@ with guard.page():  # an unexpected error: one sentence, the session intact (ui/
     c1.metric("Architecture", ckpt.arch)
     c2.metric("Parameters", f"{state.parameter_count(ckpt):,}")
     c3.metric("Baseline test accuracy", f"{eng.correct(0) / eng.total:.2%}",
-              help="Measured now on the whole test set"
+              help="Measured now on the whole test set, with the inputs prepared as below"
               + (f"; the checkpoint records {baseline:.2%}" if baseline else ""))
+    preparation.show(st.session_state[keys.MODEL], ckpt)
     st.caption(f"{state.summary_in_words(ckpt)}. Data set: **{ckpt.dataset}** ({eng.total:,} test images). "
                f"Pruned layer: **{eng.layer}** ({eng.channels} channels). "
                + state.evaluation_in_words(eng))

@@ -8,7 +8,7 @@ import torch
 from streamlit.testing.v1 import AppTest
 
 from conftest import BUNDLED, ROOT
-from core import checkpoints, engine, models
+from core import checkpoints, engine, inputs, models, program
 
 APP = str(ROOT / "app.py")
 
@@ -281,7 +281,7 @@ def test_own_image_folder_zip_becomes_the_test_data(app, tmp_path, monkeypatch):
     app.switch_page("app.py").run()
     set_k(app, 400)
     folder = data.unpack_zip(buf.getvalue(), "mine.zip")
-    own = data.load_image_folder(folder, (1, 28, 28), (0.2860,), (0.3530,))
+    own = data.load_image_folder(folder, (1, 28, 28), inputs.Preparation((0.2860,), (0.3530,)))
     eng = engine.from_checkpoint(checkpoints.load(BUNDLED["vgg"]), device="cpu", split=own)
     assert eng.total == 40
     assert accuracy_text(app) == f"{eng.correct(400) / 40:.2%}"
@@ -350,7 +350,9 @@ def test_unrecognised_state_dict_can_be_loaded_as_a_picked_architecture(app):
                                                                  if "num_batches_tracked" not in k)]))
     app.switch_page("pages/1_load.py").run()
     _upload(app, "odd.pt", _bytes(shuffled))
-    assert any("matches no registered architecture" in e.value for e in app.error)
+    assert any("matches none of the registered architectures" in e.value and "export the model as a .pt2" in
+               e.value for e in app.error)
+    assert any(c.value == program.EXPORT_LINES for c in app.code)  # the lines that export it, under the upload
     app.selectbox(key="upload_arch").set_value("small_vgg").run()
     assert any("Not as 'small_vgg' either" in e.value and "is missing" in e.value for e in app.error)
     assert app.selectbox(key="model").value == "fmnist_vgg"

@@ -21,7 +21,7 @@ from PIL import Image
 from torch import nn
 
 from conftest import BUNDLED, ROOT
-from core import checkpoints, data, engine, models, untrusted
+from core import checkpoints, data, engine, inputs, models, untrusted
 from core.cache import EngineCache, OverBudget
 
 
@@ -53,7 +53,7 @@ def bad_files(tmp_path) -> dict[str, tuple[bytes, str]]:
         "photo.pt": (b"\xff\xd8\xff\xe0\x00\x10JFIF" + bytes(200), "Not a PyTorch checkpoint"),
         "truncated.pt": (good[: len(good) // 3], "Not a readable PyTorch checkpoint"),
         "evil.pt": (saved({"state_dict": WritesMarker(tmp_path / "PWNED")}), "could run code"),
-        "unknown.pt": (saved(unknown), "Nearest: '"),
+        "unknown.pt": (saved(unknown), "nearest '"),
         "shapes.pt": (saved(wrong_shape), "'features.6.0.weight' has shape [256, 128, 3, 3] in the file, but "
                                           "'small_vgg' expects [512, 128, 3, 3]"),
         "nan.pt": (saved(nan), "NaN or infinite"),
@@ -367,12 +367,12 @@ CHILD = r"""
 import json, os, resource, sys, time
 sys.path.insert(0, sys.argv[1])
 import torch
-from core import checkpoints, data
+from core import checkpoints, data, inputs
 torch.set_num_threads(1)
 def read(path):
     raw = open(path, "rb").read()
     if sys.argv[2] == "zip":
-        return data.load_image_folder(data.unpack_zip(raw, os.path.basename(path)), (1, 28, 28), (0.5,), (0.5,))
+        return data.load_image_folder(data.unpack_zip(raw, os.path.basename(path)), (1, 28, 28), inputs.Preparation((0.5,), (0.5,)))
     return checkpoints.from_bytes(raw, os.path.basename(path))
 read(sys.argv[3])  # warm up on a good file: imports, first allocations
 size = int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()
@@ -578,7 +578,7 @@ def test_unpacked_zips_are_reused_and_bounded(tmp_path, monkeypatch):
     data.unpack_zip(zips[2], "c.zip")
     assert len(list((tmp_path / "uploads").iterdir())) == 2 and not first.exists()  # least recently used removed
     with pytest.raises(data.DataUnavailable, match="no longer on the server; upload the zip again|no longer on the"):
-        data.load_image_folder(first, (1, 28, 28), (0.5,), (0.5,))
+        data.load_image_folder(first, (1, 28, 28), inputs.Preparation((0.5,), (0.5,)))
 
 
 # ---------------------------------------------------------------------------------------------

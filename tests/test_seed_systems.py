@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from conftest import ROOT
-from core import checkpoints, data, engine, models
+from core import checkpoints, data, engine, inputs, models
 
 PAIR_CHECKPOINTS = {"pair_cnn": ROOT / "checkpoints" / "fmnist_pair_cnn.pt",
                     "siamese": ROOT / "checkpoints" / "fmnist_siamese.pt"}
@@ -269,14 +269,14 @@ def test_image_folder_and_zip_upload(tmp_path):
         (root / cls).mkdir(parents=True)
         for i in range(3):
             Image.new("L", (40, 40), value).save(root / cls / f"{i}.png")
-    split = data.load_image_folder(root, (1, 28, 28), (0.5,), (0.5,))
+    split = data.load_image_folder(root, (1, 28, 28), inputs.Preparation((0.5,), (0.5,)))
     assert split.x.shape == (6, 1, 28, 28) and split.y.tolist() == [0, 0, 0, 1, 1, 1]
     assert split.spec.class_names == ("dark", "light")
     torch.testing.assert_close(split.x[0], torch.full((1, 28, 28), (20 / 255 - 0.5) / 0.5))
     numbered = tmp_path / "numbered"
     (numbered / "7_sneaker").mkdir(parents=True)
     Image.new("L", (28, 28), 0).save(numbered / "7_sneaker" / "a.png")
-    assert data.load_image_folder(numbered, (1, 28, 28), (0.5,), (0.5,)).y.tolist() == [7]
+    assert data.load_image_folder(numbered, (1, 28, 28), inputs.Preparation((0.5,), (0.5,))).y.tolist() == [7]
 
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:
@@ -305,7 +305,7 @@ def test_cli_sweeps_on_an_image_folder(tmp_path):
                          cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     rows = out.read_text().splitlines()
-    own = data.load_image_folder(tmp_path / "imgs", (1, 28, 28), (0.2860,), (0.3530,))
+    own = data.load_image_folder(tmp_path / "imgs", (1, 28, 28), inputs.Preparation((0.2860,), (0.3530,)))
     eng = engine.from_checkpoint(checkpoints.load(ROOT / "checkpoints" / "fmnist_vgg.pt"), device="cpu", split=own)
     assert rows[1].split(",")[:3] == ["0", str(eng.correct(0)), "30"]
     assert rows[2].split(",")[:2] == ["256", str(eng.correct(256))]

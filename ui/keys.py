@@ -31,6 +31,7 @@ K = "k"                    # channels pruned; survives page switches and model s
 INITIALISED = "initialised"  # defaults and URL applied once per session
 HANDOFFS = "handoffs"      # {widget key: value} to apply before the next run's sidebar (see above)
 UPLOADS = "uploads"        # {file name: Checkpoint} this session uploaded
+INPUTS = "inputs"          # {model name: preparation token} chosen on the Load page (core/inputs.py); in the URL
 OWN_DATA = "own_data"      # the uploaded image folder: {"name", "path", "digest", "images", "classes"}
 LAST_UPLOAD = "last_upload"    # (file_id, chosen data set) of the checkpoint upload already handled
 LAST_IMAGES = "last_images"    # file_id of the image-folder upload already handled
@@ -59,6 +60,8 @@ SENSITIVITY_RUNNING = "sensitivity_running"  # the key of the map being computed
 SENSITIVITY_START, SENSITIVITY_STOP, SENSITIVITY_CSV = "sensitivity_start", "sensitivity_stop", "sensitivity_csv"
 UPLOAD_DATASET = "upload_dataset"  # the data set a .pt2 program is tested on ("" = the first that fits)
 UPLOAD_IMAGES = "upload_images"
+PREP_MEAN, PREP_STD, PREP_APPLY = "prep_mean", "prep_std", "prep_apply"  # the Load page's custom preparation
+PREP_USE_HINT = "prep_use_hint"  # the Load page's button taking the preparation a sample check suggests
 CURVE_MODELS, CURVE_MODES, CURVE_CRITERIA, CURVE_STEP = "curve_models", "curve_modes", "curve_criteria", "curve_step"
 MAG_MODEL, MAG_THRESHOLD, MAG_SPARSITY = "mag_model", "mag_threshold", "mag_sparsity"
 MAG_EPOCHS, MAG_IMAGE, MAG_AXIS, MAG_SHOW = "mag_epochs", "mag_image", "mag_axis", "mag_show"

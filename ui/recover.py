@@ -9,7 +9,7 @@ import plotly.graph_objects as go
 import streamlit as st
 import torch
 
-from core import checkpoints, data, engine, program, slim
+from core import checkpoints, engine, program, slim
 from core.checkpoints import Checkpoint
 from core.finetune import FinetuneConfig, finetune
 from ui import keys, state
@@ -49,17 +49,16 @@ def _finetune(ckpt: Checkpoint, eng: engine.Engine, k: int, mode: str, criterion
             chart.line_chart({"training loss": losses}, height=180)
 
     cfg = FinetuneConfig(k=k, layer=eng.layer, criterion=criterion, mode=mode, steps=int(steps))
-    train = data.load(ckpt.dataset, train=True)
+    train = ckpt.split(train=True)
     model, done = finetune(eng, cfg, train.x, train.y, progress=progress)
     st.session_state[keys.FT_RUNNING] = False
     after = engine.count_correct(model, eng.x, eng.y, eng.task)
     name = f"{ckpt.name} · K={k} {mode} · fine-tuned {len(done)} steps"
-    meta = {**{key: v for key, v in ckpt.meta.items() if key != "fitting_datasets"},
-            "test_accuracy": after / eng.total, "test_correct": after, "test_total": eng.total,
-            "finetuned": {**cfg.describe(), "from": ckpt.name}}
+    meta = ckpt.saved_meta(test_accuracy=after / eng.total, test_correct=after, test_total=eng.total,
+                           finetuned={**cfg.describe(), "from": ckpt.name})
     state_dict = {key: v.detach().clone() for key, v in model.state_dict().items()}
     digest = hashlib.sha256(repr((ckpt.digest, cfg.describe())).encode()).hexdigest()
-    tuned = Checkpoint(ckpt.arch, dict(ckpt.arch_kwargs), state_dict, meta, digest, name)
+    tuned = Checkpoint(ckpt.arch, dict(ckpt.arch_kwargs), state_dict, meta, digest, name, input_prep=ckpt.prep)
     state.add_session_model(name, tuned)
     before = eng.correct(k, mode, criterion)
     st.success(f"Accuracy at K = {k}: {before / eng.total:.2%} right after pruning -> {after / eng.total:.2%} after "
@@ -115,9 +114,9 @@ def _realise(ckpt: Checkpoint, eng: engine.Engine, k: int, mode: str, criterion:
     st.dataframe(rows, hide_index=True, width="stretch")
     st.caption("Latency: median of 10 runs after warm-up, measured now on this server (other users' work "
                "slows it). MACs: PyTorch's FlopCounterMode.")
-    meta = {**{kk: v for kk, v in ckpt.meta.items() if kk != "fitting_datasets"}, "dataset": ckpt.dataset,
-            "test_correct": right, "test_total": eng.total, "test_accuracy": right / eng.total,
-            "slimmed": {"from": ckpt.name, "layer": eng.layer, "k": k, "mode": mode, "criterion": criterion}}
+    meta = ckpt.saved_meta(test_correct=right, test_total=eng.total, test_accuracy=right / eng.total,
+                           slimmed={"from": ckpt.name, "layer": eng.layer, "k": k, "mode": mode,
+                                    "criterion": criterion})
     buf = io.BytesIO()
     program.save(result.model, shape, buf, meta)
     left, right_col = st.columns(2)

@@ -38,7 +38,7 @@ def compute(ckpt: Checkpoint, criterion: str, mode: str, device: str, partial: l
     """Rows for every layer and fraction; `partial` (this session's rows so far) are not recomputed."""
     from core import data
 
-    split = data.load(ckpt.dataset)
+    split = ckpt.split()
     model = ckpt.build_model()
     done = {(r.layer, r.fraction) for r in partial}
     layers = [n for n in engine.conv_layer_names(model)

@@ -95,6 +95,9 @@ def _init_model() -> None:
     models = state.channel_models()
     model = st.query_params.get("model")
     st.session_state[keys.MODEL] = model if model in models else state.DEFAULT_MODEL
+    token = st.query_params.get("inputs")
+    if model in models and isinstance(token, str) and len(token) <= 400:  # checked again where it is used
+        st.session_state.setdefault(keys.INPUTS, {})[model] = token
     st.session_state[keys.INITIALISED] = True
 
 
@@ -165,3 +168,8 @@ def sync_url() -> None:
         value = st.session_state.get(key)
         if value is not None and st.query_params.get(key) != str(value):
             st.query_params[key] = str(value)
+    token = state.preparation_choice(str(st.session_state.get(keys.MODEL)))  # the model's chosen inputs
+    if token and st.query_params.get("inputs") != token:
+        st.query_params["inputs"] = token
+    elif not token and "inputs" in st.query_params:
+        del st.query_params["inputs"]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from core import checkpoints, criteria, engine, magnitude
+from core import checkpoints, criteria, engine, inputs, magnitude
 from core import data as datasets
 from core.cache import EngineCache, OverBudget
 from core.checkpoints import Checkpoint
@@ -54,11 +54,52 @@ def bundled_checkpoints() -> dict[str, Checkpoint]:
     return found
 
 
-def available_models() -> dict[str, Checkpoint]:
+def loaded_models() -> dict[str, Checkpoint]:
+    """Every model of this session by name, as its file was read (bundled first, then uploads)."""
     models = dict(bundled_checkpoints())
     for name, ckpt in st.session_state.setdefault(keys.UPLOADS, {}).items():
         models[UPLOAD_PREFIX + name] = ckpt
     return models
+
+
+def available_models() -> dict[str, Checkpoint]:
+    """Every model of this session by name, each with the input preparation chosen for it, if any."""
+    chosen = st.session_state.get(keys.INPUTS, {})
+    return {name: _with_choice(ckpt, chosen.get(name)) for name, ckpt in loaded_models().items()}
+
+
+def _with_choice(ckpt: Checkpoint, token: str | None) -> Checkpoint:
+    if not token:
+        return ckpt
+    try:
+        return ckpt.with_prep(inputs.parse(token, datasets.DATASETS.get(ckpt.dataset), ckpt.spec.input_shape[0]))
+    except (inputs.PreparationError, checkpoints.CheckpointError):  # a stale or hand-edited choice: ignored
+        return ckpt
+
+
+def choose_preparation(name: str, prep: inputs.Preparation | None) -> None:
+    """This session's choice of how model `name`'s inputs are prepared (None: as its file states, or as
+    assumed). It becomes part of the model: its cache keys, its URL and what it saves."""
+    chosen = st.session_state.setdefault(keys.INPUTS, {})
+    models = loaded_models()
+    if prep is None or (name in models and prep == models[name].prep):
+        chosen.pop(name, None)
+    else:
+        chosen[name] = prep.token()
+
+
+def preparation_choice(name: str) -> str | None:
+    """The token of the preparation chosen for model `name` in this session, or None."""
+    return st.session_state.get(keys.INPUTS, {}).get(name)
+
+
+@st.cache_resource(max_entries=32, show_spinner=False)
+def preparation_hint(digest: str, _ckpt: Checkpoint) -> inputs.Hint | None:
+    """A clearly better preparation on a sample, for a model whose file does not state its own."""
+    try:
+        return inputs.better_preparation(_ckpt)
+    except (datasets.DataUnavailable, inputs.PreparationError):
+        return None
 
 
 def channel_models() -> dict[str, Checkpoint]:
@@ -79,7 +120,7 @@ def add_upload(name: str, data: bytes, arch: str | None = None, dataset: str | N
                 f"{ckpt.program.signature.outputs} outputs): upload a zip of your own test images below first, "
                 "then the program again.")
         try:  # the images must load at the program's size, in as many classes as it has outputs
-            classes = len(_image_folder(own["path"], ckpt.spec.input_shape, "").spec.class_names)
+            classes = len(_image_folder(own["path"], ckpt.spec.input_shape, ckpt.prep).spec.class_names)
         except datasets.DataUnavailable as exc:
             raise checkpoints.CheckpointError(exc.public) from None
         outputs = ckpt.program.signature.outputs
@@ -92,7 +133,7 @@ def add_upload(name: str, data: bytes, arch: str | None = None, dataset: str | N
         return ckpt
     try:
         datasets.check_local(ckpt.dataset)  # never a download on upload: that could take minutes offline
-        datasets.load(ckpt.dataset)
+        ckpt.split()
     except datasets.DataUnavailable as exc:
         raise checkpoints.CheckpointError(f"Recognised as '{ckpt.arch}', but its data set is not available "
                                           f"here. {exc.public}") from None
@@ -158,7 +199,7 @@ def engine_for(ckpt: Checkpoint, layer: str | None) -> engine.Engine:
             bar.progress(done / max(total, 1), text=f"{label} (being prepared in the background)")
             time.sleep(0.25)
         try:
-            split = _image_folder(own["path"], ckpt.spec.input_shape, ckpt.dataset) if own else None
+            split = _image_folder(own["path"], ckpt.spec.input_shape, ckpt.prep) if own else None
             eng = cache.get(key, lambda: engine.from_checkpoint(
                 ckpt, layer=layer, device=device(), split=split,
                 progress=lambda d, t, label: bar.progress(d / t, text=label)))
@@ -414,7 +455,7 @@ def evaluation_in_words(eng: engine.Engine) -> str:
     not apply (`Engine.fast_reason`)."""
     if eng.path == engine.PATH_FAST:
         return "The whole accuracy curve of this layer comes from one pass over the test set."
-    return speed_note(eng) + (f" (Technical reason: {eng.fast_reason}.)" if eng.fast_reason else "")
+    return speed_note(eng) + (f" Why: {eng.fast_reason}." if eng.fast_reason else "")
 
 
 def pruned_parameters(eng: engine.Engine, k: int) -> int:
@@ -445,7 +486,7 @@ def add_own_data(name: str, data: bytes) -> dict:
     """Unpack a zip of an image folder into the cache and check it reads. Raises DataUnavailable."""
     path = datasets.unpack_zip(data, name)
     ckpt = current_checkpoint()
-    split = _image_folder(str(path), ckpt.spec.input_shape, ckpt.dataset)
+    split = _image_folder(str(path), ckpt.spec.input_shape, ckpt.prep)
     own = {"name": name, "path": str(path), "digest": "image_folder:" + hashlib.sha256(data).hexdigest(),
            "images": len(split), "classes": list(split.spec.class_names)}
     st.session_state[keys.OWN_DATA] = own
@@ -454,9 +495,8 @@ def add_own_data(name: str, data: bytes) -> dict:
 
 
 @st.cache_resource(max_entries=4, show_spinner=False)
-def _image_folder(path: str, input_shape: tuple, dataset: str) -> datasets.DataSplit:
-    mean, std = datasets.normalisation_for(dataset, input_shape[0])
-    return datasets.load_image_folder(path, input_shape, mean, std)
+def _image_folder(path: str, input_shape: tuple, prep: inputs.Preparation) -> datasets.DataSplit:
+    return datasets.load_image_folder(path, input_shape, prep)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -477,7 +517,7 @@ def _magnitude_order(digest: str, _ckpt: Checkpoint):
 
 
 def test_split(ckpt: Checkpoint) -> datasets.DataSplit:
-    return datasets.load(ckpt.dataset)
+    return ckpt.split()
 
 
 def magnitude_model(ckpt: Checkpoint, sparsity: float, per_layer: bool):
@@ -513,7 +553,7 @@ def retrained_model(ckpt: Checkpoint, sparsity: float, per_layer: bool):
 def magnitude_retrain(ckpt: Checkpoint, sparsity: float, per_layer: bool, epochs: int, progress):
     """Retrain a private pruned copy for this session; returns (model, test accuracy)."""
     masks = _magnitude_order(ckpt.digest, ckpt).masks(sparsity, per_layer)
-    train = datasets.load(ckpt.dataset, train=True)
+    train = ckpt.split(train=True)
     model = magnitude.retrain(base_model(ckpt), masks, train.x, train.y, epochs, device=device(), progress=progress,
                               task=ckpt.spec.task)
     split = test_split(ckpt)
