@@ -43,7 +43,14 @@ class Zoo(nn.Module):
         x = torch.relu(self.grouped(x))
         x = torch.cat([torch.relu(self.left(x)), torch.relu(self.right(x))], 1)  # concatenated branches
         x = nn.functional.hardswish(self.last_bn(self.last(x)))
-        pooled = x.amax(dim=(2, 3)) if self.head == "max" else x.mean(dim=(2, 3))
+        if self.head == "max":
+            pooled = x.amax(dim=(2, 3))
+        elif self.head == "adaptive_max":  # aten.adaptive_max_pool2d gives (values, indices), read by getitem
+            pooled = torch.flatten(nn.functional.adaptive_max_pool2d(x, 1), 1)
+        elif self.head == "max_indices":  # max_pool2d_with_indices, then getitem
+            pooled = torch.flatten(nn.functional.max_pool2d(x, 14, return_indices=True)[0], 1)
+        else:
+            pooled = x.mean(dim=(2, 3))
         return self.fc(pooled)
 
 
@@ -76,7 +83,7 @@ def _naive(path: Path, x, y, layer: str, channels, mode: str, bn: str | None) ->
         return int((ep.module()(x).argmax(1) == y).sum())
 
 
-@pytest.mark.parametrize("head", ["avg", "max"])
+@pytest.mark.parametrize("head", ["avg", "max", "adaptive_max", "max_indices"])
 def test_every_conv_of_an_unseen_cnn_equals_the_naive_procedure(tmp_path, head):
     torch.manual_seed(0)
     model = _randomised(Zoo(head), seed=1)
