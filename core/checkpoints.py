@@ -182,11 +182,11 @@ def detect_arch(state_dict: dict[str, torch.Tensor]) -> tuple[str, dict, dict[st
             return name, kwargs, renamed
     best, kwargs, ours = max(candidates, key=lambda c: len(set(c[2]) & set(theirs)))
     matching = len(set(ours) & set(theirs))
+    nearest = f"; nearest '{best}', {matching} of its {len(ours)} tensors match" if matching else ""
     raise UnknownArchitecture(
-        f"This state dict ({len(theirs)} tensors, first '{theirs[0][0]}' {list(theirs[0][1])}) matches none of "
-        f"the registered architectures ({', '.join(models.REGISTRY)}; nearest '{best}', {matching} of its "
-        f"{len(ours)} tensors match), and a state dict alone does not say how the model computes: export the "
-        "model as a .pt2 program with the lines below (where the model is defined) and upload model.pt2."
+        f"This state dict ({len(theirs)} tensors, first '{theirs[0][0]}' {list(theirs[0][1])}) is of none of the "
+        f"registered architectures ({', '.join(models.REGISTRY)}{nearest}), so export the model as a .pt2 "
+        "program with the lines below and upload model.pt2."
     )
 
 

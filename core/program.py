@@ -44,9 +44,11 @@ DYNAMIC_BATCH_HINT = ("export it with a dynamic batch dimension: torch.export.ex
 EXPORT_LINES = """import json, torch
 model.eval()  # batch norm in inference mode
 example = torch.zeros(2, 1, 28, 28)  # two images of the size your model takes
-meta = {"input": {"scale": "0-1", "mean": [0.2860], "std": [0.3530]}}  # or {"scale": "0-1", "normalize": None}
-torch.export.save(torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},)),
-                  "model.pt2", extra_files={"meta.json": json.dumps(meta)})"""
+meta = {"input": {"scale": "0-1", "mean": [0.2860], "std": [0.3530]}}  # how its images were prepared
+# trained on pixels in [0, 1] without normalising: meta = {"input": {"scale": "0-1", "normalize": None}}
+program = torch.export.export(model, (example,),
+                              dynamic_shapes=({0: torch.export.Dim("batch")},))
+torch.export.save(program, "model.pt2", extra_files={"meta.json": json.dumps(meta)})"""
 
 
 class ProgramError(ValueError):

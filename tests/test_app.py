@@ -136,6 +136,16 @@ def test_url_reopens_the_same_view(vgg_engine):
     assert accuracy_text(at) == f"{vgg_engine.correct(300, 'remove') / 1e4:.2%}"
 
 
+def test_a_link_to_a_model_this_server_lacks_says_so(vgg_engine):
+    at = AppTest.from_file(APP, default_timeout=300)
+    at.query_params.update({"model": "upload: mine.pt2", "k": "3"})
+    at.run()
+    assert not at.exception
+    (note,) = [i.value for i in at.info if "The link names the model" in i.value]
+    assert "`upload: mine.pt2`" in note and "showing **fmnist_vgg** instead" in note
+    assert at.session_state["model"] == "fmnist_vgg" and at.query_params["model"] == "fmnist_vgg"
+
+
 def test_switching_to_resnet_keeps_k_and_accuracy_at_k_512(app):
     set_k(app, 512)
     app.selectbox(key="model").set_value("fmnist_resnet").run()
@@ -350,7 +360,7 @@ def test_unrecognised_state_dict_can_be_loaded_as_a_picked_architecture(app):
                                                                  if "num_batches_tracked" not in k)]))
     app.switch_page("pages/1_load.py").run()
     _upload(app, "odd.pt", _bytes(shuffled))
-    assert any("matches none of the registered architectures" in e.value and "export the model as a .pt2" in
+    assert any("is of none of the registered architectures" in e.value and "export the model as a .pt2" in
                e.value for e in app.error)
     assert any(c.value == program.EXPORT_LINES for c in app.code)  # the lines that export it, under the upload
     app.selectbox(key="upload_arch").set_value("small_vgg").run()

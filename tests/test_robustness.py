@@ -53,7 +53,7 @@ def bad_files(tmp_path) -> dict[str, tuple[bytes, str]]:
         "photo.pt": (b"\xff\xd8\xff\xe0\x00\x10JFIF" + bytes(200), "Not a PyTorch checkpoint"),
         "truncated.pt": (good[: len(good) // 3], "Not a readable PyTorch checkpoint"),
         "evil.pt": (saved({"state_dict": WritesMarker(tmp_path / "PWNED")}), "could run code"),
-        "unknown.pt": (saved(unknown), "nearest '"),
+        "unknown.pt": (saved(unknown), "is of none of the registered architectures"),
         "shapes.pt": (saved(wrong_shape), "'features.6.0.weight' has shape [256, 128, 3, 3] in the file, but "
                                           "'small_vgg' expects [512, 128, 3, 3]"),
         "nan.pt": (saved(nan), "NaN or infinite"),

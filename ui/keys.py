@@ -29,6 +29,7 @@ AXIS = "axis"              # x axis of the curve and the slider readout: "K" or 
 # --- values that are not widgets ---------------------------------------------------------------
 K = "k"                    # channels pruned; survives page switches and model switches where it fits
 INITIALISED = "initialised"  # defaults and URL applied once per session
+LINK_MODEL_MISSING = "link_model_missing"  # the URL's model, when this server has no such model (said once)
 HANDOFFS = "handoffs"      # {widget key: value} to apply before the next run's sidebar (see above)
 UPLOADS = "uploads"        # {file name: Checkpoint} this session uploaded
 INPUTS = "inputs"          # {model name: preparation token} chosen on the Load page (core/inputs.py); in the URL

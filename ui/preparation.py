@@ -23,8 +23,9 @@ def show(name: str, ckpt: Checkpoint) -> None:
     if prep.source == inputs.ASSUMED:
         st.caption("The file does not say how its images were prepared in training, so the data set's usual "
                    "normalisation is assumed. If the accuracy looks wrong, choose how the model was trained "
-                   "below; `python -m core export` (or the export lines under Bring your own model) records it "
+                   "below; `meta` in the export lines (*Export your model as a .pt2 program*, above) records it "
                    "in the file.")
+    if prep.source != inputs.FROM_FILE:  # assumed, or chosen here: a sample check may know better
         hint = state.preparation_hint(ckpt.digest, ckpt)
         if hint is not None:
             st.warning(hint.sentence, icon=":material/tune:")
@@ -41,10 +42,16 @@ def _choice(name: str, ckpt: Checkpoint) -> None:
     options = {unchosen.token(): unchosen, inputs.NONE.token(): inputs.NONE}
     usual = inputs.usual(spec, channels)
     options.setdefault(usual.token(), usual)
-    labels = {token: p.describe() + (" (as the file states)" if p is unchosen and p.source == inputs.FROM_FILE
-                                     else "") for token, p in options.items()}
-    if spec is not None and usual.token() in labels and usual is not unchosen:
-        labels[usual.token()] += f" ({spec.title}'s usual statistics)"
+
+    def label(token: str, p: inputs.Preparation) -> str:  # one bracket of notes at most
+        said = []
+        if token == unchosen.token() and unchosen.source == inputs.FROM_FILE:
+            said.append("as the file states")
+        if token == usual.token() and spec is not None:
+            said.append(f"{spec.title}'s usual statistics")
+        return p.describe() + (f" ({'; '.join(said)})" if said else "")
+
+    labels = {token: label(token, p) for token, p in options.items()}
     current = ckpt.prep.token()
     if current not in options:
         options[current] = ckpt.prep

@@ -58,6 +58,11 @@ def show(page: Page) -> None:
     if first_run:
         with st.spinner("Reading the models ..."):  # a session's first run reads every checkpoint
             _init_model()
+    missing = st.session_state.pop(keys.LINK_MODEL_MISSING, None)
+    if missing is not None:
+        st.info(f"The link names the model `{missing.replace('`', '')}`, which this server does not have (an "
+                f"upload stays only in the session that uploaded it): showing **{state.DEFAULT_MODEL}** instead.",
+                icon=":material/link_off:")
     state.warm_bundled_models()
     with st.sidebar:
         if page.channel_controls:
@@ -95,6 +100,8 @@ def _init_model() -> None:
     models = state.channel_models()
     model = st.query_params.get("model")
     st.session_state[keys.MODEL] = model if model in models else state.DEFAULT_MODEL
+    if model and model not in models:  # said once on the page, not silently replaced
+        st.session_state[keys.LINK_MODEL_MISSING] = str(model)[:200]
     token = st.query_params.get("inputs")
     if model in models and isinstance(token, str) and len(token) <= 400:  # checked again where it is used
         st.session_state.setdefault(keys.INPUTS, {})[model] = token
