@@ -157,7 +157,8 @@ def test_switching_to_resnet_keeps_k_and_accuracy_at_k_512(app):
 
 
 def test_every_page_runs(app):
-    for page in ("pages/1_load.py", "pages/2_feature_maps.py", "pages/3_curve.py"):
+    for page in ("pages/1_load.py", "pages/2_feature_maps.py", "pages/3_curve.py", "pages/4_magnitude.py",
+                 "pages/5_sensitivity.py", "app.py"):
         app.switch_page(page).run()
         assert not app.exception, (page, app.exception)
     app.switch_page("pages/1_load.py").run()

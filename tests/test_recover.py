@@ -45,8 +45,7 @@ def test_slim_model_counts_exactly_what_the_masked_model_counts(small, mode):
         assert result.exact and result.model.get_submodule(eng.layer).out_channels == 512 - k
         assert engine.count_correct(result.model, x, y) == eng.correct(k, mode), (mode, k)
     assert result.folded == (mode == "zero")
-    assert result.shrunk == ["features.6.0: conv out channels", "features.6.1: batchnorm out channels",
-                             "classifier: linear in channels"] or "classifier" in " ".join(result.shrunk)
+    assert result.shrunk == ["features.6.0: out channels", "features.6.1: out channels", "classifier: in channels"]
 
 
 @pytest.mark.parametrize("mode", ["zero", "remove"])
