@@ -147,7 +147,7 @@ def cmd_rank(args) -> int:
     return 0
 
 
-RERANK_NOTE = ("note: re-ranking after every prune (seed 001) gives this same order: the ranking is the pruned "
+RERANK_NOTE = ("note: re-ranking after every prune gives this same order: the ranking is the pruned "
                "layer's own activation, and a channel's activation does not depend on the other channels of the "
                "same layer. Check it with --rerank-check N.")
 
@@ -159,7 +159,8 @@ def cmd_info(args) -> int:
     spec = ckpt.spec
     dataset = data.DATASETS.get(ckpt.dataset)
     print(f"{args.checkpoint}")
-    print(f"  architecture: {ckpt.arch}" + (f" {ckpt.arch_kwargs}" if ckpt.arch_kwargs else "") + f" - {spec.summary}")
+    print(f"  architecture: {ckpt.arch}" + (f" {ckpt.arch_kwargs}" if ckpt.arch_kwargs else "") + f" - {spec.summary}"
+          + (f" (after {spec.provenance})" if spec.provenance else ""))
     renamed = ckpt.meta.get("renamed_tensors")
     if renamed:
         first = next(iter(renamed.items()))
@@ -434,7 +435,7 @@ def parser() -> argparse.ArgumentParser:
     r = sub.add_parser("rank", help="rank the layer's channels (rank 0 = pruned first) to CSV")
     common(r)
     r.add_argument("--rerank-check", type=int, default=0, metavar="N",
-                   help="also re-rank after each of the first N prunes (seed 001's way) and compare")
+                   help="also re-rank after each of the first N prunes (a pass over the test set each) and compare")
     r.set_defaults(func=cmd_rank)
 
     s = sub.add_parser("sweep", help="test accuracy for each K pruned channels, to CSV")

@@ -1,6 +1,6 @@
 """Activation capture, ranking, masks, exact fast evaluation, sweeps.
 
-The central idea (DESIGN.md): pruning channels of one conv changes nothing upstream of it, and
+The central idea: pruning channels of one conv changes nothing upstream of it, and
 zeroing a channel's weights and bias is the same as multiplying that output channel by 0. So the
 model is split at the conv (torch.fx), the part before it runs over the test set ONCE, and the
 accuracy for any set of pruned channels is `suffix(cached, mask)`. The loaded model is never
@@ -578,7 +578,7 @@ class Engine:
 
     @torch.no_grad()
     def reranked_order(self, steps: int, mode: str = "remove", criterion: str = "mean") -> list[int]:
-        """Seed 001's procedure, really done: after each prune, run the test set again through the
+        """The re-ranking procedure of the second pruning report, really done: after each prune, run the test set again through the
         pruned model, re-rank the channels still there, prune the lowest. (It costs a full pass per
         step; `ranking` gives the same order for activation criteria, which is what this shows.)"""
         if self._split is None:
@@ -679,7 +679,8 @@ def _activation_after(model: nn.Module, layer: str, bn_name: str | None) -> nn.M
 
 
 # ---------------------------------------------------------------------------------------------
-# The naive procedure of the lab reports: the reference every fast path must equal.
+# The naive procedure (copy the model, zero the weights, evaluate everything): the reference every
+# fast path must equal.
 
 @torch.no_grad()
 def prune_copy(model: nn.Module, layer: str, channels: Sequence[int], mode: str,

@@ -21,15 +21,16 @@ class ArchSpec:
     dataset: str  # the data set a plain state dict of this architecture is evaluated on
     summary: str
     variants: tuple[dict, ...] = ({},)  # constructor arguments tried when recognising a plain state dict
+    provenance: str = ""  # which published or reported system it reproduces, if any
 
 
 REGISTRY: dict[str, ArchSpec] = {}
 
 
 def register(name: str, input_shape: tuple[int, ...], task: str, dataset: str, summary: str,
-             variants: tuple[dict, ...] = ({},)):
+             variants: tuple[dict, ...] = ({},), provenance: str = ""):
     def wrap(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        REGISTRY[name] = ArchSpec(name, builder, input_shape, task, dataset, summary, variants)
+        REGISTRY[name] = ArchSpec(name, builder, input_shape, task, dataset, summary, variants, provenance)
         return builder
 
     return wrap
@@ -107,7 +108,7 @@ class SmallVGG(nn.Module):
 class SmallResNet(nn.Module):
     """ResNet9-style CNN for 28x28 grey images: a shortcut goes around the block holding the last conv.
 
-    Laid out like the CIFAR-10 "ResNet9" of seed 000 (prep, layers, res block added to its input),
+    Laid out like the CIFAR-10 "ResNet9" of the first pruning report (prep, layers, res block added to its input),
     shrunk to train on two CPU cores.
     """
 
@@ -135,11 +136,12 @@ register("small_resnet", (1, 28, 28), "multiclass", "fashion_mnist",
 
 
 # ---------------------------------------------------------------------------------------------
-# The systems of the source documents (SEEDS.md), laid out so that their state dicts load.
+# The systems of the pruning reports this product reproduces, laid out so that their state dicts load.
 
 @register("resnet9", (3, 32, 32), "multiclass", "cifar10",
-          "ResNet9 for CIFAR-10 (seed 000): prep, layer1+res1, layer2, layer3+res3, last conv 512 at 4x4",
-          variants=({"conv_bias": False}, {"conv_bias": True}))
+          "ResNet9 for CIFAR-10: prep, layer1+res1, layer2, layer3+res3, last conv 512 at 4x4",
+          variants=({"conv_bias": False}, {"conv_bias": True}),
+          provenance="the CIFAR-10 ResNet9 of the first pruning report this product reproduces")
 class ResNet9(nn.Module):
     def __init__(self, num_classes: int = 10, conv_bias: bool = False):
         super().__init__()
@@ -163,8 +165,9 @@ _VGG13 = (64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M
 
 
 @register("vgg13_bn", (3, 32, 32), "multiclass", "cifar10",
-          "VGG13 with BatchNorm for CIFAR-10 (seed 000), torchvision naming, last conv 512 at 2x2",
-          variants=({"classifier": "linear"}, {"classifier": "mlp"}))
+          "VGG13 with BatchNorm for CIFAR-10, torchvision naming, last conv 512 at 2x2",
+          variants=({"classifier": "linear"}, {"classifier": "mlp"}),
+          provenance="the CIFAR-10 VGG13 of the first pruning report this product reproduces")
 class VGG13BN(nn.Module):
     def __init__(self, num_classes: int = 10, classifier: str = "linear"):
         super().__init__()
@@ -186,7 +189,7 @@ class VGG13BN(nn.Module):
         return self.classifier(torch.flatten(self.features(x), 1))
 
 
-# Seed 001's Keras network, layer for layer, named as Keras names them (so `--layer conv2d_12`
+# The second pruning report's Keras network, layer for layer, named as Keras names them (so `--layer conv2d_12`
 # is the report's layer). Keras' Conv2D(activation='relu') applies ReLU before the BatchNorm.
 _KERAS_BLOCKS = ((64, 64, "bn", "pool", 0.05), (128, 128, "bn", "pool", 0.1),
                  (256, "bn", 256, "bn", 256, "bn", "pool", 0.15), (512, "bn", 512, "bn", 512, "bn", "pool", 0.2),
@@ -232,15 +235,17 @@ def _keras_vgg_layers(num_classes: int):
 
 
 @register("keras_vgg", (3, 32, 32), "multiclass", "cifar10",
-          "Seed 001's Keras VGG ported: 13 conv (ReLU then BN), dropout, Dense 4096-1024-512-10; "
-          "last conv conv2d_12 (512 at 2x2)")
+          "Keras VGG ported: 13 conv (ReLU then BN), dropout, Dense 4096-1024-512-10; "
+          "last conv conv2d_12 (512 at 2x2)",
+          provenance="the Keras network of the second pruning report, layer for layer")
 class KerasVGG(nn.Sequential):
     def __init__(self, num_classes: int = 10):
         super().__init__(_keras_vgg_layers(num_classes))
 
 
 @register("pair_cnn", (2, 28, 28), "binary", "fashion_mnist_pairs",
-          "Seed 002's pair CNN: two images stacked as 2 channels, LeakyReLU, last conv 64 at 5x5, one logit")
+          "pair CNN: two images stacked as 2 channels, LeakyReLU, last conv 64 at 5x5, one logit",
+          provenance="the pair network of the third pruning report")
 class PairCNN(nn.Module):
     def __init__(self):
         super().__init__()
@@ -260,8 +265,9 @@ class PairCNN(nn.Module):
 
 
 @register("siamese", (2, 28, 28), "binary", "fashion_mnist_pairs",
-          "Seed 003's Siamese net: one shared extractor (32-64-128, BN, ReLU, global pool) run on both "
-          "images, projection, classifier on [|a-b|, a*b], one logit")
+          "Siamese net: one shared extractor (32-64-128, BN, ReLU, global pool) run on both "
+          "images, projection, classifier on [|a-b|, a*b], one logit",
+          provenance="the Siamese network of the fourth pruning report")
 class SiameseCompareNet(nn.Module):
     def __init__(self):
         super().__init__()
@@ -283,7 +289,8 @@ class SiameseCompareNet(nn.Module):
 
 
 @register("lenet300", (1, 28, 28), "multiclass", "fashion_mnist",
-          "LeNet-300-100 (Han et al. 2015): fully connected 784-300-100-10, no conv layer")
+          "LeNet-300-100: fully connected 784-300-100-10, no conv layer",
+          provenance="Han et al. 2015, Learning both Weights and Connections")
 class LeNet300(nn.Module):
     def __init__(self, num_classes: int = 10):
         super().__init__()

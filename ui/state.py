@@ -441,13 +441,9 @@ def feature_map_figure(key: tuple, criterion: str, k: int, by_score: bool, contr
 
 
 def summary_in_words(ckpt: Checkpoint) -> str:
-    """The summary of a checkpoint's architecture (registered, or a .pt2 program) without the
-    project's internal source names ("seed 000", "Seed 002's ..."), which mean nothing to a student."""
-    import re
-
-    text = re.sub(r"\s*\(seeds? [0-9, ]+\)", "", ckpt.spec.summary)
-    text = re.sub(r"^Seed \d+'s ", "", text)
-    return text[:1].upper() + text[1:]
+    """The summary of a checkpoint's architecture (registered, or a .pt2 program), and what it reproduces."""
+    text = ckpt.spec.summary[:1].upper() + ckpt.spec.summary[1:]
+    return text + (f" (after {ckpt.spec.provenance})" if ckpt.spec.provenance else "")
 
 
 def evaluation_in_words(eng: engine.Engine) -> str:
