@@ -465,7 +465,7 @@ def parser() -> argparse.ArgumentParser:
     o.add_argument("--kind", default="greedy", choices=["single", "greedy", "sampled"],
                    help="sampled: the coarse oracle where the read-out is not linear (each channel alone, counted "
                         "on the first 1,000 images)")
-    o.add_argument("--pick-on", default="test", choices=["test", "heldout"],
+    o.add_argument("--pick-on", default="test", choices=["test", "train"],
                    help="choose the order on the test set (an upper bound) or on the last training images "
                         "(a sixth of them, at most 10,000), then scored on the test set")
     o.set_defaults(func=cmd_oracle)

@@ -484,11 +484,6 @@ class Engine:
         _, acts = self._split.suffixes["remove"](*boundary, torch.zeros(self.channels, device=self.device))
         return all(bool((a == 0).all()) for a in acts)
 
-    @property
-    def fast(self) -> bool:
-        """Every K and the whole curve cost milliseconds (the cumulative-sum read-out applies)."""
-        return len(self._readouts) == len(MODES)
-
     def sample_answer(self, k: int, mode: str = "zero", criterion: str = "mean") -> "SampleAnswer":
         """The count on the first batch of test images only: a quick, labelled estimate while the
         exact count over every image is computed (a middle layer costs a suffix pass per K)."""

@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import nn
 
-from .engine import count_correct
+from .engine import Progress, count_correct
 from .models import prunable_weights
 from .train import task_loss
 
-Progress = Callable[[int, int, str], None]
 
 
 class MagnitudeOrder:

@@ -65,7 +65,7 @@ with guard.page():  # an unexpected error: one sentence, the session intact (ui/
     key = state.engine_key(models[chosen[0]])
     from ui import compare  # noqa: E402  (after the chart: its import is not needed to draw it)
 
-    if not eng.fast:
+    if eng.path != engine.PATH_FAST:
         st.caption(f"{chosen[0]}: the side-by-side comparison needs every K of every rule, which costs a pass of the "
                    "rest of the network each here; the Sensitivity page gives another coarse view.")
         why = oracle.why_not_exact(eng, mode) or f"the {'remove' if mode == 'zero' else 'zero'} mode's read-out " \

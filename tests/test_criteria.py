@@ -109,7 +109,7 @@ def test_greedy_oracle_equals_brute_force_and_single_equals_naive(mode):
         y = model(x).argmax(1)
     y[::4] = (y[::4] + 1) % 3
     eng = engine.Engine(model, x, y, device="cpu", batch_size=100)
-    assert eng.fast
+    assert eng.path == engine.PATH_FAST
 
     def naive(channels):
         pruned = engine.prune_copy(eng.model, eng.layer, channels, mode, eng.bn_name)
