@@ -263,10 +263,13 @@ def make_pairs(labels: torch.Tensor, seed: int = PAIR_SEED) -> tuple[torch.Tenso
 
 
 def _load_pairs(name: str, train: bool, data_root: str | None, prep: Preparation) -> DataSplit:
-    base = load(name.removesuffix("_pairs"), train, data_root, inputs.NONE)
+    # Preparing is elementwise, so stacking prepared images gives the same numbers as preparing the
+    # stack; with one mean and std for both channels the base set's own cached split serves.
+    shared = len(prep.mean) == 1
+    base = load(name.removesuffix("_pairs"), train, data_root, prep if shared else inputs.NONE)
     first, second, same = make_pairs(base.y, seed=PAIR_SEED + (1 if train else 0))
     x = torch.cat([base.x[first], base.x[second]], dim=1)  # (N, 2, 28, 28): the two images as channels
-    return DataSplit(DATASETS[name], train, _prepared(x, prep), same, base.source, prep)
+    return DataSplit(DATASETS[name], train, x if shared else _prepared(x, prep), same, base.source, prep)
 
 
 @lru_cache(maxsize=8)

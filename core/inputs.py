@@ -132,16 +132,22 @@ def parse(text: str, spec, channels: int) -> Preparation:
     if text == "dataset":
         return usual(spec, channels).with_source(CHOSEN)
     parts = text.split(",")
-    try:
-        if len(parts) != 2:
-            raise ValueError
-        mean, std = (tuple(float(v) for v in p.split("/")) for p in parts)
-    except ValueError:
+    if len(parts) != 2:
         raise PreparationError(f"--normalize '{text[:40]}' is none, dataset, or MEAN,STD (e.g. 0.2860,0.3530; "
-                               "'/' between channels).") from None
-    prep = Preparation(mean, std, CHOSEN)
+                               "'/' between channels).")
+    return from_numbers(parts[0].split("/"), parts[1].split("/"), channels)
+
+
+def from_numbers(mean: list[str], std: list[str], channels: int) -> Preparation:
+    """One's own mean and std, as texts of numbers (one per channel, or one for all)."""
+    try:
+        prep = Preparation(tuple(float(v) for v in mean), tuple(float(v) for v in std), CHOSEN)
+    except ValueError:
+        raise PreparationError(f"The mean and std must be numbers; got {'/'.join(mean)[:30]!r} and "
+                               f"{'/'.join(std)[:30]!r}.") from None
     if not prep.fits(channels):
-        raise PreparationError(f"--normalize gives {len(mean)} means, but the model takes {channels} channels.")
+        raise PreparationError(f"The preparation gives {len(prep.mean)} means, but the model takes {channels} "
+                               "channels.")
     return prep
 
 

@@ -72,10 +72,9 @@ def _custom(name: str, channels: int) -> None:
     std = right.text_input("Std", key=keys.PREP_STD, placeholder="0.5")
     if go.button("Apply", key=keys.PREP_APPLY):
         try:
-            prep = inputs.parse(f"{mean.replace(',', '/').replace(' ', '')},{std.replace(',', '/').replace(' ', '')}",
-                                None, channels)
+            prep = inputs.from_numbers(mean.replace(",", " ").split(), std.replace(",", " ").split(), channels)
         except inputs.PreparationError as exc:
-            st.error(str(exc).replace("--normalize", "This preparation"))
+            st.error(str(exc))
             return
         _choose(name, prep)
 
