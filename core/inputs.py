@@ -141,10 +141,11 @@ def parse(text: str, spec, channels: int) -> Preparation:
 def from_numbers(mean: list[str], std: list[str], channels: int) -> Preparation:
     """One's own mean and std, as texts of numbers (one per channel, or one for all)."""
     try:
-        prep = Preparation(tuple(float(v) for v in mean), tuple(float(v) for v in std), CHOSEN)
+        numbers = tuple(float(v) for v in mean), tuple(float(v) for v in std)
     except ValueError:
         raise PreparationError(f"The mean and std must be numbers; got {'/'.join(mean)[:30]!r} and "
                                f"{'/'.join(std)[:30]!r}.") from None
+    prep = Preparation(*numbers, CHOSEN)  # checks the counts and ranges, in one sentence
     if not prep.fits(channels):
         raise PreparationError(f"The preparation gives {len(prep.mean)} means, but the model takes {channels} "
                                "channels.")
