@@ -7,26 +7,26 @@ import streamlit as st
 
 with st.spinner("Starting the explorer ..."):  # the server's first run imports PyTorch: show a frame meanwhile
     from core import criteria, engine
-    from ui import guard, keys, live_slider, sidebar, state
+    from ui import catalogue, choices, engines, jobs, keys, live_slider, sidebar, words
 
-with guard.page():  # an unexpected error: one sentence, the session intact (ui/guard.py)
-    sidebar.show(sidebar.PRUNE)
+with sidebar.page(sidebar.PRUNE):  # the frame, and one guard: an unexpected error is one sentence
     st.markdown("### Prune the least active channels")
-    ckpt = state.current_checkpoint()
-    eng = state.current_engine()
-    key = state.current_engine_key()
-    mode, criterion = st.session_state[keys.MODE], st.session_state[keys.CRITERION]
-    state.check_criterion(eng, criterion)
-    k = st.session_state[keys.K] = min(st.session_state.get(keys.K, 0), eng.channels)
+    ckpt = catalogue.current_checkpoint()
+    eng = engines.current_engine()
+    key = engines.current_engine_key()
+    chosen = choices.current()
+    mode, criterion = chosen.mode, chosen.criterion
+    engines.check_criterion(eng, criterion)
+    k = choices.k(eng.channels)
 
     if eng.path == engine.PATH_FAST:  # the whole curve from one pass: every K is known in the browser
-        accuracy = state.curve(eng, mode, criterion)
+        accuracy = engines.curve(eng, mode, criterion)
         acc, baseline, known = accuracy[k], accuracy[0], {}
     else:  # a middle layer: each K costs a pass of the rest of the network, computed on release
         accuracy = None
-        acc, known = state.accuracy_at(eng, k, mode, criterion)  # a sample's estimate first, then the exact count
-        baseline = known[0] if 0 in known else state.accuracy_at(eng, 0, mode, criterion)[0]
-        state.start_coarse_curve(eng, key, mode, criterion)  # every 1/16 of the channels, in the background
+        acc, known = engines.accuracy_at(eng, k, mode, criterion)  # a sample's estimate first, then the exact count
+        baseline = known[0] if 0 in known else engines.accuracy_at(eng, 0, mode, criterion)[0]
+        jobs.start_coarse_curve(eng, key, mode, criterion)  # every 1/16 of the channels, in the background
         job = key + (mode, criterion)
 
         @st.fragment(run_every=2)  # above the slider: in sight at 1280x720
@@ -35,26 +35,26 @@ with guard.page():  # an unexpected error: one sentence, the session intact (ui/
             background job this session watched has finished (other sessions' counts wait for its next run,
             so a student's release never redraws the lecturer's page)."""
             watched = st.session_state.setdefault(keys.CURVE_JOBS_WATCHED, set())
-            done, total = state.coarse_progress(eng, mode, criterion)
+            done, total = jobs.coarse_progress(eng, mode, criterion)
             if done < total:
                 watched.add(job)
                 st.progress(done / total, text=f"Coarse curve: {done} of {total} points (every 1/16 of the channels), "
                                                "computed in the background; each is exact.")
                 return
-            refining = state.refinement_progress(key, mode, criterion)
+            refining = jobs.refinement_progress(key, mode, criterion)
             if refining is None and job in watched:
                 watched.discard(job)
                 st.rerun()
             unknown = eng.unknown(mode, criterion)
             if refining is None and unknown > 0:
                 slot = st.empty()
-                if slot.button(f"Refine the curve: {min(state.REFINE_POINTS, unknown)} more exact points",
+                if slot.button(f"Refine the curve: {min(jobs.REFINE_POINTS, unknown)} more exact points",
                                key=keys.REFINE, help="Each point costs a pass of the rest of the network over every "
                                                      "test image; they go where the curve changes most between the "
                                                      "points known so far."):
                     slot.empty()
-                    state.start_refinement(eng, key, mode, criterion)
-                    refining = state.refinement_progress(key, mode, criterion)
+                    jobs.start_refinement(eng, key, mode, criterion)
+                    refining = jobs.refinement_progress(key, mode, criterion)
             if refining is not None:
                 watched.add(job)
                 st.progress(refining[0] / max(refining[1], 1), text=f"Refining: {refining[0]} of {refining[1]} more "
@@ -66,11 +66,11 @@ with guard.page():  # an unexpected error: one sentence, the session intact (ui/
     live_slider.live_slider(
         engine_key=key + (criterion,), maps=eng.stats.mean_map.numpy(), scores=eng.scores(criterion).numpy(),
         order=eng.ranking(criterion).numpy(), k=k, accuracy=accuracy, known=known, baseline=baseline,
-        chance=state.chance_level(ckpt), per_filter=state.pruned_parameters(eng, 1),
-        total_params=state.parameter_count(ckpt),
+        chance=words.chance_level(ckpt), per_filter=words.pruned_parameters(eng, 1),
+        total_params=words.parameter_count(ckpt),
         curve_title=f"Accuracy vs K · {mode} · {criteria.CRITERIA[criterion].label}",
-        note=state.speed_note(eng), contrast=st.session_state[keys.CONTRAST], axis=st.session_state[keys.AXIS],
-        present=bool(st.session_state.get(keys.PRESENT)),
+        note=words.speed_note(eng), contrast=chosen.contrast, axis=chosen.axis,
+        present=chosen.present,
     )
     correct = round(acc * eng.total)
     st.caption(f"Test accuracy at K = {k}: **{acc:.2%}** ({correct:,} of {eng.total:,} right, "
@@ -78,7 +78,7 @@ with guard.page():  # an unexpected error: one sentence, the session intact (ui/
                f"{ckpt.name}, layer {eng.layer}, mode {mode}. Drag the slider, use the arrow keys (PageUp/PageDown: "
                f"32 channels), or press play.")
     if eng.path != engine.PATH_FAST:
-        st.caption(state.evaluation_in_words(eng))
+        st.caption(words.evaluation_in_words(eng))
     st.query_params[keys.K] = str(k)  # the released K, so a copied link reopens this view
 
     if st.toggle(f"Which images flipped at K = {k}?", key=keys.SHOW_FLIPS,
@@ -88,8 +88,8 @@ with guard.page():  # an unexpected error: one sentence, the session intact (ui/
 
         with st.spinner("Comparing every test image's prediction at K with K = 0 ..."):
             result = flips.flips(key + (criterion,), k, mode, criterion, eng)
-        own = state.own_data()
-        names = own["classes"] if own else list(state.test_split(ckpt).spec.class_names)
+        own = catalogue.own_data()
+        names = own["classes"] if own else list(catalogue.test_split(ckpt).spec.class_names)
         flips.show(result, eng.x, eng.y, names, k)
 
     if st.toggle(f"Recover and realise at K = {k}", key=keys.SHOW_RECOVER,

@@ -153,7 +153,8 @@ RERANK_NOTE = ("note: re-ranking after every prune gives this same order: the ra
 
 
 def cmd_info(args) -> int:
-    from . import data, engine, inputs
+    from . import data, inputs
+    from .split import conv_layers
 
     ckpt = _checkpoint(args)
     spec = ckpt.spec
@@ -185,7 +186,7 @@ def cmd_info(args) -> int:
     if "train_command" in ckpt.meta:
         print(f"  trained by: {ckpt.meta['train_command']}")
     print(f"  parameters: {sum(v.numel() for v in ckpt.build_model().parameters()):,}")
-    layers = engine.conv_layers(ckpt.build_model(), spec.input_shape)
+    layers = conv_layers(ckpt.build_model(), spec.input_shape)
     if not layers:
         print("  conv layers: none (channel pruning does not apply; see `magnitude`)")
     else:
@@ -257,7 +258,7 @@ def cmd_finetune(args) -> int:
     import time
 
     from . import checkpoints, program
-    from .engine import count_correct
+    from .tasks import count_correct
     from .finetune import FinetuneConfig, finetune
 
     ckpt, eng, bar = _engine(args)
@@ -286,7 +287,7 @@ def cmd_finetune(args) -> int:
 
 def cmd_slim(args) -> int:
     from . import checkpoints, program, slim
-    from .engine import count_correct
+    from .tasks import count_correct
 
     ckpt, eng, _ = _engine(args)
     result = slim.slim(eng, args.k, args.mode, args.criterion)
@@ -341,7 +342,8 @@ def cmd_sweep(args) -> int:
 
 def cmd_magnitude(args) -> int:
     from . import checkpoints, magnitude
-    from .engine import count_correct, pick_device
+    from .engine import pick_device
+    from .tasks import count_correct
 
     ckpt = _checkpoint(args)
     schedule = [float(v) for v in args.schedule.split(",") if v.strip()]

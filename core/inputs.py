@@ -188,7 +188,8 @@ def better_preparation(ckpt, sample: int = SAMPLE_IMAGES, margin: float = 0.10) 
     """A candidate preparation that is right on at least `margin` more of a fixed sample of test images
     than the one in use (10 points on 500 images: about five standard errors), else None (a few hundred images through the model: well under a second for
     the bundled models on two cores)."""
-    from . import data, engine
+    from . import data
+    from .tasks import count_correct
 
     spec = data.DATASETS.get(ckpt.dataset)
     if spec is None:
@@ -198,7 +199,7 @@ def better_preparation(ckpt, sample: int = SAMPLE_IMAGES, margin: float = 0.10) 
     for prep in {ckpt.prep, *candidates(ckpt)}:
         split = data.load(ckpt.dataset, False, None, prep)
         n = min(sample, len(split))
-        scores[prep] = (engine.count_correct(model, split.x[:n], split.y[:n], ckpt.spec.task) / n, n)
+        scores[prep] = (count_correct(model, split.x[:n], split.y[:n], ckpt.spec.task) / n, n)
     current, n = scores[ckpt.prep]
     best = max(scores, key=lambda p: scores[p][0])
     if scores[best][0] - current < margin:

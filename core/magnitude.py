@@ -13,9 +13,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .engine import Progress, count_correct
+from .engine import Progress
+from .hooks import hooks
 from .models import prunable_weights
-from .train import task_loss
+from .tasks import count_correct
+from .train import ZeroHold, epoch_batches, fit
 
 
 
@@ -88,27 +90,18 @@ def retrain(model: nn.Module, masks: dict[str, torch.Tensor], x: torch.Tensor, y
             device: str | torch.device = "cpu", progress: Progress | None = None,
             task: str = "multiclass") -> nn.Module:
     """SGD on a copy of `model` with the pruned weights held at exactly zero. Returns the copy."""
-    model = apply_masks(model, masks).to(device).train()
+    model = apply_masks(model, masks).to(device)
     weights = prunable_weights(model)
-    masks = {n: m.to(device, weights[n].dtype) for n, m in masks.items()}
+    hold = ZeroHold((weights[n], m) for n, m in masks.items())
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     gen = torch.Generator().manual_seed(seed)
     steps = (len(y) + batch_size - 1) // batch_size
     for epoch in range(epochs):
-        order = torch.randperm(len(y), generator=gen)
-        for step in range(steps):
-            idx = order[step * batch_size:(step + 1) * batch_size]
-            loss = task_loss(model(x[idx].to(device)), y[idx].to(device), task)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            for name, w in weights.items():  # no gradient, so no momentum, for pruned weights
-                w.grad.mul_(masks[name])
-            opt.step()
-            with torch.no_grad():  # and weight decay or rounding can never revive them
-                for name, w in weights.items():
-                    w.mul_(masks[name])
+        def report(step: int, loss: float, epoch=epoch) -> None:
             if progress and (step % 20 == 0 or step == steps - 1):
                 progress(epoch * steps + step + 1, epochs * steps, f"retraining {epochs} epoch(s)")
+        fit(model, opt, epoch_batches(len(y), batch_size, gen), lambda idx: x[idx], y, task, device, hold=hold,
+            on_step=report)
     return model.eval().cpu()
 
 
@@ -154,12 +147,6 @@ def firing_neurons(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
             counts[name] = int((output > 0).sum())
         return hook
 
-    hooks = [m.register_forward_hook(count(n)) for n, m in linears]
-    try:
-        with torch.no_grad():
-            model(x.unsqueeze(0))
-    finally:
-        for h in hooks:
-            h.remove()
+    with hooks((m, count(n)) for n, m in linears), torch.no_grad():
+        model(x.unsqueeze(0))
     return counts
-

@@ -15,9 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from .engine import Engine, Progress, predictions
+from .engine import Engine, Progress
+from .tasks import image_losses, margin, predictions
 
 
 @dataclass(frozen=True)
@@ -36,27 +36,6 @@ def _readout(eng: Engine, mode: str):
     return eng.readout(mode)
 
 
-def _losses(logits: torch.Tensor, y: torch.Tensor, task: str) -> torch.Tensor:
-    """The loss of each image: logits (..., n, out) and labels (n,) -> (..., n)."""
-    if task == "binary":
-        target = y.double().expand(logits.shape[:-1])
-        return F.binary_cross_entropy_with_logits(logits[..., 0], target, reduction="none")
-    logp = torch.log_softmax(logits, -1)
-    return -logp.gather(-1, y.expand(logits.shape[:-1]).unsqueeze(-1)).squeeze(-1)
-
-
-def _base_and_delta(cache, p: int, dtype: torch.dtype, channels: slice = slice(None)):
-    """(N, out) float64 logits at K = 0, and the (C, N, out) change in them when each of `channels`
-    alone is pruned: the read-out is linear, so removals add."""
-    s = cache.on[0][0].shape[1] // p
-    linear = cache.readout.linears[0]
-    weight = linear.weight.double().view(-1, p, s)[:, channels]
-    base = torch.cat([linear(on).double() for (on,) in cache.on])
-    delta = torch.cat([torch.einsum("nps,ops->pno", (off - on).double().view(len(on), p, s)[:, channels],
-                                    weight).to(dtype) for (on,), (off,) in zip(cache.on, cache.off)], dim=1)
-    return base, delta
-
-
 def _reach(delta: torch.Tensor, task: str) -> torch.Tensor:
     """(C, N): a prediction can only change where its margin is at most this (the spread of the change)."""
     if task == "binary":
@@ -65,16 +44,9 @@ def _reach(delta: torch.Tensor, task: str) -> torch.Tensor:
 
 
 def _margin(logits: torch.Tensor, task: str) -> torch.Tensor:
-    """(N,) float32: how far each prediction is from changing (top-two gap, or |logit| for a pair),
-    shrunk by 1e-5 so that float32 rounding never hides a change."""
-    if task == "binary":
-        gap = logits[:, 0].abs()
-    elif logits.shape[1] == 1:
-        return torch.full((len(logits),), float("inf"))
-    else:
-        top2 = logits.topk(2, -1).values
-        gap = top2[:, 0] - top2[:, 1]
-    return (gap * (1 - 1e-5)).float()
+    """(N,) float32: how far each prediction is from changing, shrunk by 1e-5 so that float32
+    rounding never hides a change."""
+    return (margin(logits, task) * (1 - 1e-5)).float()
 
 
 @torch.no_grad()
@@ -84,23 +56,19 @@ def single(eng: Engine, mode: str = "zero") -> OracleOrder:
     The logits after each removal are computed in float64 from the linear read-out, a few channels
     at a time; any image within rounding distance of a tie is recomputed the naive way."""
     cache = _readout(eng, mode)
-    p, y = eng.channels, torch.cat(cache.labels)
-    starts = torch.tensor([0] + [len(b) for b in cache.labels]).cumsum(0)
+    p, y = eng.channels, cache.labels()
     correct, loss = [], []
     for first in range(0, p, 32):
         chunk = slice(first, min(first + 32, p))
-        base, delta = _base_and_delta(cache, p, torch.float64, chunk)
+        base, delta = cache.base_and_delta(torch.float64, chunk)
         logits = base[None] + delta                                                      # (C, N, out)
         right = predictions(logits, eng.task) == y
-        for j, n in cache.near_ties(logits).tolist():
-            b = int(torch.searchsorted(starts, n, right=True)) - 1      # the batch holding image n
-            i = n - int(starts[b])
+        for j, n in cache.near_ties(logits).tolist():  # within rounding of a tie: the image again, exactly
             keep = torch.ones(p, dtype=torch.bool, device=eng.device)
             keep[first + j] = False
-            one = cache.logits(cache.features(keep, (cache.on[b][0][i:i + 1],), (cache.off[b][0][i:i + 1],)))
-            right[j, n] = bool(cache.predict(one)[0] == y[n])
+            right[j, n] = bool(predictions(cache.image_logits(keep, n), eng.task)[0] == y[n])
         correct += right.sum(1).tolist()
-        loss += _losses(logits, y, eng.task).sum(-1).tolist()
+        loss += image_losses(logits, y, eng.task).sum(-1).tolist()
     order = sorted(range(p), key=lambda c: (-correct[c], loss[c], c))
     return OracleOrder("single", order, [correct[c] for c in order])
 
@@ -108,8 +76,8 @@ def single(eng: Engine, mode: str = "zero") -> OracleOrder:
 @torch.no_grad()
 def greedy(eng: Engine, mode: str = "zero", progress: Progress | None = None) -> OracleOrder:
     cache = _readout(eng, mode)
-    p, y = eng.channels, torch.cat(cache.labels)
-    logits, delta = _base_and_delta(cache, p, torch.float32)    # float32 changes: P x N x out is large
+    p, y = eng.channels, cache.labels()
+    logits, delta = cache.base_and_delta(torch.float32)    # float32 changes: P x N x out is large
     reach = _reach(delta, eng.task)                             # (P, N): how far each removal moves each image
     bound = reach.amax(0)                                       # (N,): how far any removal moves it
     taken = torch.zeros(p, dtype=torch.bool, device=reach.device)
@@ -129,8 +97,8 @@ def greedy(eng: Engine, mode: str = "zero", progress: Progress | None = None) ->
         if len(tied) > 1:  # ties by the lower loss: only the images a candidate moves change its loss
             c, n = torch.nonzero(reach[tied] > 0).unbind(1)
             change = torch.zeros(len(tied), dtype=torch.float64, device=reach.device)
-            change.index_add_(0, c, _losses(logits[n] + delta[tied[c], n].double(), y[n], eng.task)
-                              - _losses(logits[n], y[n], eng.task))
+            change.index_add_(0, c, image_losses(logits[n] + delta[tied[c], n].double(), y[n], eng.task)
+                              - image_losses(logits[n], y[n], eng.task))
             channel = int(tied[int(torch.argmin(change))])
         else:
             channel = int(tied[0])

@@ -19,6 +19,7 @@ import torch.fx as fx
 from torch import nn
 
 from .graph import compact, describe_node, is_linear, is_per_channel
+from .tasks import margin, predictions
 
 @dataclass
 class Readout:
@@ -101,24 +102,25 @@ class ReadoutCache:
     `correct(mask)` computes `linear(where(kept, on, off))` batch by batch: the very numbers the
     naive procedure computes. `sweep(order, ks)` adds per-channel contributions in float64 in ranked
     order; any image whose top-two margin is within rounding distance is recomputed exactly, so the
-    counts equal the naive procedure's to the last image.
+    counts equal the naive procedure's to the last image. The features are private: the oracle and
+    the slim model ask for what they need (`base_and_delta`, `image_logits`, `pruned_constant`).
     """
 
     TIE_TOLERANCE = 1e-4  # relative to the logits' size; float32 rounding is ~1e-6
 
     def __init__(self, readout: Readout, channels: int, task: str):
         self.readout, self.channels, self.task = readout, channels, task
-        self.on: list[tuple[torch.Tensor, ...]] = []   # per batch, one tensor per linear layer
-        self.off: list[tuple[torch.Tensor, ...]] = []
-        self.labels: list[torch.Tensor] = []
+        self._on: list[tuple[torch.Tensor, ...]] = []   # per batch, one tensor per linear layer
+        self._off: list[tuple[torch.Tensor, ...]] = []
+        self._labels: list[torch.Tensor] = []
 
     def add_batch(self, on: tuple, off: tuple, labels: torch.Tensor) -> None:
         for f in on:
             if f.dim() != 2 or f.shape[1] % self.channels:
                 raise ValueError(f"features of shape {tuple(f.shape)} do not split into {self.channels} channels")
-        self.on.append(tuple(on))
-        self.off.append(tuple(off))
-        self.labels.append(labels.to(on[0].device))
+        self._on.append(tuple(on))
+        self._off.append(tuple(off))
+        self._labels.append(labels.to(on[0].device))
 
     @property
     def linear(self) -> bool:
@@ -126,26 +128,79 @@ class ReadoutCache:
         (what the oracle and zero mode's folding rely on)."""
         return len(self.readout.linears) == 1 and self.readout.tail is None
 
-    def tensors(self) -> list[torch.Tensor]:
-        return [t for batch in self.on + self.off for t in batch] + self.labels
+    @property
+    def linear_layer(self) -> nn.Linear:
+        """The one linear layer that reads this layer out (where `linear` holds)."""
+        return self.readout.linears[0]
 
-    def logits(self, features: tuple) -> torch.Tensor:
+    @property
+    def _width(self) -> int:
+        """Features per channel entering the linear layer (S: the positions left after pooling)."""
+        return self._on[0][0].shape[1] // self.channels
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for batch in self._on + self._off for t in batch] + self._labels
+
+    def labels(self) -> torch.Tensor:
+        """Every image's label, in order (N,)."""
+        return torch.cat(self._labels)
+
+    def _logits(self, features: tuple) -> torch.Tensor:
         outs = [linear(f) for linear, f in zip(self.readout.linears, features)]
         return self.readout.tail(*outs) if self.readout.tail is not None else outs[0]
 
-    def predict(self, logits: torch.Tensor) -> torch.Tensor:
-        return (logits.reshape(-1) > 0).long() if self.task == "binary" else logits.argmax(1)
-
-    def features(self, keep: torch.Tensor, on: tuple, off: tuple) -> tuple:
+    def _features(self, keep: torch.Tensor, on: tuple, off: tuple) -> tuple:
         """The linear layers' inputs with the channels where `keep` is False pruned."""
         keep = keep.to(on[0].device).bool()
         return tuple(torch.where(keep.repeat_interleave(a.shape[-1] // self.channels, dim=-1), a, b)
                      for a, b in zip(on, off))
 
+    def logits(self, mask: torch.Tensor, batch: int) -> torch.Tensor:
+        """The logits of cached batch `batch` with the channels where `mask` is 0 pruned."""
+        return self._logits(self._features(mask, self._on[batch], self._off[batch]))
+
+    def base_logits(self, batch: int) -> torch.Tensor:
+        """The logits of cached batch `batch` with nothing pruned."""
+        return self._logits(self._on[batch])
+
     @torch.no_grad()
-    def correct(self, mask: torch.Tensor) -> int:
-        return sum(int((self.predict(self.logits(self.features(mask, on, off))) == y).sum())
-                   for on, off, y in zip(self.on, self.off, self.labels))
+    def correct(self, mask: torch.Tensor, batches: int | None = None) -> int:
+        """Right answers with the channels where `mask` is 0 pruned (in the first `batches` batches only, if given)."""
+        return sum(int((predictions(self.logits(mask, j), self.task) == y).sum())
+                   for j, y in enumerate(self._labels[:batches]))
+
+    @torch.no_grad()
+    def predictions(self, mask: torch.Tensor) -> torch.Tensor:
+        """Every image's predicted class with the channels where `mask` is 0 pruned (N,)."""
+        return torch.cat([predictions(self.logits(mask, j), self.task).cpu() for j in range(len(self._labels))])
+
+    @torch.no_grad()
+    def image_logits(self, keep: torch.Tensor, n: int) -> torch.Tensor:
+        """Image n's logits (1, out), computed exactly, with the channels where `keep` is False pruned."""
+        starts = torch.tensor([0] + [len(b) for b in self._labels]).cumsum(0)
+        b = int(torch.searchsorted(starts, n, right=True)) - 1  # the batch holding image n
+        i = n - int(starts[b])
+        return self._logits(self._features(keep, tuple(t[i:i + 1] for t in self._on[b]),
+                                           tuple(t[i:i + 1] for t in self._off[b])))
+
+    @torch.no_grad()
+    def base_and_delta(self, dtype: torch.dtype, channels: slice = slice(None)):
+        """(N, out) float64 logits at K = 0, and the (C, N, out) change in them when each of `channels`
+        alone is pruned (where `linear` holds: removals then add)."""
+        p, s = self.channels, self._width
+        linear = self.linear_layer
+        weight = linear.weight.double().view(-1, p, s)[:, channels]
+        base = torch.cat([linear(on).double() for (on,) in self._on])
+        delta = torch.cat([torch.einsum("nps,ops->pno", (off - on).double().view(len(on), p, s)[:, channels],
+                                        weight).to(dtype) for (on,), (off,) in zip(self._on, self._off)], dim=1)
+        return base, delta
+
+    def pruned_constant(self, channels: list[int]) -> torch.Tensor | None:
+        """(K, S): the features the pruned `channels` send to the linear layer, where they are the same for
+        every image (a batch norm's constant shift in zero mode); None where they are not."""
+        off = self._off[0][0]                                  # (n, P*S): features with every channel pruned
+        block = off.view(len(off), self.channels, self._width)[:, channels]
+        return block[0] if torch.equal(block, block[:1].expand_as(block)) else None
 
     @torch.no_grad()
     def sweep(self, order: torch.Tensor, ks: list[int]) -> list[int]:
@@ -154,33 +209,28 @@ class ReadoutCache:
         rank[order] = torch.arange(self.channels, device=order.device)  # channel -> its place in the order
         if len(self.readout.linears) > 1:  # no cumulative sum through the tail: each K exactly, still cheap
             return [self.correct(rank >= k) for k in ks]
-        p, s = self.channels, self.on[0][0].shape[1] // self.channels
-        linear = self.readout.linears[0]
+        p, s = self.channels, self._width
+        linear = self.linear_layer
         ks_t = torch.as_tensor(ks, device=order.device)
         counts = torch.zeros(len(ks), dtype=torch.long)
         weight = linear.weight.double().view(-1, p, s)[:, order]                        # (out, P, S)
-        for (on,), (off,), y in zip(self.on, self.off, self.labels):
+        for (on,), (off,), y in zip(self._on, self._off, self._labels):
             base = linear(on).double()                                                   # K = 0, exactly
             delta = (off - on).double().view(len(y), p, s)[:, order]                    # (n, P, S)
             cum = torch.einsum("nps,ops->pno", delta, weight).cumsum(0)                 # (P, n, out)
             out = base + torch.cat([torch.zeros_like(base)[None], cum])[ks_t]           # (len(ks), n, out)
             if self.readout.tail is not None:
                 out = self.readout.tail(out.float().flatten(0, 1)).double().view(len(ks), len(y), -1)
-            right = self.predict(out.flatten(0, 1)).view(len(ks), len(y)) == y
+            right = predictions(out.flatten(0, 1), self.task).view(len(ks), len(y)) == y
             ties = self.near_ties(out)
             if len(ties):
                 j, i = ties[:, 0], ties[:, 1]
                 keep = rank[None, :] >= ks_t[j, None]                                   # (ties, P)
-                right[j, i] = self.predict(self.logits(self.features(keep, (on[i],), (off[i],)))) == y[i]
+                right[j, i] = predictions(self._logits(self._features(keep, (on[i],), (off[i],))), self.task) == y[i]
             counts += right.sum(1).cpu()
         return counts.tolist()
 
     def near_ties(self, logits: torch.Tensor) -> torch.Tensor:
         """(k index, image) pairs whose prediction float rounding could flip."""
         scale = 1 + logits.abs().amax(-1)
-        if self.task == "binary" or logits.shape[-1] == 1:
-            margin = logits.abs().amin(-1)
-        else:
-            top2 = logits.topk(2, dim=-1).values
-            margin = top2[..., 0] - top2[..., 1]
-        return torch.nonzero(margin < self.TIE_TOLERANCE * scale)
+        return torch.nonzero(margin(logits, self.task) < self.TIE_TOLERANCE * scale)

@@ -14,7 +14,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .engine import Engine, Progress, conv_layer_names
+from .engine import Engine, Progress
+from .split import conv_layer_names
 from .graph import aten, is_linear
 
 DEFAULT_FRACTIONS = tuple(i / 10 for i in range(11))

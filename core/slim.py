@@ -24,7 +24,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .engine import Engine, prune_copy
+from .engine import Engine
+from .naive import prune_copy
 
 
 @dataclass
@@ -45,16 +46,14 @@ def _fold_constant(model: nn.Module, eng: Engine, channels: list[int], mode: str
     cache = eng.readout(mode)
     if cache is None or not cache.linear:
         return False
-    off = cache.off[0][0]                                     # (n, P*S): features with every channel pruned
-    p = eng.channels
-    s = off.shape[1] // p
-    block = off.view(len(off), p, s)[:, channels]             # (n, K, S): the same for every image
-    if not torch.equal(block, block[:1].expand_as(block)):
+    block = cache.pruned_constant(channels)                  # (K, S): what the pruned channels still send
+    if block is None:
         return False
-    linear_name = next(n for n, m in eng.model.named_modules() if m is cache.readout.linears[0])
+    p, s = eng.channels, block.shape[1]
+    linear_name = next(n for n, m in eng.model.named_modules() if m is cache.linear_layer)
     linear = model.get_submodule(linear_name)
     weight = linear.weight.detach().view(linear.out_features, p, s)[:, channels]   # (out, K, S)
-    extra = torch.einsum("oks,ks->o", weight.double(), block[0].double().to(weight.device))
+    extra = torch.einsum("oks,ks->o", weight.double(), block.double().to(weight.device))
     with torch.no_grad():
         if linear.bias is None:
             linear.bias = nn.Parameter(torch.zeros(linear.out_features))

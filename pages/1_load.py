@@ -4,18 +4,17 @@ import streamlit as st
 from core import checkpoints, program
 from core import data as datasets
 from core.models import REGISTRY
-from ui import guard, keys, preparation, sidebar, state
+from ui import catalogue, choices, engines, keys, preparation, sidebar, words
 
-with guard.page():  # an unexpected error: one sentence, the session intact (ui/guard.py)
-    sidebar.show(sidebar.LOAD)
+with sidebar.page(sidebar.LOAD):  # the frame, and one guard: an unexpected error is one sentence
     st.title("Load a model")
 
     st.subheader("Bundled checkpoints")
     st.dataframe(
         [{"name": name, "architecture": c.arch, "data set": c.dataset,
           "test accuracy": f"{c.meta.get('test_accuracy', float('nan')):.2%}",
-          "parameters": f"{state.parameter_count(c):,}", "trained by": c.meta.get("train_command", "")}
-         for name, c in state.bundled_checkpoints().items()],
+          "parameters": f"{words.parameter_count(c):,}", "trained by": c.meta.get("train_command", "")}
+         for name, c in catalogue.bundled_checkpoints().items()],
         hide_index=True, width="stretch",
     )
 
@@ -41,18 +40,18 @@ with guard.page():  # an unexpected error: one sentence, the session intact (ui/
     handled = (upload.file_id, dataset) if upload is not None else None
     if upload is not None and st.session_state.get(keys.LAST_UPLOAD) != handled:
         try:
-            ckpt = state.add_upload(upload.name, upload.getvalue(), dataset=dataset or None)
+            ckpt = catalogue.add_upload(upload.name, upload.getvalue(), dataset=dataset or None)
         except checkpoints.CheckpointError as exc:
             st.error(f"{upload.name} was not loaded. {exc}")
             if getattr(exc, "how_to", None):  # a model of one's own architecture: the lines that export it
                 st.code(exc.how_to, language="python")
-            st.caption(f"Still using **{st.session_state[keys.MODEL]}**.")
+            st.caption(f"Still using **{choices.current().model}**.")
             if isinstance(exc, checkpoints.UnknownArchitecture):  # let the user say which it is
                 arch = st.selectbox("Load it as", list(REGISTRY), index=None, key=keys.UPLOAD_ARCH,
                                     placeholder="pick the architecture it was saved from")
                 if arch is not None:
                     try:
-                        ckpt = state.add_upload(upload.name, upload.getvalue(), arch=arch)
+                        ckpt = catalogue.add_upload(upload.name, upload.getvalue(), arch=arch)
                     except checkpoints.CheckpointError as exc2:
                         st.error(f"Not as '{arch}' either. {exc2}")
                     else:
@@ -60,7 +59,7 @@ with guard.page():  # an unexpected error: one sentence, the session intact (ui/
                         st.rerun()
         else:
             st.session_state[keys.LAST_UPLOAD] = handled
-            if state.conv_layers(ckpt.digest, ckpt):
+            if catalogue.conv_layers(ckpt.digest, ckpt):
                 st.rerun()
             st.info(f"{upload.name} is a '{ckpt.arch}' with no conv layer, so channel pruning does not apply. "
                     "It is listed on the Magnitude page.")
@@ -71,7 +70,7 @@ with guard.page():  # an unexpected error: one sentence, the session intact (ui/
     zipped = st.file_uploader("Image folder (.zip)", type=["zip"], key=keys.UPLOAD_IMAGES)
     if zipped is not None and st.session_state.get(keys.LAST_IMAGES) != zipped.file_id:
         try:
-            own = state.add_own_data(zipped.name, zipped.getvalue())
+            own = catalogue.add_own_data(zipped.name, zipped.getvalue())
         except datasets.DataUnavailable as exc:
             st.error(f"{zipped.name} was not loaded. {exc.public}")
         else:
@@ -83,19 +82,19 @@ with guard.page():  # an unexpected error: one sentence, the session intact (ui/
                    "Choose it under *Test data* in the sidebar.")
 
     st.subheader("Model in use")
-    ckpt = state.current_checkpoint()
-    eng = state.current_engine()
+    ckpt = catalogue.current_checkpoint()
+    eng = engines.current_engine()
     baseline = ckpt.meta.get("test_accuracy")
     c1, c2, c3 = st.columns(3)
     c1.metric("Architecture", ckpt.arch)
-    c2.metric("Parameters", f"{state.parameter_count(ckpt):,}")
+    c2.metric("Parameters", f"{words.parameter_count(ckpt):,}")
     c3.metric("Baseline test accuracy", f"{eng.correct(0) / eng.total:.2%}",
               help="Measured now on the whole test set, with the inputs prepared as below"
               + (f"; the checkpoint records {baseline:.2%}" if baseline else ""))
-    preparation.show(st.session_state[keys.MODEL], ckpt)
-    st.caption(f"{state.summary_in_words(ckpt)}. Data set: **{ckpt.dataset}** ({eng.total:,} test images). "
+    preparation.show(choices.current().model, ckpt)
+    st.caption(f"{words.summary_in_words(ckpt)}. Data set: **{ckpt.dataset}** ({eng.total:,} test images). "
                f"Pruned layer: **{eng.layer}** ({eng.channels} channels). "
-               + state.evaluation_in_words(eng))
+               + words.evaluation_in_words(eng))
     st.dataframe([{"conv layer": i.name, "in": i.in_channels, "out": i.out_channels,
                    "kernel": "x".join(map(str, i.kernel_size)), "output": "x".join(map(str, i.out_shape))}
-                  for i in state.conv_layers(ckpt.digest, ckpt)], hide_index=True)
+                  for i in catalogue.conv_layers(ckpt.digest, ckpt)], hide_index=True)

@@ -2,17 +2,16 @@
 import streamlit as st
 
 from core import criteria
-from ui import figures, guard, keys, sidebar, state
+from ui import choices, engines, figures, keys, sidebar
 
-with guard.page():  # an unexpected error: one sentence, the session intact (ui/guard.py)
-    sidebar.show(sidebar.FEATURE_MAPS)
+with sidebar.page(sidebar.FEATURE_MAPS):  # the frame, and one guard: an unexpected error is one sentence
     st.title("Averaged feature maps")
-    eng = state.current_engine()
-    criterion = st.session_state[keys.CRITERION]
-    state.check_criterion(eng, criterion)
-    k = min(st.session_state.get(keys.K, 0), eng.channels)
+    eng = engines.current_engine()
+    chosen = choices.current()
+    criterion, contrast = chosen.criterion, chosen.contrast
+    engines.check_criterion(eng, criterion)
+    k = choices.k(eng.channels)
     rows, cols = figures.grid_shape(eng.channels)
-    contrast = st.session_state[keys.CONTRAST]
     st.caption(f"Layer **{eng.layer}**: each of the {eng.channels} small images is one channel's activation "
                f"averaged over all {eng.total:,} test images ({rows} x {cols} grid). "
                + ("Each map is scaled to its own range, so only its pattern shows, not its strength. "
@@ -20,5 +19,5 @@ with guard.page():  # an unexpected error: one sentence, the session intact (ui/
                + (f"The {k} channels pruned at the current K (ranked by {criteria.get(criterion).label}) are red."
                   if k else "None is pruned at K = 0: move K on the Prune page and the pruned channels turn red."))
     by_score = st.toggle("Order the grid by score (lowest first: the first pruned)", key=keys.ORDER_BY_SCORE)
-    fig = state.feature_map_figure(state.current_engine_key(), criterion, k, by_score, contrast, eng)
+    fig = engines.feature_map_figure(engines.current_engine_key(), criterion, k, by_score, contrast, eng)
     st.plotly_chart(fig, width="stretch")

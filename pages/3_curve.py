@@ -5,19 +5,19 @@ import io
 import streamlit as st
 
 from core import criteria, data, engine, oracle
-from ui import figures, guard, keys, sidebar, state
+from ui import catalogue, choices, engines, figures, keys, sidebar, words
 
-with guard.page():  # an unexpected error: one sentence, the session intact (ui/guard.py)
-    sidebar.show(sidebar.CURVE)
+with sidebar.page(sidebar.CURVE):  # the frame, and one guard: an unexpected error is one sentence
     st.title("Accuracy vs channels pruned")
-    models = state.channel_models()
+    models = catalogue.channel_models()
+    shared = choices.current()  # the sidebar's choices: this page's defaults
     c1, c2, c3, c4, c5 = st.columns([0.34, 0.16, 0.22, 0.14, 0.14])
     contrast = [m for m in ("fmnist_vgg", "fmnist_resnet") if m in models]  # a plain VGG against a shortcut
-    chosen = c1.multiselect("Models", list(models), default=contrast or [st.session_state[keys.MODEL]],
+    chosen = c1.multiselect("Models", list(models), default=contrast or [shared.model],
                             key=keys.CURVE_MODELS)
     modes = c2.pills("Modes", list(engine.MODES), selection_mode="multi", default=list(engine.MODES),
                      key=keys.CURVE_MODES, help="\n\n".join(f"**{m}**: {text}" for m, text in engine.MODES.items()))
-    crits = c3.multiselect("Ranked by", list(criteria.CRITERIA), default=[st.session_state[keys.CRITERION]],
+    crits = c3.multiselect("Ranked by", list(criteria.CRITERIA), default=[shared.criterion],
                            key=keys.CURVE_CRITERIA, format_func=lambda c: criteria.CRITERIA[c].label)
     axis = c4.radio("x axis", ["K", "%"], key=keys.AXIS, format_func={"K": "K", "%": "% of channels"}.get,
                     help="% of channels compares layers of different widths (64, 128, 512 channels) on one axis.")
@@ -28,8 +28,8 @@ with guard.page():  # an unexpected error: one sentence, the session intact (ui/
     series, styles, rows, chances = {}, {}, [], {}
     for i, name in enumerate(chosen):
         ckpt = models[name]
-        eng = state.engine_for(ckpt, layer=None)
-        chance = state.chance_level(ckpt)
+        eng = engines.engine_for(ckpt, layer=None)
+        chance = words.chance_level(ckpt)
         if chance is not None:
             chances[chance] = "chance (same or different pair)" if eng.task == "binary" else "chance"
         ks = list(range(0, eng.channels + 1, int(step)))
@@ -38,7 +38,7 @@ with guard.page():  # an unexpected error: one sentence, the session intact (ui/
         xs = [100 * k / eng.channels for k in ks] if axis == "%" else ks
         for mode in modes:
             for j, crit in enumerate(crits):
-                acc = state.curve(eng, mode, crit)
+                acc = engines.curve(eng, mode, crit)
                 label = f"{name} · {mode}" + (f" · {criteria.CRITERIA[crit].label}" if len(crits) > 1 else "")
                 series[label] = (xs, [acc[k] for k in ks])
                 styles[label] = figures.series_style(i, mode, j, len(ks))
@@ -60,9 +60,9 @@ with guard.page():  # an unexpected error: one sentence, the session intact (ui/
                "degrades gracefully; a plain VGG falls to chance.")
 
     st.subheader("Which rule picks the channels best?")
-    eng = state.engine_for(models[chosen[0]], layer=None)
-    mode = modes[0] if modes else st.session_state[keys.MODE]
-    key = state.engine_key(models[chosen[0]])
+    eng = engines.engine_for(models[chosen[0]], layer=None)
+    mode = modes[0] if modes else shared.mode
+    key = engines.engine_key(models[chosen[0]])
     from ui import compare  # noqa: E402  (after the chart: its import is not needed to draw it)
 
     if eng.path != engine.PATH_FAST:
@@ -70,7 +70,7 @@ with guard.page():  # an unexpected error: one sentence, the session intact (ui/
                    "rest of the network each here; the Sensitivity page gives another coarse view.")
         why = oracle.why_not_exact(eng, mode) or f"the {'remove' if mode == 'zero' else 'zero'} mode's read-out " \
             "is not linear"
-        compare.show_coarse(eng, key, mode, st.session_state[keys.CRITERION], why)
+        compare.show_coarse(eng, key, mode, shared.criterion, why)
     else:
         left, right = st.columns([0.7, 0.3])
         names = left.multiselect("Rules", list(criteria.CRITERIA), default=["mean", "apoz", "l1_norm", "taylor"],
@@ -83,17 +83,17 @@ with guard.page():  # an unexpected error: one sentence, the session intact (ui/
                                    "two CPU cores (about twice that when chosen on training images); then every "
                                    "session shares it.")
         pick_on = right.radio("The oracle chooses its order on", list(compare.PICK_ON), format_func=compare.PICK_ON.get,
-                              key=keys.COMPARE_PICK_ON, disabled=state.own_data() is not None,
+                              key=keys.COMPARE_PICK_ON, disabled=catalogue.own_data() is not None,
                               help="On the test images the oracle sees the labels it is scored on: an upper bound. "
                                    "On the last training images (a sixth of them, at most 10,000) it chooses "
                                    "without them, and its order is then "
                                    "scored on the test images: a rule you could use (the model was trained on those "
                                    "images too). Not offered for your own test images.")
-        if state.own_data() is not None:
+        if catalogue.own_data() is not None:
             pick_on = "test"
         why = oracle.why_not_exact(eng, mode)
         if extras and why is not None:
-            compare.show_coarse(eng, key, mode, st.session_state[keys.CRITERION], why)
+            compare.show_coarse(eng, key, mode, shared.criterion, why)
         try:
             with st.spinner("Ranking the channels by each rule ..."):
                 for name in names:
@@ -107,7 +107,7 @@ with guard.page():  # an unexpected error: one sentence, the session intact (ui/
         except data.DataUnavailable as exc:  # the training split, for an order chosen on it
             st.error(exc.public)
         else:
-            st.plotly_chart(compare.figure(eng, mode, names, band, greedy, state.chance_level(models[chosen[0]]),
+            st.plotly_chart(compare.figure(eng, mode, names, band, greedy, words.chance_level(models[chosen[0]]),
                                            pick_on), width="stretch")
             train_images = oracle.training_size(models[chosen[0]]) if pick_on == "train" else 0
             st.dataframe(compare.scoreboard(eng, mode, names, single, greedy, pick_on, train_images),

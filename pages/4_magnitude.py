@@ -3,14 +3,13 @@ import numpy as np
 import streamlit as st
 
 from core import magnitude
-from ui import figures, guard, keys, sidebar, state
+from ui import catalogue, figures, keys, magnitude_models, sidebar
 
-with guard.page():  # an unexpected error: one sentence, the session intact (ui/guard.py)
-    sidebar.show(sidebar.MAGNITUDE)
+with sidebar.page(sidebar.MAGNITUDE):  # the frame, and one guard: an unexpected error is one sentence
     st.title("Magnitude pruning with retraining")
     st.caption("Set the weights with the smallest |w| to zero, then retrain the rest with the pruned weights held at "
                "zero (Han et al. 2015, *Learning both Weights and Connections for Efficient Neural Networks*).")
-    models = state.available_models()
+    models = catalogue.available_models()
     names = list(models)
     c1, c2, c3 = st.columns([0.4, 0.3, 0.3])
     name = c1.selectbox("Model", names, index=names.index("fmnist_lenet300") if "fmnist_lenet300" in names else 0,
@@ -21,9 +20,9 @@ with guard.page():  # an unexpected error: one sentence, the session intact (ui/
                               "fraction pruned in each layer.") == "per layer"
     sparsity = c3.slider("Weights pruned (%)", 0.0, 99.9, 90.0, step=0.1, key=keys.MAG_SPARSITY) / 100
 
-    base_accuracy = state.magnitude_accuracy(ckpt, 0.0, False)
-    accuracy = state.magnitude_accuracy(ckpt, sparsity, per_layer)
-    pruned = state.magnitude_model(ckpt, sparsity, per_layer)
+    base_accuracy = magnitude_models.accuracy(ckpt, 0.0, False)
+    accuracy = magnitude_models.accuracy(ckpt, sparsity, per_layer)
+    pruned = magnitude_models.pruned_model(ckpt, sparsity, per_layer)
     report = magnitude.sparsity_of(pruned)
     m1, m2, m3 = st.columns(3)
     m1.metric("Test accuracy (no retraining)", f"{accuracy:.2%}", delta=f"{(accuracy - base_accuracy) * 100:+.2f} pts")
@@ -37,10 +36,10 @@ with guard.page():  # an unexpected error: one sentence, the session intact (ui/
     if go_retrain:
         with st.status("Retraining on the server (your session only) ...", expanded=True) as status:
             bar = st.progress(0.0)
-            model, after = state.magnitude_retrain(ckpt, sparsity, per_layer, int(epochs),
+            model, after = magnitude_models.retrain(ckpt, sparsity, per_layer, int(epochs),
                                                    lambda d, t, label: bar.progress(d / t, text=label))
             retrained.append({"sparsity": sparsity, "per_layer": per_layer, "epochs": int(epochs), "accuracy": after})
-            state.keep_retrained(ckpt, sparsity, per_layer, model)
+            magnitude_models.keep_retrained(ckpt, sparsity, per_layer, model)
             status.update(label=f"Retrained: {after:.2%} at {sparsity:.1%} sparsity", state="complete", expanded=False)
     if retrained:
         st.dataframe([{"sparsity": f"{r['sparsity']:.1%}", "threshold": "per layer" if r["per_layer"] else "global",
@@ -52,13 +51,13 @@ with guard.page():  # an unexpected error: one sentence, the session intact (ui/
                         format_func={"log": "weights remaining (log)",
                                      "linear": "weights pruned (linear)"}.get) == "log"
     grid = [0.0, 0.5, 0.7, 0.8, 0.85, 0.9, 0.92, 0.94, 0.96, 0.97, 0.98, 0.99, 0.995, 0.999]
-    curve = [state.magnitude_accuracy(ckpt, s, per_layer) for s in grid]
+    curve = [magnitude_models.accuracy(ckpt, s, per_layer) for s in grid]
     st.plotly_chart(figures.accuracy_vs_sparsity((grid, curve), [(r["sparsity"], r["accuracy"]) for r in retrained
                                                                  if r["per_layer"] == per_layer], (sparsity, accuracy),
                                                  log_remaining=log_axis), width="stretch")
 
     # What the figures below show: the retrained model at this sparsity when there is one, else the pruned one.
-    own = state.retrained_model(ckpt, sparsity, per_layer)
+    own = magnitude_models.retrained_model(ckpt, sparsity, per_layer)
     shown = pruned
     if own is not None:
         which = st.radio("Show the weights of", ["retrained", "pruned"], horizontal=True, key=keys.MAG_SHOW,
@@ -78,10 +77,10 @@ with guard.page():  # an unexpected error: one sentence, the session intact (ui/
         st.plotly_chart(figures.weight_matrix(first, first_name), width="stretch")
 
     st.subheader("Hidden neurons that fire for one test image")
-    split = state.test_split(ckpt)
+    split = catalogue.test_split(ckpt)
     index = st.number_input("Test image", 0, len(split) - 1, 0, key=keys.MAG_IMAGE)
     fired = magnitude.firing_neurons(shown, split.x[index])
-    unpruned = magnitude.firing_neurons(state.base_model(ckpt), split.x[index])
+    unpruned = magnitude.firing_neurons(magnitude_models.base_model(ckpt), split.x[index])
     left, right = st.columns([0.25, 0.75])
     if split.x.shape[1] == 1:
         left.image(((split.x[index, 0] - split.x[index, 0].min()) / (np.ptp(split.x[index, 0].numpy()) + 1e-8)).numpy(),

@@ -2,18 +2,18 @@
 import streamlit as st
 
 from core import criteria
-from ui import guard, keys, sensitivity, sidebar, state
+from ui import catalogue, choices, keys, sensitivity_map, sidebar, words
 
-with guard.page():  # an unexpected error: one sentence, the session intact (ui/guard.py)
-    sidebar.show(sidebar.SENSITIVITY)
+with sidebar.page(sidebar.SENSITIVITY):  # the frame, and one guard: an unexpected error is one sentence
     st.markdown("### Which layer can lose channels?")
-    ckpt = state.current_checkpoint()
-    criterion, mode = st.session_state[keys.CRITERION], st.session_state[keys.MODE]
-    key = sensitivity.result_key(ckpt, criterion, mode)
-    layers = [info.name for info in state.conv_layers(ckpt.digest, ckpt)]
-    tied = sensitivity.ties(ckpt.digest, ckpt)
+    ckpt = catalogue.current_checkpoint()
+    chosen = choices.current()
+    criterion, mode = chosen.criterion, chosen.mode
+    key = sensitivity_map.result_key(ckpt, criterion, mode)
+    layers = [info.name for info in catalogue.conv_layers(ckpt.digest, ckpt)]
+    tied = sensitivity_map.tied_layers(ckpt.digest, ckpt)
     partial = st.session_state.setdefault(keys.SENSITIVITY_ROWS, {}).setdefault(key, [])
-    rows = sensitivity.complete_rows(key) or partial
+    rows = sensitivity_map.complete_rows(key) or partial
     st.caption(f"{ckpt.name}: each conv layer is pruned alone by 0%, 10%, ..., 100% of its channels (ranked by "
                f"{criteria.CRITERIA[criterion].label}, mode {mode}), every other layer left whole; exact counts over "
                "the whole test set. ‡ marks layers whose channels are tied to others by a residual add or a "
@@ -25,11 +25,11 @@ with guard.page():  # an unexpected error: one sentence, the session intact (ui/
 
     def draw(rows_now) -> None:
         if rows_now:  # an empty heatmap would show bare numeric axes
-            chart.plotly_chart(sensitivity.heatmap(rows_now, tied, layers), width="stretch")
+            chart.plotly_chart(sensitivity_map.heatmap(rows_now, tied, layers), width="stretch")
 
 
     running = st.session_state.get(keys.SENSITIVITY_RUNNING) == key
-    if len(rows) < len(layers) * len(sensitivity.FRACTIONS):
+    if len(rows) < len(layers) * len(sensitivity_map.FRACTIONS):
         done = len({r.layer for r in rows})
         left, right = st.columns([0.3, 0.7])
         if running:
@@ -43,19 +43,19 @@ with guard.page():  # an unexpected error: one sentence, the session intact (ui/
                       "pass of the rest of the network per fraction (the last layer's row is nearly free).")
         draw(rows)
         if running:
-            bar = st.progress(len(rows) / (len(layers) * len(sensitivity.FRACTIONS)), text="Computing ...")
-            total = len(layers) * len(sensitivity.FRACTIONS)
+            bar = st.progress(len(rows) / (len(layers) * len(sensitivity_map.FRACTIONS)), text="Computing ...")
+            total = len(layers) * len(sensitivity_map.FRACTIONS)
 
             def on_row(row) -> None:
                 bar.progress(len(partial) / total, text=f"{row.layer}: {row.fraction:.0%} pruned")
                 draw(partial)
 
-            rows = sensitivity.compute(ckpt, criterion, mode, state.device(), partial, on_row)
+            rows = sensitivity_map.compute(ckpt, criterion, mode, choices.device(), partial, on_row)
             st.session_state.pop(keys.SENSITIVITY_RUNNING, None)
             st.rerun()
     else:
         draw(rows)
-        st.plotly_chart(sensitivity.small_multiples(rows, tied, layers, state.chance_level(ckpt)), width="stretch")
+        st.plotly_chart(sensitivity_map.small_multiples(rows, tied, layers, words.chance_level(ckpt)), width="stretch")
         st.download_button("Download CSV", "layer,channels,fraction,k,correct,total,accuracy\n" + "".join(
             f"{r.layer},{r.channels},{r.fraction:g},{r.k},{r.correct},{r.total},{r.accuracy:.4f}\n" for r in rows),
             file_name=f"sensitivity_{ckpt.name}_{mode}_{criterion}.csv", key=keys.SENSITIVITY_CSV)

@@ -22,6 +22,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from core import checkpoints, data, engine  # noqa: E402
+from core.naive import naive_correct  # noqa: E402
+from core.split import conv_layer_names  # noqa: E402
+from core.tasks import count_correct  # noqa: E402
 
 MODELS = {"vgg": ROOT / "checkpoints" / "fmnist_vgg.pt", "resnet": ROOT / "checkpoints" / "fmnist_resnet.pt",
           "mobilenet": ROOT / "checkpoints" / "fmnist_mobilenet.pt2"}
@@ -45,8 +48,8 @@ def bench_model(name: str, device: torch.device, naive_ks: int, failures: list[s
     split = data.load(ckpt.dataset)
     model = ckpt.build_model().to(device)
     x, y = split.x, split.y
-    engine.count_correct(model, x[:1000], y[:1000], device=device)  # warm-up: kernels, allocator
-    _, floor = clock(lambda: engine.count_correct(model, x, y, device=device), device)
+    count_correct(model, x[:1000], y[:1000], device=device)  # warm-up: kernels, allocator
+    _, floor = clock(lambda: count_correct(model, x, y, device=device), device)
 
     eng, cold = clock(lambda: engine.Engine(ckpt.build_model(), x, y, device=device), device)
     p = eng.channels
@@ -58,7 +61,7 @@ def bench_model(name: str, device: torch.device, naive_ks: int, failures: list[s
         ks = sorted(rng.sample(range(1, p), naive_ks - 1)) + [p]
         naive_times = []
         for k in ks:
-            naive, t = clock(lambda: engine.naive_correct(eng, k, mode), device)
+            naive, t = clock(lambda: naive_correct(eng, k, mode), device)
             naive_times.append(t)
             if naive != counts[k]:
                 failures.append(f"{name} {mode} K={k}: engine {counts[k]} != naive {naive}")
@@ -98,14 +101,14 @@ def bench_layers(name: str, device: torch.device, failures: list[str], with_sens
         split = data.load(ckpt.dataset)
         x, y = split.x, split.y
         model = ckpt.build_model()
-    engine.count_correct(model.to(device), x[:1000], y[:1000], device=device)
-    _, floor = clock(lambda: engine.count_correct(model, x, y, device=device), device)
+    count_correct(model.to(device), x[:1000], y[:1000], device=device)
+    _, floor = clock(lambda: count_correct(model, x, y, device=device), device)
     rng = random.Random(1)
     print(f"\n{name} on {device}: every conv layer ({len(y):,} images; floor {floor:.2f} s; budget "
           f"{engine.default_boundary_budget() / 2**30:.1f} GB per engine)")
     print(f"  {'layer':>14s} {'P':>4s} {'path':5s} {'cold s':>7s} {'sample s':>9s} {'exact s':>8s} {'suffix s':>9s} "
           f"{'(s+e)/suf':>9s} {'known ms':>9s} {'coarse s':>9s} {'coarse/suf':>10s} {'held MB':>8s} {'recomp':>6s}")
-    for layer in engine.conv_layer_names(model):
+    for layer in conv_layer_names(model):
         eng, cold = clock(lambda: engine.Engine(ckpt.build_model(), x, y, layer=layer, device=device), device)
         p, mode = eng.channels, "remove"
         k = rng.randrange(1, p)
@@ -117,7 +120,7 @@ def bench_layers(name: str, device: torch.device, failures: list[str], with_sens
             _, t = clock(lambda: eng.correct(k, mode), device)
             lookups.append(t)
         coarse, t_coarse = clock(lambda: [eng.correct(c, mode) for c in eng.coarse_ks()], device)
-        naive = engine.naive_correct(eng, k, mode)
+        naive = naive_correct(eng, k, mode)
         if naive != exact:
             failures.append(f"{name} {layer} K={k}: engine {exact} != naive {naive}")
         fast = eng.fast

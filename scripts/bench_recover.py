@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from core import checkpoints, data, engine, slim  # noqa: E402
+from core.tasks import count_correct  # noqa: E402
 from core.finetune import FinetuneConfig, finetune  # noqa: E402
 
 MODELS = {"vgg": ROOT / "checkpoints" / "fmnist_vgg.pt", "resnet": ROOT / "checkpoints" / "fmnist_resnet.pt"}
@@ -45,9 +46,9 @@ def main() -> int:
             model, _ = finetune(eng, FinetuneConfig(k=k, layer=eng.layer, mode="remove", steps=args.steps),
                                 train.x, train.y)
             seconds = time.perf_counter() - start
-            tuned = engine.count_correct(model, eng.x, eng.y)
+            tuned = count_correct(model, eng.x, eng.y)
             result = slim.slim(eng, k, "remove")
-            right = engine.count_correct(result.model, eng.x, eng.y)
+            right = count_correct(result.model, eng.x, eng.y)
             m = slim.measure(result.model, (1, 28, 28))
             tie = "exact" if result.exact else "tied: " + ", ".join(result.tied)
             print(f"  K={k} remove: {pruned / eng.total:.2%} pruned -> {tuned / eng.total:.2%} after {args.steps} "

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -21,8 +20,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from core import data, program  # noqa: E402
-from core.engine import count_correct  # noqa: E402
-from core.train import task_loss  # noqa: E402
+from core.train import recipe  # noqa: E402
 
 
 class DepthwiseSeparable(nn.Module):
@@ -82,28 +80,8 @@ def main() -> int:
 
     torch.manual_seed(args.seed)
     train, test = data.load("fashion_mnist", train=True), data.load("fashion_mnist", train=False)
-    model = MobileNetish()
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=5e-4)
-    steps = (len(train) + args.batch_size - 1) // args.batch_size
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.epochs * steps)
-    gen = torch.Generator().manual_seed(args.seed)
-    start = time.time()
-    for epoch in range(args.epochs):
-        model.train()
-        order = torch.randperm(len(train), generator=gen)
-        flips = torch.rand(len(train), generator=gen) < 0.5
-        for step in range(steps):
-            idx = order[step * args.batch_size:(step + 1) * args.batch_size]
-            x = torch.where(flips[idx].view(-1, 1, 1, 1), train.x[idx].flip(-1), train.x[idx])
-            loss = task_loss(model(x), train.y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-        model.eval()
-        correct = count_correct(model, test.x, test.y)
-        print(f"epoch {epoch + 1}/{args.epochs}: loss {loss.item():.3f}, test accuracy {correct / len(test):.4f}, "
-              f"{time.time() - start:.0f} s", flush=True)
+    model, correct, seconds = recipe(MobileNetish(), train, test, "multiclass", args.epochs, args.batch_size, args.lr,
+                                     weight_decay=5e-4, seed=args.seed, bar=False)
     spec = data.DATASETS["fashion_mnist"]
     meta = {
         "dataset": "fashion_mnist", "architecture": "MobileNetish",
@@ -111,7 +89,7 @@ def main() -> int:
         "class_names": list(spec.class_names),
         "test_accuracy": correct / len(test), "test_correct": correct, "test_total": len(test),
         "train_command": "python scripts/train_mobilenet.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-        "train_seconds": round(time.time() - start, 1), "torch_version": str(torch.__version__),
+        "train_seconds": round(seconds, 1), "torch_version": str(torch.__version__),
     }
     program.save(model, (1, 28, 28), args.out, meta)
     print(f"saved {args.out}: test accuracy {correct}/{len(test)}")

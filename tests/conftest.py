@@ -16,6 +16,9 @@ torch.set_num_threads(2)
 # A page's unexpected error reaches the test (AppTest's `exception`, the browser's error box) instead of
 # ui/guard.py's sentence; the test of that sentence unsets it.
 os.environ["PRUNE_EXPLORER_PROPAGATE_ERRORS"] = "1"
+# No background warm-up of the bundled models in the tests' servers and AppTest runs: a test that
+# times a page must not share the CPU with it (the warm-up's own test runs it directly).
+os.environ.setdefault("PRUNE_EXPLORER_WARM", "0")
 
 
 @pytest.fixture(scope="session", params=sorted(BUNDLED))

@@ -9,6 +9,7 @@ from streamlit.testing.v1 import AppTest
 
 from conftest import BUNDLED, ROOT
 from core import checkpoints, engine, inputs, models, program
+from core.naive import naive_correct
 
 APP = str(ROOT / "app.py")
 
@@ -116,7 +117,7 @@ def test_a_middle_layers_curve_fills_in_then_refines_on_request(app):
     eng = engine.Engine(checkpoints.load(BUNDLED["vgg"]).build_model(), *_test_set(), layer="features.4.0",
                         device="cpu")
     new = [(k, acc) for k, acc in live(app)["known"] if k not in before]
-    assert new[0][1] == engine.naive_correct(eng, new[0][0], "zero") / eng.total  # the naive procedure, once
+    assert new[0][1] == naive_correct(eng, new[0][0], "zero") / eng.total  # the naive procedure, once
     for k, acc in new:
         assert acc == eng.correct(k) / eng.total, k  # and every new point is a fresh engine's exact count
 
@@ -309,7 +310,7 @@ def _histogram_data(at) -> list:
 
 def test_magnitude_page_live_accuracy_and_retraining(app):
     from core import data, magnitude
-    from core.engine import count_correct
+    from core.tasks import count_correct
 
     app.switch_page("pages/4_magnitude.py").run()
     assert not app.exception, app.exception

@@ -206,7 +206,7 @@ def test_screenshots_of_every_page(server, browser):
 
     page = browser.new_page(viewport={"width": 1280, "height": 720})
     for p in sidebar.PAGES:
-        path = "" if p is sidebar.PRUNE else re.sub(r"^\d+_", "", Path(p.path).stem)
+        path = p.url_path
         page.goto(f"{server}/{path}")
         settle(page)
         page.locator("[data-testid='stSidebar']").get_by_role("link", name=p.title).wait_for(timeout=240_000)

@@ -9,6 +9,7 @@ from torch import nn
 
 from conftest import BUNDLED, ROOT
 from core import checkpoints, criteria, data, engine, oracle
+from core.naive import prune_copy
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +113,7 @@ def test_greedy_oracle_equals_brute_force_and_single_equals_naive(mode):
     assert eng.path == engine.PATH_FAST
 
     def naive(channels):
-        pruned = engine.prune_copy(eng.model, eng.layer, channels, mode, eng.bn_name)
+        pruned = prune_copy(eng.model, eng.layer, channels, mode, eng.bn_name)
         with torch.no_grad():
             logits = pruned(x)
         loss = float(nn.functional.cross_entropy(logits.double(), y, reduction="sum"))
@@ -150,7 +151,7 @@ def test_an_order_picked_on_training_images_is_scored_on_the_test_images(vgg_sma
     assert sorted(greedy.order) == list(range(512)) and greedy.order != oracle.greedy(eng, "remove").order
 
     def naive(channels):
-        pruned = engine.prune_copy(eng.model, eng.layer, channels, "remove", eng.bn_name)
+        pruned = prune_copy(eng.model, eng.layer, channels, "remove", eng.bn_name)
         with torch.no_grad():
             return int((pruned(x).argmax(1) == y).sum())
 
@@ -169,7 +170,7 @@ def test_oracle_refuses_without_the_linear_read_out(vgg_small):
     coarse = oracle.sampled_single(eng, "remove")  # the coarse version: each channel alone on the first 100
 
     def naive(channel):
-        pruned = engine.prune_copy(eng.model, eng.layer, [channel], "remove", eng.bn_name)
+        pruned = prune_copy(eng.model, eng.layer, [channel], "remove", eng.bn_name)
         with torch.no_grad():
             return int((pruned(x[:100]).argmax(1) == y[:100]).sum())
 
@@ -199,7 +200,7 @@ def test_curve_page_offers_a_coarse_oracle_where_the_read_out_is_not_linear():
 def test_predictions_at_k_are_the_pruned_models_and_flips_follow(vgg_small):
     ckpt, x, y, eng = vgg_small
     k = 400
-    pruned = engine.prune_copy(eng.model, eng.layer, eng.ranking("mean")[:k].tolist(), "remove", eng.bn_name)
+    pruned = prune_copy(eng.model, eng.layer, eng.ranking("mean")[:k].tolist(), "remove", eng.bn_name)
     with torch.no_grad():
         want = pruned(x).argmax(1)
         base = eng.model(x).argmax(1)

@@ -4,6 +4,7 @@ import torch
 
 from conftest import BUNDLED, ROOT
 from core import checkpoints, engine
+from core.naive import naive_correct
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 MODELS = {**BUNDLED, "pair_cnn": ROOT / "checkpoints" / "fmnist_pair_cnn.pt",
@@ -20,7 +21,7 @@ def test_cuda_engine_equals_naive_and_cpu(name):
     for mode in engine.MODES:
         curve = eng.curve(mode)
         for k in (0, 1, p // 2, p - 1, p):
-            naive = engine.naive_correct(eng, k, mode)
+            naive = naive_correct(eng, k, mode)
             assert curve[k] == eng.correct(k, mode) == naive, (name, mode, k)
             # CUDA and CPU arithmetic differ in the last bits; the counts may differ by a near-tie or two
             assert abs(naive - cpu.correct(k, mode)) <= 3, (name, mode, k)

@@ -6,6 +6,8 @@ import torch
 from torch import nn
 
 from core import criteria, data, engine, models
+from core.naive import naive_correct
+from core.split import conv_layer_names
 
 
 @pytest.mark.parametrize("mode", ["zero", "remove"])
@@ -13,7 +15,7 @@ def test_engine_equals_naive_procedure(bundled, mode):
     _, eng = bundled
     p = eng.channels
     for k in (0, 1, p // 2, p - 1, p):
-        assert eng.correct(k, mode) == engine.naive_correct(eng, k, mode), f"K={k} mode={mode}"
+        assert eng.correct(k, mode) == naive_correct(eng, k, mode), f"K={k} mode={mode}"
 
 
 def test_unpruned_accuracy_is_the_recorded_one(bundled):
@@ -24,7 +26,7 @@ def test_unpruned_accuracy_is_the_recorded_one(bundled):
 
 def test_bundled_layer_is_the_last_512_channel_conv(bundled):
     _, eng = bundled
-    assert eng.layer == engine.conv_layer_names(eng.model)[-1]
+    assert eng.layer == conv_layer_names(eng.model)[-1]
     assert eng.channels == 512 and eng.stats.mean_map.shape == (512, 3, 3)
     assert eng.path == engine.PATH_FAST and eng.bn_name is not None
 
@@ -46,7 +48,7 @@ def test_split_path_without_readout_equals_naive(bundled):
     assert eng.path == engine.PATH_SPLIT
     for mode in engine.MODES:
         for k in (0, 100, 511):
-            assert eng.correct(k, mode) == engine.naive_correct(eng, k, mode)
+            assert eng.correct(k, mode) == naive_correct(eng, k, mode)
 
 
 def test_statistics_are_the_averaged_activation_after_conv_and_batchnorm(bundled):
@@ -104,7 +106,7 @@ def test_engine_never_mutates_the_model_it_was_given(bundled):
     split = data.load(ckpt.dataset)
     eng = engine.Engine(model, split.x[:500], split.y[:500], device="cpu")
     eng.correct(300, "remove")
-    engine.naive_correct(eng, 300, "remove")
+    naive_correct(eng, 300, "remove")
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
 
@@ -139,7 +141,7 @@ def test_hook_fallback_is_exact_and_says_so():
     assert eng.path == engine.PATH_HOOK and eng.layer == "conv2" and eng.bn_name == "bn2"
     for mode in engine.MODES:
         for k in (0, 5, 16):
-            assert eng.correct(k, mode) == engine.naive_correct(eng, k, mode)
+            assert eng.correct(k, mode) == naive_correct(eng, k, mode)
 
 
 def test_model_without_conv_is_refused_with_a_clear_message():
@@ -161,7 +163,7 @@ def test_any_conv_layer_can_be_pruned():
     eng = engine.Engine(model, split.x[:500], split.y[:500], layer="features.2.0", device="cpu")
     assert eng.channels == 64 and eng.stats.mean_map.shape == (64, 14, 14)
     for k in (0, 32, 64):
-        assert eng.correct(k, "remove") == engine.naive_correct(eng, k, "remove")
+        assert eng.correct(k, "remove") == naive_correct(eng, k, "remove")
 
 
 def test_cuda_request_without_cuda_is_an_error():
@@ -189,11 +191,12 @@ def test_near_tie_recheck_gives_the_exact_counts(bundled, monkeypatch):
         assert [c for _, c in eng.sweep(ks, mode)] == [eng.correct(k, mode) for k in ks]
 
 
-def test_a_ready_curve_never_waits_behind_another_being_computed(bundled):
+def test_a_ready_curve_never_waits_behind_another_being_computed():
     """Under a class, the warm-up computes one criterion's curve while students look up another's:
-    the lookup must not wait; two callers of the same missing entry share one computation."""
-    _, eng = bundled
-    ready = eng.curve("zero", "mean")
+    the lookup must not wait; two callers of the same missing entry share one computation. (The
+    engine keeps its curves, rankings and counts in `Memo`s.)"""
+    memo = engine.Memo()
+    ready = memo.get(("zero", "mean"), lambda: [1, 2, 3])
     started, release, calls = threading.Event(), threading.Event(), []
 
     def slow():  # stands in for a long computation of another entry
@@ -202,14 +205,13 @@ def test_a_ready_curve_never_waits_behind_another_being_computed(bundled):
         release.wait(60)
         return [0]
 
-    workers = [threading.Thread(target=eng._memo, args=(eng._curves, ("zero", "slow test entry"), slow))
-               for _ in range(2)]
+    workers = [threading.Thread(target=memo.get, args=(("zero", "slow"), slow)) for _ in range(2)]
     for worker in workers:
         worker.start()
     try:
         assert started.wait(60)
         looked_up = []
-        lookup = threading.Thread(target=lambda: looked_up.append(eng.curve("zero", "mean")))
+        lookup = threading.Thread(target=lambda: looked_up.append(memo.get(("zero", "mean"), lambda: None)))
         lookup.start()
         lookup.join(30)  # it would wait for `release` (60 s) if entries shared one lock
         assert looked_up == [ready]
@@ -217,5 +219,4 @@ def test_a_ready_curve_never_waits_behind_another_being_computed(bundled):
         release.set()
         for worker in workers:
             worker.join(60)
-        eng._curves.pop(("zero", "slow test entry"), None)
-    assert calls == [1]
+    assert calls == [1] and memo.peek(("zero", "slow")) == [0]

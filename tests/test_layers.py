@@ -6,6 +6,8 @@ import pytest
 
 from conftest import BUNDLED, ROOT
 from core import checkpoints, data, engine, sensitivity
+from core.naive import naive_correct
+from core.split import conv_layer_names
 
 
 @pytest.fixture(scope="module")
@@ -16,7 +18,7 @@ def vgg():
 
 
 def _naive(eng, k, mode, criterion="mean"):
-    return engine.naive_correct(eng, k, mode, criterion)
+    return naive_correct(eng, k, mode, criterion)
 
 
 def test_middle_layer_over_its_memory_budget_recomputes_and_stays_exact(vgg):
@@ -71,7 +73,7 @@ def test_sensitivity_rows_equal_the_naive_procedure(vgg):
     model = ckpt.build_model()
     rows = list(sensitivity.sensitivity(model, x[:1000], y[:1000], criterion="mean", mode="remove",
                                         fractions=(0.3, 1), device="cpu"))
-    assert [r.layer for r in rows] == [n for n in engine.conv_layer_names(model) for _ in range(2)]
+    assert [r.layer for r in rows] == [n for n in conv_layer_names(model) for _ in range(2)]
     for r in rows:
         eng = engine.Engine(model, x[:1000], y[:1000], layer=r.layer, device="cpu", fast=False)
         assert r.k == round(r.fraction * r.channels) and r.total == 1000

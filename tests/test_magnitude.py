@@ -8,7 +8,7 @@ import torch
 
 from conftest import ROOT
 from core import checkpoints, data, magnitude
-from core.engine import count_correct
+from core.tasks import count_correct
 
 LENET = ROOT / "checkpoints" / "fmnist_lenet300.pt"
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from core import checkpoints, engine, program
+from core.split import conv_layers
 
 ROOT = Path(__file__).resolve().parents[1]
 MOBILENET = ROOT / "checkpoints" / "fmnist_mobilenet.pt2"
@@ -93,7 +94,7 @@ def test_every_conv_of_an_unseen_cnn_equals_the_naive_procedure(tmp_path, head):
         y = model(x).argmax(1)
     y[::3] = (y[::3] + 1) % 10  # some wrong answers, so pruning can also fix some
     ckpt = checkpoints.load(path)
-    names = [info.name for info in engine.conv_layers(ckpt.build_model(), ckpt.spec.input_shape)]
+    names = [info.name for info in conv_layers(ckpt.build_model(), ckpt.spec.input_shape)]
     assert names == ["stem.0", "dw", "grouped", "left", "right", "last"]  # module paths as written
     for layer in names:
         eng = engine.Engine(ckpt.build_model(), x, y, layer=layer, device="cpu", batch_size=150)
@@ -149,7 +150,7 @@ def test_the_bundled_mobilenet_is_a_program_of_an_unregistered_architecture():
     ckpt = checkpoints.load(MOBILENET)
     assert ckpt.program is not None and ckpt.arch == "MobileNetish" and ckpt.arch not in models.REGISTRY
     assert ckpt.dataset == "fashion_mnist" and ckpt.meta["test_accuracy"] > 0.88
-    layers = engine.conv_layers(ckpt.build_model(), ckpt.spec.input_shape)
+    layers = conv_layers(ckpt.build_model(), ckpt.spec.input_shape)
     assert any(info.name == "blocks.0.dw" for info in layers) and layers[-1].name == "head"
     groups = {n: m.groups for n, m in ckpt.build_model().named_modules() if isinstance(m, nn.Conv2d)}
     assert groups["blocks.0.dw"] == 16  # depthwise
@@ -162,7 +163,7 @@ def test_cli_sweep_of_the_mobilenet_equals_the_naive_procedure(tmp_path, layer):
 
     split = data.load("fashion_mnist")
     ckpt = checkpoints.load(MOBILENET)
-    channels = dict((i.name, i.out_channels) for i in engine.conv_layers(ckpt.build_model(), (1, 28, 28)))[layer]
+    channels = dict((i.name, i.out_channels) for i in conv_layers(ckpt.build_model(), (1, 28, 28)))[layer]
     ks = [0, 1, channels // 2, channels]
     rank = subprocess.run([sys.executable, "-m", "core", "rank", str(MOBILENET), "--layer", layer, "--out",
                            str(tmp_path / "rank.csv"), "--device", "cpu"], cwd=ROOT, capture_output=True, text=True)

@@ -8,6 +8,7 @@ from torch import nn
 
 from conftest import BUNDLED, ROOT
 from core import checkpoints, data, engine, slim
+from core.tasks import count_correct
 from core.finetune import FinetuneConfig, finetune
 
 
@@ -43,7 +44,7 @@ def test_slim_model_counts_exactly_what_the_masked_model_counts(small, mode):
     for k in (1, 256, 480):
         result = slim.slim(eng, k, mode)
         assert result.exact and result.model.get_submodule(eng.layer).out_channels == 512 - k
-        assert engine.count_correct(result.model, x, y) == eng.correct(k, mode), (mode, k)
+        assert count_correct(result.model, x, y) == eng.correct(k, mode), (mode, k)
     assert result.folded == (mode == "zero")
     assert result.shrunk == ["features.6.0: out channels", "features.6.1: out channels", "classifier: in channels"]
 
@@ -58,7 +59,7 @@ def test_slim_state_dict_with_its_widths_loads_back_and_counts_the_same(small, t
     checkpoints.save(tmp_path / "slim.pt", vgg.arch, widths, result.model, {"dataset": vgg.dataset})
     again = checkpoints.load(tmp_path / "slim.pt")  # the safe loader, as an upload
     assert (again.arch, again.arch_kwargs) == (vgg.arch, widths)
-    assert engine.count_correct(again.build_model(), x, y) == eng.correct(480, mode)
+    assert count_correct(again.build_model(), x, y) == eng.correct(480, mode)
     resnet = checkpoints.load(BUNDLED["resnet"])
     eng = engine.Engine(resnet.build_model(), x[:200], y[:200], layer="res3.0.0", device="cpu")
     model = slim.slim(eng, 100, "remove").model  # the bottleneck conv: nothing else shares its channels

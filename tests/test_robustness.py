@@ -22,6 +22,8 @@ from torch import nn
 
 from conftest import BUNDLED, ROOT
 from core import checkpoints, data, engine, inputs, models, untrusted
+from core.naive import naive_correct
+from core.split import conv_layer_names
 from core.cache import EngineCache, OverBudget
 
 
@@ -134,7 +136,7 @@ def test_parallel_sessions_each_see_exactly_their_own_accuracies():
     setups = []
     for name, path in BUNDLED.items():
         ckpt = checkpoints.load(path)
-        for layer in (None, engine.conv_layer_names(ckpt.build_model())[-3]):
+        for layer in (None, conv_layer_names(ckpt.build_model())[-3]):
             setups.append((ckpt, layer))
 
     def build(ckpt, layer):
@@ -146,7 +148,7 @@ def test_parallel_sessions_each_see_exactly_their_own_accuracies():
         eng = cache.get((ckpt.digest, layer), build(ckpt, layer))
         for mode in engine.MODES:
             for k in (i * 7 % eng.channels, eng.channels // 3, eng.channels - i):
-                jobs.append((ckpt, layer, mode, k, engine.naive_correct(eng, k, mode)))
+                jobs.append((ckpt, layer, mode, k, naive_correct(eng, k, mode)))
     answers, errors = {}, []
 
     def session(sid):
@@ -666,13 +668,13 @@ def test_the_warm_up_skips_rules_a_model_refuses_and_warms_the_rest():
     """The pair model's last conv has no batch norm, so bn_gamma refuses it: the background warm-up
     must go on to the other rules (and models) instead of dying on that refusal."""
     from core import checkpoints, criteria, engine
-    from ui import state
+    from ui import catalogue, engines
 
     ckpt = checkpoints.load(ROOT / "checkpoints" / "fmnist_pair_cnn.pt")
-    layer = state.conv_layers(ckpt.digest, ckpt)[-1].name
+    layer = catalogue.conv_layers(ckpt.digest, ckpt)[-1].name
     key = (ckpt.digest, ckpt.dataset, layer, "cpu")
-    state._Warmer()._run([(key, ckpt, "cpu")])  # raised ValueError from bn_gamma before
-    eng = state.engine_cache().lookup(key)
+    engines._Warmer()._run([(key, ckpt, "cpu")])  # raised ValueError from bn_gamma before
+    eng = engines.engine_cache().lookup(key)
     assert eng is not None and eng.bn_name is None and eng.path == engine.PATH_FAST
     warmed = {name for name, rule in criteria.CRITERIA.items()
               if rule.looks_at != criteria.GRADIENTS and name != "bn_gamma"}

@@ -13,6 +13,9 @@ from PIL import Image
 
 from conftest import ROOT
 from core import checkpoints, data, engine, inputs, models
+from core.naive import naive_correct, prune_copy
+from core.split import conv_layer_names, conv_layers
+from core.tasks import predictions
 
 PAIR_CHECKPOINTS = {"pair_cnn": ROOT / "checkpoints" / "fmnist_pair_cnn.pt",
                     "siamese": ROOT / "checkpoints" / "fmnist_siamese.pt"}
@@ -36,7 +39,7 @@ def test_report_architectures_have_the_reported_last_conv():
     last = {}
     for arch in ("resnet9", "vgg13_bn", "keras_vgg", "pair_cnn", "siamese"):
         spec = models.REGISTRY[arch]
-        last[arch] = engine.conv_layers(models.build(arch), spec.input_shape)[-1]
+        last[arch] = conv_layers(models.build(arch), spec.input_shape)[-1]
     assert (last["resnet9"].out_channels, last["resnet9"].out_shape) == (512, (512, 4, 4))
     assert last["vgg13_bn"].out_shape == (512, 2, 2) and last["vgg13_bn"].name == "features.31"
     assert last["keras_vgg"].name == "conv2d_12" and last["keras_vgg"].out_shape == (512, 2, 2)
@@ -44,7 +47,7 @@ def test_report_architectures_have_the_reported_last_conv():
     assert last["pair_cnn"].out_shape == (64, 5, 5)
     assert last["siamese"].out_channels == 128
     lenet = models.build("lenet300")
-    assert sum(p.numel() for p in lenet.parameters()) == 266_610 and not engine.conv_layer_names(lenet)
+    assert sum(p.numel() for p in lenet.parameters()) == 266_610 and not conv_layer_names(lenet)
 
 
 def _jovian_names(state_dict):
@@ -88,7 +91,7 @@ def _random_engine(arch, n=64, **kwargs):
     spec = models.REGISTRY[arch]
     x = torch.randn(n, *spec.input_shape)
     with torch.no_grad():  # labels = the model's own answers, so accuracy starts at 100%
-        y = engine.predictions(model(x), spec.task)
+        y = predictions(model(x), spec.task)
     return engine.Engine(model, x, y, task=spec.task, device="cpu", batch_size=32, **kwargs.get("engine", {}))
 
 
@@ -98,7 +101,7 @@ def test_cifar_architectures_prune_exactly(arch):
     assert eng.correct(0) == eng.total
     for mode in engine.MODES:
         for k in (1, 256, 511, 512):
-            assert eng.correct(k, mode) == engine.naive_correct(eng, k, mode), (arch, mode, k)
+            assert eng.correct(k, mode) == naive_correct(eng, k, mode), (arch, mode, k)
 
 
 def test_keras_order_zeroes_the_batchnorm_after_the_activation():
@@ -107,18 +110,18 @@ def test_keras_order_zeroes_the_batchnorm_after_the_activation():
     pruned = eng.ranking()[:300]
     outputs = {}
     for mode in engine.MODES:
-        model = engine.prune_copy(eng.model, eng.layer, pruned.tolist(), mode, eng.bn_name)
+        model = prune_copy(eng.model, eng.layer, pruned.tolist(), mode, eng.bn_name)
         bn = model.get_submodule(eng.bn_name)
         bn.register_forward_hook(lambda m, i, o, mode=mode: outputs.__setitem__(mode, o[:, pruned]))
         with torch.no_grad():
             model(eng.x)
     # remove: the channel outputs exactly zero after its BatchNorm; zero: BatchNorm's constant remains
     assert bool((outputs["remove"] == 0).all()) and not bool((outputs["zero"] == 0).all())
-    assert eng.correct(300, "remove") == engine.naive_correct(eng, 300, "remove")
+    assert eng.correct(300, "remove") == naive_correct(eng, 300, "remove")
 
 
 def test_every_conv_layer_of_a_model_can_be_pruned():
-    eng_layers = engine.conv_layer_names(models.build("resnet9"))
+    eng_layers = conv_layer_names(models.build("resnet9"))
     assert len(eng_layers) == 8
     torch.manual_seed(0)
     model = models.build("resnet9").eval()
@@ -127,7 +130,7 @@ def test_every_conv_layer_of_a_model_can_be_pruned():
     for layer in ("prep.0", "res1.0.0", "layer2.0"):
         eng = engine.Engine(model, x, y, layer=layer, device="cpu")
         for k in (1, eng.channels // 2, eng.channels):
-            assert eng.correct(k, "remove") == engine.naive_correct(eng, k, "remove"), (layer, k)
+            assert eng.correct(k, "remove") == naive_correct(eng, k, "remove"), (layer, k)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,7 +155,7 @@ def test_pair_networks_are_well_above_chance_and_exact(pair_engine):
     criterion = "mean_abs" if ckpt.arch == "pair_cnn" else "mean"  # each report's own ranking
     for mode in engine.MODES:
         for k in (0, 1, p // 2, p - 1, p):
-            assert eng.correct(k, mode, criterion) == engine.naive_correct(eng, k, mode, criterion)
+            assert eng.correct(k, mode, criterion) == naive_correct(eng, k, mode, criterion)
 
 
 def test_siamese_prunes_both_calls_and_averages_both():

@@ -17,6 +17,7 @@ import torchvision
 from torch import nn
 
 from core import checkpoints, data, engine, program
+from core.naive import prune_copy
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGES = 160
@@ -55,7 +56,7 @@ def assert_exact(model: nn.Module, ckpt, x: torch.Tensor, y: torch.Tensor, layer
     p = eng.channels
     for mode in engine.MODES:
         for k in (1, p // 2, p):
-            pruned = engine.prune_copy(model, layer, eng.ranking()[:k].tolist(), mode, eng.bn_name)
+            pruned = prune_copy(model, layer, eng.ranking()[:k].tolist(), mode, eng.bn_name)
             with torch.no_grad():
                 naive = pruned(x).argmax(1)
             assert torch.equal(eng.predictions(k, mode), naive), (layer, mode, k)

@@ -10,7 +10,7 @@ import streamlit as st
 
 from core import criteria, engine, oracle
 from core.checkpoints import Checkpoint
-from ui import keys, state
+from ui import engines, keys
 
 SEEDS = 20
 FONT = 15
@@ -54,7 +54,7 @@ def show_coarse(eng: engine.Engine, key: tuple, mode: str, criterion: str, why: 
     ks, counts = coarse_oracle(key, mode, eng, _progress=lambda done, total, label: bar.progress(
         done / total, text=f"{label}: {done} of {total}"))
     bar.empty()
-    state.check_criterion(eng, criterion)  # the sidebar's rule, drawn beside it, may not apply here
+    engines.check_criterion(eng, criterion)  # the sidebar's rule, drawn beside it, may not apply here
     with st.spinner(f"The sidebar's rule at the same {len(ks)} K, over every test image ..."):
         fig = coarse_figure(eng, mode, criterion, ks, counts)
     st.plotly_chart(fig, width="stretch")

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import streamlit as st
 
-from ui import figures, keys
+from ui import choices, figures, keys
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 
@@ -81,4 +81,4 @@ def live_slider(*, engine_key: tuple, maps: np.ndarray, scores: np.ndarray, orde
 def _released() -> None:
     k = st.session_state[keys.LIVE_SLIDER].get("k")
     if k is not None:
-        st.session_state[keys.K] = int(k)
+        choices.set_k(int(k))

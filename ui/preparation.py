@@ -12,7 +12,7 @@ import streamlit as st
 from core import inputs
 from core import data as datasets
 from core.checkpoints import Checkpoint
-from ui import keys, state
+from ui import catalogue, keys
 
 CUSTOM = "custom"
 
@@ -26,7 +26,7 @@ def show(name: str, ckpt: Checkpoint) -> None:
                    "below; `meta` in the export lines (*Export your model as a .pt2 program*, above) records it "
                    "in the file.")
     if prep.source != inputs.FROM_FILE:  # assumed, or chosen here: a sample check may know better
-        hint = state.preparation_hint(ckpt.digest, ckpt)
+        hint = catalogue.preparation_hint(ckpt.digest, ckpt)
         if hint is not None:
             st.warning(hint.sentence, icon=":material/tune:")
             if st.button(f"Use {hint.better.describe()}", key=keys.PREP_USE_HINT):
@@ -81,10 +81,10 @@ def _custom(name: str, channels: int) -> None:
 
 def _unchosen(name: str, ckpt: Checkpoint) -> inputs.Preparation:
     """The preparation without this session's choice: as the file states, or as assumed."""
-    loaded = state.loaded_models().get(name)
+    loaded = catalogue.loaded_models().get(name)
     return loaded.prep if loaded is not None else ckpt.prep
 
 
 def _choose(name: str, prep: inputs.Preparation) -> None:
-    state.choose_preparation(name, prep)
+    catalogue.choose_preparation(name, prep)
     st.rerun()

@@ -10,9 +10,10 @@ import streamlit as st
 import torch
 
 from core import checkpoints, engine, program, slim
+from core.tasks import count_correct
 from core.checkpoints import Checkpoint
 from core.finetune import FinetuneConfig, finetune
-from ui import keys, state
+from ui import catalogue, engines, keys
 
 LATENCY_KS = (0, 128, 256, 384, 448, 480, 496, 512)
 
@@ -52,14 +53,14 @@ def _finetune(ckpt: Checkpoint, eng: engine.Engine, k: int, mode: str, criterion
     train = ckpt.split(train=True)
     model, done = finetune(eng, cfg, train.x, train.y, progress=progress)
     st.session_state[keys.FT_RUNNING] = False
-    after = engine.count_correct(model, eng.x, eng.y, eng.task)
+    after = count_correct(model, eng.x, eng.y, eng.task)
     name = f"{ckpt.name} · K={k} {mode} · fine-tuned {len(done)} steps"
     meta = ckpt.saved_meta(test_accuracy=after / eng.total, test_correct=after, test_total=eng.total,
                            finetuned={**cfg.describe(), "from": ckpt.name})
     state_dict = {key: v.detach().clone() for key, v in model.state_dict().items()}
     digest = hashlib.sha256(repr((ckpt.digest, cfg.describe())).encode()).hexdigest()
     tuned = Checkpoint(ckpt.arch, dict(ckpt.arch_kwargs), state_dict, meta, digest, name, input_prep=ckpt.prep)
-    state.add_session_model(name, tuned)
+    catalogue.add_session_model(name, tuned)
     before = eng.correct(k, mode, criterion)
     st.success(f"Accuracy at K = {k}: {before / eng.total:.2%} right after pruning -> {after / eng.total:.2%} after "
                f"{len(done)} steps. Added to this session's models as **{name}** (sidebar, Curve page).")
@@ -81,14 +82,14 @@ def _realise(ckpt: Checkpoint, eng: engine.Engine, k: int, mode: str, criterion:
                      help="Torch-Pruning's dependency graph cuts the channels out of the conv, its batch norm and "
                           "every layer that reads them; then both models are measured on this server."):
         return
-    key = state.engine_key(ckpt, eng.layer)
+    key = engines.engine_key(ckpt, eng.layer)
     try:
         with st.spinner("Removing the channels ..."):
             result = _slim(key, k, mode, criterion, eng)
     except ValueError as exc:
         st.error(str(exc))
         return
-    right = engine.count_correct(result.model, eng.x, eng.y, eng.task)
+    right = count_correct(result.model, eng.x, eng.y, eng.task)
     masked = eng.correct(k, mode, criterion)
     st.caption("Layers that shrank together: " + "; ".join(result.shrunk))
     if result.tied:

@@ -1,11 +1,14 @@
-"""The frame every page draws first: page config, styles, the session's defaults and the one sidebar.
+"""The frame drawn once around every page: navigation, page config, styles, the session's defaults, the sidebar.
 
-Each page script (app.py is the Prune page, the others are in pages/) starts with
-`sidebar.show(PAGE)`, so a deep link to any page on a fresh server draws that page with its sidebar,
-and Streamlit's AppTest and the real server run the same code.
+Each page script (app.py is the Prune page, the others are in pages/: Streamlit's multipage mode)
+runs its body inside `with sidebar.page(PAGE):`, which draws this frame and guards the page, so a
+deep link to any page on a fresh server draws that page with its sidebar, and Streamlit's AppTest
+and the real server run the same code. (Not `st.navigation`: with a pages/ folder beside app.py,
+AppTest runs a page file alone, without the entry script that would draw the frame.)
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,29 +16,43 @@ import streamlit as st
 import torch
 
 from core import criteria, engine
-from ui import keys, state
+from ui import catalogue, choices, engines, guard, keys
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 
 
 @dataclass(frozen=True)
 class Page:
-    path: str    # relative to the repository root, as st.page_link wants it
+    path: str      # the page file, relative to the repository root, as st.page_link wants it
     title: str
     icon: str
+    url_path: str  # its address ("" for the Prune page, the default)
     channel_controls: bool = True  # model, layer, criterion and mode apply to this page
 
 
-PRUNE = Page("app.py", "Prune", ":material/content_cut:")
-LOAD = Page("pages/1_load.py", "Load", ":material/upload_file:")
-FEATURE_MAPS = Page("pages/2_feature_maps.py", "Feature maps", ":material/grid_view:")
-CURVE = Page("pages/3_curve.py", "Curve", ":material/show_chart:", channel_controls=False)
-MAGNITUDE = Page("pages/4_magnitude.py", "Magnitude", ":material/filter_alt:", channel_controls=False)
-SENSITIVITY = Page("pages/5_sensitivity.py", "Sensitivity", ":material/grid_on:")
+PRUNE = Page("app.py", "Prune", ":material/content_cut:", "")
+LOAD = Page("pages/1_load.py", "Load", ":material/upload_file:", "load")
+FEATURE_MAPS = Page("pages/2_feature_maps.py", "Feature maps", ":material/grid_view:", "feature_maps")
+CURVE = Page("pages/3_curve.py", "Curve", ":material/show_chart:", "curve", channel_controls=False)
+MAGNITUDE = Page("pages/4_magnitude.py", "Magnitude", ":material/filter_alt:", "magnitude", channel_controls=False)
+SENSITIVITY = Page("pages/5_sensitivity.py", "Sensitivity", ":material/grid_on:", "sensitivity")
 PAGES = (PRUNE, LOAD, FEATURE_MAPS, CURVE, SENSITIVITY, MAGNITUDE)
 
 # Query parameters a link carries, so that it reopens the same view.
 URL_KEYS = (keys.MODEL, keys.LAYER, keys.CRITERION, keys.MODE, keys.K)
+
+
+@contextlib.contextmanager
+def page(which: Page):
+    """Every page's body runs inside this: the frame first (`show`), then the page, all within the one
+    error guard (ui/guard.py)."""
+    drawn = False
+    with guard.page():
+        show(which)
+        drawn = True
+        yield
+    if not drawn:  # the frame itself failed: its sentence is on the page, the body is skipped
+        st.stop()
 
 
 def show(page: Page) -> None:
@@ -61,9 +78,9 @@ def show(page: Page) -> None:
     missing = st.session_state.pop(keys.LINK_MODEL_MISSING, None)
     if missing is not None:
         st.info(f"The link names the model `{missing.replace('`', '')}`, which this server does not have (an "
-                f"upload stays only in the session that uploaded it): showing **{state.DEFAULT_MODEL}** instead.",
+                f"upload stays only in the session that uploaded it): showing **{catalogue.DEFAULT_MODEL}** instead.",
                 icon=":material/link_off:")
-    state.warm_bundled_models()
+    engines.warm_bundled_models()
     with st.sidebar:
         if page.channel_controls:
             _channel_controls()
@@ -97,9 +114,9 @@ def _init_choices() -> None:
 
 def _init_model() -> None:
     """A session's first run, after the sidebar's frame is drawn: the model, from the URL if it names one."""
-    models = state.channel_models()
+    models = catalogue.channel_models()
     model = st.query_params.get("model")
-    st.session_state[keys.MODEL] = model if model in models else state.DEFAULT_MODEL
+    st.session_state[keys.MODEL] = model if model in models else catalogue.DEFAULT_MODEL
     if model and model not in models:  # said once on the page, not silently replaced
         st.session_state[keys.LINK_MODEL_MISSING] = str(model)[:200]
     token = st.query_params.get("inputs")
@@ -124,18 +141,18 @@ def _model_label(models: dict) -> callable:
 
 
 def _channel_controls() -> None:
-    models = state.channel_models()
+    models = catalogue.channel_models()
     st.header("Model")
     st.selectbox("Checkpoint", list(models), key=keys.MODEL, format_func=_model_label(models),
                  help="The bundled models were trained on Fashion-MNIST; the Load page lists them.")
-    ckpt = state.current_checkpoint()
+    ckpt = catalogue.current_checkpoint()
     st.caption(f"{ckpt.arch} · {ckpt.dataset}")
-    layers = state.conv_layers(ckpt.digest, ckpt)
+    layers = catalogue.conv_layers(ckpt.digest, ckpt)
     names = [info.name for info in layers]
     if st.session_state.get(keys.LAYER) not in names:  # first run, or a model without that layer
         st.session_state[keys.LAYER] = names[-1]
     channels = next(info.out_channels for info in layers if info.name == st.session_state[keys.LAYER])
-    st.session_state[keys.K] = min(st.session_state.get(keys.K, 0), channels)  # keep K where it fits
+    choices.k(channels)  # keep K where it fits
     described = {info.name: f"{info.name} ({info.out_channels} channels)" for info in layers}
     st.selectbox("Conv layer", names, key=keys.LAYER, format_func=described.get,
                  help="Default: the last conv layer, whose whole accuracy curve is computed at once.")
@@ -149,7 +166,7 @@ def _channel_controls() -> None:
                  help="Channels with the lowest score are pruned first.\n\n" + "\n\n".join(
                      f"**{c.label}**: {c.explain} *{c.source}* Looks at {c.looks_at}."
                      for c in criteria.CRITERIA.values()))
-    chosen = criteria.get(st.session_state[keys.CRITERION])
+    chosen = criteria.get(choices.current().criterion)
     st.caption(f"{chosen.explain} Looks at {chosen.looks_at}.")
     st.radio("Pruning mode", list(engine.MODES), key=keys.MODE, horizontal=True,
              help="\n\n".join(f"**{m}**: {text}" for m, text in engine.MODES.items()))
@@ -165,7 +182,7 @@ def _channel_controls() -> None:
 def _device_control() -> None:
     devices = ["auto", "cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     st.selectbox("Device", devices, key=keys.DEVICE)
-    st.caption(f"Running on **{state.device().upper()}**"
+    st.caption(f"Running on **{choices.device().upper()}**"
                + ("" if torch.cuda.is_available() else " (no CUDA device on this server)"))
 
 
@@ -175,7 +192,7 @@ def sync_url() -> None:
         value = st.session_state.get(key)
         if value is not None and st.query_params.get(key) != str(value):
             st.query_params[key] = str(value)
-    token = state.preparation_choice(str(st.session_state.get(keys.MODEL)))  # the model's chosen inputs
+    token = catalogue.preparation_choice(str(st.session_state.get(keys.MODEL)))  # the model's chosen inputs
     if token and st.query_params.get("inputs") != token:
         st.query_params["inputs"] = token
     elif not token and "inputs" in st.query_params:

@@ -12,8 +12,9 @@ import plotly.graph_objects as go
 import streamlit as st
 from plotly.subplots import make_subplots
 
-from core import engine, sensitivity
+from core import sensitivity
 from core.checkpoints import Checkpoint
+from core.split import conv_layer_names
 from core.sensitivity import Row
 
 FRACTIONS = sensitivity.DEFAULT_FRACTIONS
@@ -36,12 +37,10 @@ def complete_rows(key: tuple) -> list[Row] | None:
 
 def compute(ckpt: Checkpoint, criterion: str, mode: str, device: str, partial: list[Row], on_row) -> list[Row]:
     """Rows for every layer and fraction; `partial` (this session's rows so far) are not recomputed."""
-    from core import data
-
     split = ckpt.split()
     model = ckpt.build_model()
     done = {(r.layer, r.fraction) for r in partial}
-    layers = [n for n in engine.conv_layer_names(model)
+    layers = [n for n in conv_layer_names(model)
               if any((n, f) not in done for f in FRACTIONS)]
     for row in sensitivity.sensitivity(model, split.x, split.y, ckpt.spec.task, criterion, mode, FRACTIONS,
                                        device, layers=layers):
@@ -55,7 +54,7 @@ def compute(ckpt: Checkpoint, criterion: str, mode: str, device: str, partial: l
 
 
 @st.cache_resource(max_entries=16, show_spinner=False)
-def ties(digest: str, _ckpt: Checkpoint) -> dict[str, str]:
+def tied_layers(digest: str, _ckpt: Checkpoint) -> dict[str, str]:
     return sensitivity.ties(_ckpt.build_model())
 
 

@@ -1,0 +1,196 @@
+"""The engines of the app: one shared cache for every session, built with progress, warmed at start.
+
+An engine is keyed by (checkpoint digest, test data, layer, device) and shared read-only; the
+first session to ask builds it while a progress bar shows, and the background warm-up builds the
+bundled models' before anyone asks. Also here: what a page asks an engine for, with progress on the
+slow paths and a labelled sample's estimate while an exact count is made.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import streamlit as st
+
+from core import criteria, data, engine
+from core.cache import EngineCache, OverBudget
+from core.checkpoints import Checkpoint
+from ui import catalogue, choices, jobs
+
+@st.cache_resource(show_spinner=False)
+def engine_cache() -> EngineCache:
+    return EngineCache(max_entries=int(os.environ.get("PRUNE_EXPLORER_MAX_ENGINES", 4)),
+                       max_bytes=int(float(os.environ.get("PRUNE_EXPLORER_MAX_CACHE_GB", 2)) * 2**30))
+
+
+def current_engine() -> engine.Engine:
+    """The shared engine for the session's model and layer."""
+    return engine_for(catalogue.current_checkpoint(), choices.current().layer)
+
+
+def engine_key(ckpt: Checkpoint, layer: str | None = None) -> tuple:
+    """The shared cache's key for this session's choices (its own images, its device)."""
+    own = catalogue.own_data()
+    return _engine_key(ckpt, own["digest"] if own else ckpt.dataset, layer, choices.device())
+
+
+def _engine_key(ckpt: Checkpoint, test_data: str, layer: str | None, device_name: str) -> tuple:
+    """(checkpoint digest, data set or own images' digest, layer, device): the one place the key is made.
+    The digest includes a chosen input preparation (Checkpoint.with_prep)."""
+    layer = layer or catalogue.conv_layers(ckpt.digest, ckpt)[-1].name  # one cache entry whichever way it is named
+    return ckpt.digest, test_data, layer, device_name
+
+
+def current_engine_key() -> tuple:
+    return engine_key(catalogue.current_checkpoint(), choices.current().layer)
+
+
+def engine_for(ckpt: Checkpoint, layer: str | None) -> engine.Engine:
+    """The shared engine for a checkpoint and layer (None: the last conv); the first build shows progress."""
+    key = engine_key(ckpt, layer)
+    layer, own = key[2], catalogue.own_data()
+    cache = engine_cache()
+    cached = cache.lookup(key)
+    if cached is not None:
+        return cached
+    with st.status(f"Preparing {ckpt.name}: one pass over the test set ...", expanded=True) as status:
+        bar = st.progress(0.0)
+        warming = _warmer().progress
+        while key in warming and cache.lookup(key) is None:  # the background warm-up is building it
+            done, total, label = warming.get(key, (0, 1, ""))
+            bar.progress(done / max(total, 1), text=f"{label} (being prepared in the background)")
+            time.sleep(0.25)
+        try:
+            images = catalogue.image_folder(own["path"], ckpt.spec.input_shape, ckpt.prep) if own else None
+            eng = cache.get(key, lambda: engine.from_checkpoint(
+                ckpt, layer=layer, device=choices.device(), split=images,
+                progress=lambda d, t, label: bar.progress(d / t, text=label)))
+        except (OverBudget, data.DataUnavailable) as exc:  # one sentence, and the page stops here
+            status.update(label=f"{ckpt.name} could not be prepared", state="error", expanded=True)
+            st.error(getattr(exc, "public", str(exc)))  # never the server's paths
+            st.stop()
+        status.update(label=f"{ckpt.name} ready: {eng.total:,} test images seen once", state="complete",
+                      expanded=False)
+    return eng
+
+
+class _Warmer:
+    """Builds the bundled models' engines in one background thread, into the shared cache, under
+    the keys `engine_for` uses; `progress` holds the one being built: {key: (done, total, label)}."""
+
+    def __init__(self):
+        self.progress: dict[tuple, tuple[int, int, str]] = {}
+        self.thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def start(self, jobs) -> None:
+        """Start the thread unless it was started before; `jobs()` lists (key, checkpoint, device)."""
+        with self._lock:
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._run, args=(jobs(),), name="warm-bundled-models",
+                                               daemon=True)
+                self.thread.start()
+
+    def _run(self, jobs) -> None:
+        cache = engine_cache()
+        built = []
+        for key, ckpt, dev in jobs:
+            self.progress[key] = (0, 1, f"Preparing {ckpt.name}")
+
+            def report(done, total, label, key=key):
+                self.progress[key] = (done, total, label)
+            try:
+                eng = cache.get(key, lambda: engine.from_checkpoint(ckpt, layer=key[2], device=dev, progress=report))
+            except Exception:  # a missing data set etc.: the page that needs it shows the reason
+                continue
+            finally:
+                self.progress.pop(key, None)
+            built.append(eng)
+            if eng.path == engine.PATH_FAST:  # both modes' curves: flipping zero/remove is then a lookup
+                for mode in engine.MODES:
+                    eng.curve(mode, "mean")
+        for eng in built:  # then the other criteria
+            if eng.path == engine.PATH_FAST:
+                for name, rule in criteria.CRITERIA.items():
+                    if rule.looks_at == criteria.GRADIENTS:  # a backward pass: computed when first asked for
+                        continue
+                    try:
+                        eng.ranking(name)
+                    except ValueError:  # a rule this layer refuses (bn_gamma without a batch norm): none to warm
+                        continue
+                    for mode in engine.MODES:
+                        eng.curve(mode, name)
+
+
+@st.cache_resource(show_spinner=False)
+def _warmer() -> _Warmer:
+    return _Warmer()
+
+
+def warm_bundled_models() -> None:
+    """Once per server process: build every bundled model's engine (last conv, automatic device) in
+    the background, the default model first, so that the first visitor of each finds it ready.
+    Off with PRUNE_EXPLORER_WARM=0 (the tests set it: a test that times a page must not share the
+    CPU with the warm-up)."""
+    warmer = _warmer()
+    if warmer.thread is not None or os.environ.get("PRUNE_EXPLORER_WARM", "1") == "0":
+        return
+    def jobs():
+        dev = str(engine.pick_device("auto"))
+        models = {name: c for name, c in catalogue.bundled_checkpoints().items() if catalogue.conv_layers(c.digest, c)}  # as loaded
+        first = (catalogue.DEFAULT_MODEL, "fmnist_resnet")  # the lecture's comparison: a plain VGG against a shortcut
+        order = sorted(models, key=lambda name: (name not in first, first.index(name) if name in first else 0, name))
+        jobs = [(_engine_key(models[name], models[name].dataset, None, dev), models[name], dev) for name in order]
+        return jobs[:engine_cache().max_entries]  # never evict the default model by warming another
+    warmer.start(jobs)
+
+
+def check_criterion(eng: engine.Engine, criterion: str) -> None:
+    """Stop the page with one sentence when a criterion does not apply to this layer (e.g. bn_gamma
+    without a batch norm, taylor on a model torch.fx cannot split)."""
+    try:
+        eng.ranking(criterion)
+    except ValueError as exc:
+        st.error(f"{criteria.get(criterion).label}: {exc} Choose another rule in the sidebar.")
+        st.stop()
+
+
+def curve(eng: engine.Engine, mode: str, criterion: str) -> list[float]:
+    """Accuracy for every K (a lookup once computed); progress shown on the slow paths."""
+    if eng.path == engine.PATH_FAST:
+        counts = eng.curve(mode, criterion)
+    else:
+        bar = st.progress(0.0, text=f"Computing the {mode} curve ...")
+        counts = eng.curve(mode, criterion, progress=lambda d, t, label: bar.progress(d / t, text=label))
+        bar.empty()
+    return [c / eng.total for c in counts]
+
+
+def accuracy_at(eng: engine.Engine, k: int, mode: str, criterion: str) -> tuple[float, dict[int, float]]:
+    """One K's exact accuracy where the whole curve is not precomputed (a middle layer), and every
+    accuracy of this engine, mode and criterion known so far (the engine remembers them: they are
+    facts about the model, shared by every session). While the exact count runs (a pass of the rest
+    of the network over every test image), an estimate from a fixed sample is shown, labelled as one."""
+    if eng.known(k, mode, criterion) is None:
+        sample = eng.sample_answer(k, mode, criterion)
+        low, high = sample.interval()
+        note = st.info(f"K = {k}: about **{sample.accuracy:.1%}** on a sample (the first {sample.n:,} test images; "
+                       f"95% interval {low:.1%} to {high:.1%}). The exact count over all {sample.total:,} images "
+                       "follows ...", icon=":material/hourglass_top:")
+        with jobs.shared().foreground(eng), st.spinner(f"Evaluating K = {k} on every test image ..."):
+            eng.correct(k, mode, criterion)
+        note.empty()
+    known = {kk: c / eng.total for kk, c in eng.answers(mode, criterion).items()}
+    return known[k], known
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def feature_map_figure(key: tuple, criterion: str, k: int, by_score: bool, contrast: str, _eng: engine.Engine):
+    """The Feature maps page's grid, built once per (engine key, criterion, K, order, contrast)."""
+    from ui import figures
+
+    ranks = _eng.ranking(criterion).argsort().numpy()
+    rows, _ = figures.grid_shape(_eng.channels)
+    return figures.feature_map_grid(_eng.stats.mean_map.numpy(), _eng.scores(criterion).numpy(), ranks, k, by_score,
+                                    contrast=contrast, height=max(420, 34 * rows + 60))

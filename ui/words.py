@@ -1,0 +1,48 @@
+"""What the app says about a model and its engine, in the words a lecture uses (one place for the sentences)."""
+from __future__ import annotations
+
+from core import data, engine
+from core.checkpoints import Checkpoint
+
+
+def speed_note(eng: engine.Engine) -> str:
+    """Why the whole curve is (or is not) precomputed, in plain words."""
+    if eng.path == engine.PATH_FAST:
+        return ""
+    if eng.path == engine.PATH_HOOK:
+        return ("This model cannot be split at this layer, so every K runs the whole model over the test set; "
+                "the accuracy is computed when you release the slider.")
+    return ("After this layer, the network mixes channels before its classifier, so every K needs a pass of the "
+            "rest of the network over the test set; the accuracy is computed when you release the slider.")
+
+
+def evaluation_in_words(eng: engine.Engine) -> str:
+    """How this engine evaluates a K, for the UI; with the technical reason where the fast path does
+    not apply (`Engine.fast_reason`)."""
+    if eng.path == engine.PATH_FAST:
+        return "The whole accuracy curve of this layer comes from one pass over the test set."
+    return speed_note(eng) + (f" Why: {eng.fast_reason}." if eng.fast_reason else "")
+
+
+def summary_in_words(ckpt: Checkpoint) -> str:
+    """The summary of a checkpoint's architecture (registered, or a .pt2 program), and what it reproduces."""
+    text = ckpt.spec.summary[:1].upper() + ckpt.spec.summary[1:]
+    return text + (f" (after {ckpt.spec.provenance})" if ckpt.spec.provenance else "")
+
+
+def pruned_parameters(eng: engine.Engine, k: int) -> int:
+    """Weights removed with K filters: each filter's weights and bias, and its BatchNorm's scale and shift."""
+    conv = eng.conv
+    per_filter = conv.weight[0].numel() + (1 if conv.bias is not None else 0) + (2 if eng.bn_name else 0)
+    return k * per_filter
+
+
+def parameter_count(ckpt: Checkpoint) -> int:
+    return sum(v.numel() for k, v in ckpt.state_dict.items() if not k.endswith(("running_mean", "running_var",
+                                                                                 "num_batches_tracked")))
+
+
+def chance_level(ckpt: Checkpoint) -> float | None:
+    """Accuracy of guessing: 1 / number of classes (a half for the pair networks)."""
+    spec = data.DATASETS.get(ckpt.dataset)
+    return 1 / len(spec.class_names) if spec else None
