@@ -303,7 +303,7 @@ class Engine:
         for k in ks:
             self._check_k(k)
         todo = [k for k in dict.fromkeys(ks) if self.known(k, mode, criterion) is None]
-        counts = self._of(mode).sweep(self.ranking(criterion), todo, progress, f"{mode} sweep")
+        counts = self._of(mode).sweep(self.ranking(criterion), todo, progress, f"{mode} sweep") if todo else []
         for k, c in zip(todo, counts):
             self._answers.put((mode, criterion, k), c)
         return [(k, self.known(k, mode, criterion)) for k in ks]

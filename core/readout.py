@@ -205,6 +205,8 @@ class ReadoutCache:
     @torch.no_grad()
     def sweep(self, order: torch.Tensor, ks: list[int]) -> list[int]:
         """Correct counts for pruning the first K channels of `order`, for each K in `ks`."""
+        if not ks:
+            return []
         rank = torch.empty_like(order)
         rank[order] = torch.arange(self.channels, device=order.device)  # channel -> its place in the order
         if len(self.readout.linears) > 1:  # no cumulative sum through the tail: each K exactly, still cheap

@@ -1,8 +1,7 @@
 """Load page: the bundled checkpoints, an upload of one's own, and a summary of the model in use."""
 import streamlit as st
 
-from core import checkpoints, program
-from core import data as datasets
+from core import checkpoints, data, program
 from core.models import REGISTRY
 from ui import catalogue, choices, engines, keys, preparation, sidebar, words
 
@@ -32,8 +31,8 @@ with sidebar.page(sidebar.LOAD):  # the frame, and one guard: an unexpected erro
     with st.expander("Export your model as a .pt2 program"):
         st.code(program.EXPORT_LINES, language="python")
     st.caption(f"Uploads are limited to {st.get_option('server.maxUploadSize')} MB (`.streamlit/config.toml`).")
-    dataset = st.selectbox("Test a .pt2 program on", ["", *datasets.DATASETS], key=keys.UPLOAD_DATASET,
-                           format_func=lambda d: datasets.DATASETS[d].title if d else "the first data set that fits",
+    dataset = st.selectbox("Test a .pt2 program on", ["", *data.DATASETS], key=keys.UPLOAD_DATASET,
+                           format_func=lambda d: data.DATASETS[d].title if d else "the first data set that fits",
                            help="A program says what input it takes and how many outputs it gives; the data set "
                                 "must have that image shape and that many classes (one output: a yes/no task).")
     upload = st.file_uploader("Checkpoint file", type=["pt", "pth", "pt2"], key=keys.UPLOAD)
@@ -59,7 +58,7 @@ with sidebar.page(sidebar.LOAD):  # the frame, and one guard: an unexpected erro
                         st.rerun()
         else:
             st.session_state[keys.LAST_UPLOAD] = handled
-            if catalogue.conv_layers(ckpt.digest, ckpt):
+            if catalogue.conv_layers(ckpt):
                 st.rerun()
             st.info(f"{upload.name} is a '{ckpt.arch}' with no conv layer, so channel pruning does not apply. "
                     "It is listed on the Magnitude page.")
@@ -71,7 +70,7 @@ with sidebar.page(sidebar.LOAD):  # the frame, and one guard: an unexpected erro
     if zipped is not None and st.session_state.get(keys.LAST_IMAGES) != zipped.file_id:
         try:
             own = catalogue.add_own_data(zipped.name, zipped.getvalue())
-        except datasets.DataUnavailable as exc:
+        except data.DataUnavailable as exc:
             st.error(f"{zipped.name} was not loaded. {exc.public}")
         else:
             st.session_state[keys.LAST_IMAGES] = zipped.file_id
@@ -97,4 +96,4 @@ with sidebar.page(sidebar.LOAD):  # the frame, and one guard: an unexpected erro
                + words.evaluation_in_words(eng))
     st.dataframe([{"conv layer": i.name, "in": i.in_channels, "out": i.out_channels,
                    "kernel": "x".join(map(str, i.kernel_size)), "output": "x".join(map(str, i.out_shape))}
-                  for i in catalogue.conv_layers(ckpt.digest, ckpt)], hide_index=True)
+                  for i in catalogue.conv_layers(ckpt)], hide_index=True)

@@ -10,7 +10,7 @@ with sidebar.page(sidebar.SENSITIVITY):  # the frame, and one guard: an unexpect
     chosen = choices.current()
     criterion, mode = chosen.criterion, chosen.mode
     key = sensitivity_map.result_key(ckpt, criterion, mode)
-    layers = [info.name for info in catalogue.conv_layers(ckpt.digest, ckpt)]
+    layers = [info.name for info in catalogue.conv_layers(ckpt)]
     tied = sensitivity_map.tied_layers(ckpt.digest, ckpt)
     partial = st.session_state.setdefault(keys.SENSITIVITY_ROWS, {}).setdefault(key, [])
     rows = sensitivity_map.complete_rows(key) or partial

@@ -1,5 +1,8 @@
+import contextlib
+import io
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -21,40 +24,71 @@ os.environ["PRUNE_EXPLORER_PROPAGATE_ERRORS"] = "1"
 os.environ.setdefault("PRUNE_EXPLORER_WARM", "0")
 
 
+@dataclass
+class CliResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def cli(*args) -> CliResult:
+    """`python -m core ARGS` run in this process: the CLI's own parser, commands and error handling
+    (`core.__main__.main`), without starting Python and importing torch again. Paths are taken as
+    given (pass absolute ones). tests/test_cli.py also runs the CLI as a real child process."""
+    from core.__main__ import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as exc:  # argparse's usage errors
+            code = exc.code if isinstance(exc.code, int) else 2
+    return CliResult(code, out.getvalue(), err.getvalue())
+
+
+_FULL_ENGINES: dict[tuple[str, str | None], engine.Engine] = {}
+
+
+def full_engine(path, layer: str | None = None) -> engine.Engine:
+    """The engine of a checkpoint file at a layer (None: the last conv) on its whole test set, built once
+    per test session and shared: an engine is read-only once built (its memos only grow), as the app's
+    shared cache relies on too. Tests that need a fresh engine build their own."""
+    key = (str(path), layer)
+    if key not in _FULL_ENGINES:
+        _FULL_ENGINES[key] = engine.from_checkpoint(checkpoints.load(path), layer=layer, device="cpu")
+    return _FULL_ENGINES[key]
+
+
+@pytest.fixture(scope="session")
+def app_engines():
+    """The app's shared engine cache given this session's full engines of the bundled .pt models, under
+    the keys the pages use, as the warm-up would do: a page's first run then finds them ready, and the
+    tests and the pages share one set of curves. (Engines are read-only, so sharing changes no number.)"""
+    from ui import catalogue, engines
+
+    cache = engines.engine_cache()
+    for name, ckpt in catalogue.bundled_checkpoints().items():
+        path = ROOT / "checkpoints" / f"{name}.pt"
+        if path.exists() and catalogue.conv_layers(ckpt):
+            cache.get(engines.make_key(ckpt, ckpt.dataset, None, "cpu"), lambda: full_engine(path))
+    return cache
+
+
 @pytest.fixture(scope="session", params=sorted(BUNDLED))
 def bundled(request):
     """(checkpoint, engine on the full 10,000-image test set) for each bundled model."""
-    ckpt = checkpoints.load(BUNDLED[request.param])
-    return ckpt, engine.from_checkpoint(ckpt, device="cpu")
+    return checkpoints.load(BUNDLED[request.param]), full_engine(BUNDLED[request.param])
 
 
 # -- tiers: `./run check` runs every test not marked slow (pytest.ini); `./run test` runs them all ----
 # A test is slow when it needs a full 10,000-image engine of a bundled model or a Streamlit run of a
-# page (these fixtures), drives a real browser or child processes (these modules), or is one of the
-# few long checks named here (each over about 4 s on two cores, `--durations` shows them).
-SLOW_FIXTURES = {"bundled", "app", "vgg_engine", "bundled_programs", "student", "pair_engine"}
+# page (these fixtures), drives a real browser (these modules), or is marked `@pytest.mark.slow`
+# itself (a long check: over about 4 s on two cores; `--durations` shows them).
+SLOW_FIXTURES = {"bundled", "app", "app_engines", "vgg_engine", "bundled_programs", "student", "pair_engine"}
 SLOW_MODULES = {"test_browser.py", "test_app.py"}
-SLOW_TESTS = {
-    "test_curve_page_offers_a_coarse_oracle_where_the_read_out_is_not_linear",
-    "test_curve_page_compares_rules_with_a_scoreboard", "test_cli_sensitivity_writes_one_row_per_layer_and_fraction",
-    "test_cli_sweep_of_the_mobilenet_equals_the_naive_procedure", "test_cli_slim_program_sweeps_to_the_masked_count",
-    "test_prune_page_fine_tunes_and_removes_for_real", "test_range_spec_and_errors",
-    "test_an_order_picked_on_training_images_is_scored_on_the_test_images",
-    "test_parallel_sessions_each_see_exactly_their_own_accuracies", "test_every_cli_command_refuses_bad_files_in_one_line",
-    "test_cli_model_without_conv_and_missing_data", "test_sweep_writes_exact_counts", "test_cli_rank_writes_the_engines_order",
-    "test_siamese_prunes_both_calls_and_averages_both", "test_shortcut_keeps_accuracy_when_the_whole_layer_is_removed",
-    "test_cli_writes_only_the_output_file", "test_rank_writes_every_channel_in_ascending_order",
-    "test_magnitude_on_a_program_writes_a_program", "test_reranking_after_every_prune_gives_the_same_order",
-    "test_the_warm_up_skips_rules_a_model_refuses_and_warms_the_rest", "test_crafted_archives_run_no_code_and_get_one_sentence",
-    "test_every_conv_of_an_unseen_cnn_equals_the_naive_procedure", "test_sensitivity_rows_equal_the_naive_procedure",
-    "test_middle_layer_over_its_memory_budget_recomputes_and_stays_exact", "test_cli_writes_one_row_per_step",
-    "test_torchvision_model_prunes_exactly", "test_resnet18_with_one_input_channel_prunes_exactly_on_fashion_mnist",
-}
 
 
 def pytest_collection_modifyitems(items):
     for item in items:
-        name = getattr(item, "originalname", item.name)
-        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or item.path.name in SLOW_MODULES \
-                or name in SLOW_TESTS:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or item.path.name in SLOW_MODULES:
             item.add_marker(pytest.mark.slow)

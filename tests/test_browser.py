@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BUNDLED, ROOT
-from core import checkpoints, engine
+from conftest import BUNDLED, ROOT, full_engine
 
 CHROMIUM = "/usr/bin/chromium"
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium (./run test installs it)")
@@ -101,7 +100,7 @@ def inside(box, viewport) -> bool:
 
 @pytest.fixture(scope="module")
 def vgg():
-    return engine.from_checkpoint(checkpoints.load(BUNDLED["vgg"]), device="cpu")
+    return full_engine(BUNDLED["vgg"])
 
 
 def test_a_deep_link_on_a_fresh_server_shows_that_page_with_its_sidebar(server, browser):
@@ -200,8 +199,6 @@ def test_presentation_mode_fits_one_projector_screen(server, browser, width, hei
 def test_screenshots_of_every_page(server, browser):
     """Every page of the sidebar opens at its own address and draws without an error; the screenshots
     are kept in test-artefacts/ for a person to look at."""
-    import re
-
     from ui import sidebar
 
     page = browser.new_page(viewport={"width": 1280, "height": 720})

@@ -1,9 +1,12 @@
-"""The CLI as a user runs it: a real subprocess, real files."""
+"""The CLI as a user runs it: real files; a real child process for the sweep, the rest in this process
+(`conftest.cli`: the same parser, commands and error handling, without importing torch again)."""
 import csv
 import subprocess
 import sys
 
-from conftest import BUNDLED, ROOT
+import pytest
+
+from conftest import BUNDLED, ROOT, cli
 
 
 def run(*args):
@@ -16,6 +19,7 @@ def read(path):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_sweep_writes_exact_counts(tmp_path, bundled):
     ckpt, eng = bundled
     out = tmp_path / "curve.csv"
@@ -31,9 +35,10 @@ def test_sweep_writes_exact_counts(tmp_path, bundled):
     assert "capturing activations" in res.stderr  # the progress bar
 
 
+@pytest.mark.slow
 def test_rank_writes_every_channel_in_ascending_order(tmp_path):
     out = tmp_path / "rank.csv"
-    res = run("rank", str(BUNDLED["vgg"]), "--criterion", "mean_abs", "--out", str(out))
+    res = cli("rank", str(BUNDLED["vgg"]), "--criterion", "mean_abs", "--out", str(out))
     assert res.returncode == 0, res.stderr
     rows = read(out)
     assert [int(r["rank"]) for r in rows] == list(range(512))
@@ -42,13 +47,14 @@ def test_rank_writes_every_channel_in_ascending_order(tmp_path):
     assert scores == sorted(scores)
 
 
+@pytest.mark.slow
 def test_range_spec_and_errors(tmp_path):
     out = tmp_path / "c.csv"
-    res = run("sweep", str(BUNDLED["vgg"]), "--ks", "0:513:32", "--out", str(out))
+    res = cli("sweep", str(BUNDLED["vgg"]), "--ks", "0:513:32", "--out", str(out))
     assert res.returncode == 0, res.stderr
     assert [int(r["k"]) for r in read(out)] == list(range(0, 513, 32))
 
-    bad = run("sweep", str(BUNDLED["vgg"]), "--ks", "600", "--out", str(out))
+    bad = cli("sweep", str(BUNDLED["vgg"]), "--ks", "600", "--out", str(out))
     assert bad.returncode == 2 and "between 0 and 512" in bad.stderr and "Traceback" not in bad.stderr
-    missing = run("rank", str(tmp_path / "nope.pt"), "--out", str(out))
+    missing = cli("rank", str(tmp_path / "nope.pt"), "--out", str(out))
     assert missing.returncode == 2 and "No such checkpoint file" in missing.stderr

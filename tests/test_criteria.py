@@ -1,13 +1,11 @@
 """Criteria against independent computations of their definitions; the oracle against brute force."""
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 from torch import nn
 
-from conftest import BUNDLED, ROOT
+from conftest import BUNDLED, ROOT, cli, full_engine
 from core import checkpoints, criteria, data, engine, oracle
 from core.naive import prune_copy
 
@@ -77,12 +75,12 @@ def test_bn_gamma_is_refused_where_there_is_no_batch_norm():
         criteria.get("random:²")
 
 
+@pytest.mark.slow
 def test_cli_rank_writes_the_engines_order(tmp_path, bundled):
     ckpt, eng = bundled
     out = tmp_path / "apoz.csv"
     path = next(p for p in BUNDLED.values() if checkpoints.load(p).digest == ckpt.digest)
-    res = subprocess.run([sys.executable, "-m", "core", "rank", str(path), "--criterion", "apoz",
-                          "--out", str(out), "--device", "cpu"], cwd=ROOT, capture_output=True, text=True)
+    res = cli("rank", str(path), "--criterion", "apoz", "--out", str(out), "--device", "cpu")
     assert res.returncode == 0, res.stderr
     rows = [line.split(",") for line in out.read_text().splitlines()[1:]]
     assert [int(r[1]) for r in rows] == eng.ranking("apoz").tolist()
@@ -132,6 +130,7 @@ def test_greedy_oracle_equals_brute_force_and_single_equals_naive(mode):
     assert found.order == pruned and found.correct_after == brute
 
 
+@pytest.mark.slow
 def test_greedy_oracle_beats_every_criterion_on_area(vgg_small):
     _, _, _, eng = vgg_small
     found = oracle.greedy(eng, "remove")
@@ -141,6 +140,7 @@ def test_greedy_oracle_beats_every_criterion_on_area(vgg_small):
         assert area >= sum(eng.curve("remove", name)[1:]), name
 
 
+@pytest.mark.slow
 def test_an_order_picked_on_training_images_is_scored_on_the_test_images(vgg_small):
     ckpt, x, y, eng = vgg_small
     picker = oracle.training_engine(ckpt, eng)
@@ -179,14 +179,16 @@ def test_oracle_refuses_without_the_linear_read_out(vgg_small):
         assert coarse.correct_after[i] == naive(coarse.order[i])
 
 
-def test_curve_page_offers_a_coarse_oracle_where_the_read_out_is_not_linear():
+@pytest.mark.slow
+def test_curve_page_offers_a_coarse_oracle_where_the_read_out_is_not_linear(app_engines):
     from streamlit.testing.v1 import AppTest
 
     from ui import keys
 
     at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=600)
+    at.session_state[keys.CURVE_MODELS] = ["fmnist_siamese"]  # the page's first run draws only it
     at.switch_page("pages/3_curve.py").run()
-    at.multiselect(key=keys.CURVE_MODELS).set_value(["fmnist_siamese"]).run()
+    assert at.multiselect(key=keys.CURVE_MODELS).value == ["fmnist_siamese"]
     at.toggle(key=keys.COMPARE_ORACLE).set_value(True).run()
     assert not at.exception, at.exception
     assert any("The exact oracles need one linear layer right after this conv; here the read-out goes on" in i.value
@@ -224,7 +226,8 @@ def test_scoreboard_rows(vgg_small):
     assert acc[s.first_point_lost] <= acc[0] - 0.01 < min(acc[:s.first_point_lost])
 
 
-def test_prune_page_shows_which_images_flipped_at_k():
+@pytest.mark.slow
+def test_prune_page_shows_which_images_flipped_at_k(app_engines):
     from streamlit.testing.v1 import AppTest
 
     from ui import keys
@@ -234,7 +237,7 @@ def test_prune_page_shows_which_images_flipped_at_k():
     at.session_state[keys.K] = 400
     at.toggle(key=keys.SHOW_FLIPS).set_value(True).run()
     assert not at.exception, at.exception
-    eng = engine.from_checkpoint(checkpoints.load(BUNDLED["vgg"]), device="cpu")
+    eng = full_engine(BUNDLED["vgg"])
     before, after = eng.predictions(0), eng.predictions(400)
     broke = int(((before == eng.y) & (after != eng.y)).sum())
     assert any(f"**{broke:,} images right at K = 0, wrong now**" in m.value for m in at.markdown)
@@ -242,7 +245,8 @@ def test_prune_page_shows_which_images_flipped_at_k():
     assert len(table) == 10 and table["class"].tolist()[0] == "T-shirt/top"
 
 
-def test_curve_page_compares_rules_with_a_scoreboard():
+@pytest.mark.slow
+def test_curve_page_compares_rules_with_a_scoreboard(app_engines):
     from streamlit.testing.v1 import AppTest
 
     from ui import keys
@@ -253,7 +257,7 @@ def test_curve_page_compares_rules_with_a_scoreboard():
     board = next(df.value for df in at.dataframe if "area under the curve" in df.value.columns)
     assert board["rule"].tolist() == ["mean activation", "APoZ (share of zeros)", "filter L1 norm",
                                       "first-order Taylor"]
-    eng = engine.from_checkpoint(checkpoints.load(BUNDLED["vgg"]), device="cpu")
+    eng = full_engine(BUNDLED["vgg"])
     mean = [c / eng.total for c in eng.curve("zero", "mean")]
     assert board["area under the curve"].tolist()[0] == f"{sum(mean) / len(mean):.2%}"
     at.multiselect(key=keys.COMPARE_CRITERIA).set_value(["bn_gamma", "random"]).run()
@@ -276,8 +280,8 @@ def test_a_criterion_that_does_not_apply_gets_one_sentence_on_the_page():
     from ui import keys
 
     at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=300)
+    at.query_params.update({"model": "fmnist_pair_cnn"})  # a link: no other model's engine is built first
     at.run()
-    at.selectbox(key=keys.MODEL).set_value("fmnist_pair_cnn").run()
     at.selectbox(key=keys.CRITERION).set_value("bn_gamma").run()
     assert not at.exception, at.exception  # the pair CNN's last conv (features.13) has no batch norm after it
     assert [e.value for e in at.error] == ["batch-norm |gamma|: bn_gamma needs a batch norm right after the conv; "

@@ -86,14 +86,15 @@ def test_mask_for_prunes_the_k_lowest(bundled):
         eng.mask_for(513)
 
 
+@pytest.mark.slow
 def test_shortcut_keeps_accuracy_when_the_whole_layer_is_removed():
-    """Seed 000's observation: with the last block bypassed, ResNet stays far above chance; VGG collapses."""
-    from conftest import BUNDLED
-    from core import checkpoints
+    """The first pruning report's observation: with the last block bypassed, ResNet stays far above chance;
+    VGG collapses."""
+    from conftest import BUNDLED, full_engine
 
     acc = {}
     for name, path in BUNDLED.items():
-        eng = engine.from_checkpoint(checkpoints.load(path), device="cpu")
+        eng = full_engine(path)
         acc[name] = eng.correct(eng.channels, "remove") / eng.total
     assert acc["resnet"] > 0.5
     assert acc["vgg"] == pytest.approx(0.10, abs=0.005)
@@ -187,8 +188,10 @@ def test_near_tie_recheck_gives_the_exact_counts(bundled, monkeypatch):
     _, eng = bundled
     monkeypatch.setattr(ReadoutCache, "TIE_TOLERANCE", 1e9)
     ks = [0, 1, 100, 300, 511, 512]
-    for mode in engine.MODES:
-        assert [c for _, c in eng.sweep(ks, mode)] == [eng.correct(k, mode) for k in ks]
+    order = eng.ranking("mean")
+    for mode in engine.MODES:  # sweep_order: never a remembered count, always the read-out's sweep
+        assert [c for _, c in eng.sweep_order(order, ks, mode)] == \
+            [eng.correct_for_mask(eng.mask_for(k), mode) for k in ks] == [eng.correct(k, mode) for k in ks]
 
 
 def test_a_ready_curve_never_waits_behind_another_being_computed():

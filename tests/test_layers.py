@@ -1,10 +1,8 @@
 """Every layer at lecture speed: middle-layer answers (memory budget, sample, memo) and the sensitivity map."""
-import subprocess
-import sys
 
 import pytest
 
-from conftest import BUNDLED, ROOT
+from conftest import BUNDLED, ROOT, cli
 from core import checkpoints, data, engine, sensitivity
 from core.naive import naive_correct
 from core.split import conv_layer_names
@@ -21,6 +19,7 @@ def _naive(eng, k, mode, criterion="mean"):
     return naive_correct(eng, k, mode, criterion)
 
 
+@pytest.mark.slow
 def test_middle_layer_over_its_memory_budget_recomputes_and_stays_exact(vgg):
     ckpt, x, y = vgg
     full = engine.Engine(ckpt.build_model(), x, y, layer="features.4.0", device="cpu")
@@ -33,6 +32,7 @@ def test_middle_layer_over_its_memory_budget_recomputes_and_stays_exact(vgg):
             assert eng.correct(k, mode) == full.correct(k, mode) == _naive(eng, k, mode), (mode, k)
 
 
+@pytest.mark.slow
 def test_sample_answer_is_the_first_batch_and_known_answers_are_lookups(vgg):
     ckpt, x, y = vgg
     eng = engine.Engine(ckpt.build_model(), x, y, layer="features.2.0", device="cpu")
@@ -50,6 +50,7 @@ def test_sample_answer_is_the_first_batch_and_known_answers_are_lookups(vgg):
     assert eng.correct(0) == eng.base_correct == _naive(eng, 0, "zero")  # counted in the one pass
 
 
+@pytest.mark.slow
 def test_refinement_fills_the_least_known_gap_first_and_ends_with_every_k(vgg):
     ckpt, x, y = vgg
     eng = engine.Engine(ckpt.build_model(), x[:300], y[:300], layer="features.2.0", device="cpu")
@@ -68,6 +69,7 @@ def test_refinement_fills_the_least_known_gap_first_and_ends_with_every_k(vgg):
     assert [eng.answers("remove")[k] for k in (5, 37)] == [_naive(eng, k, "remove") for k in (5, 37)]
 
 
+@pytest.mark.slow
 def test_sensitivity_rows_equal_the_naive_procedure(vgg):
     ckpt, x, y = vgg
     model = ckpt.build_model()
@@ -91,16 +93,19 @@ def test_layers_tied_by_a_residual_add_or_concatenation_are_marked():
     assert "head" not in tied
 
 
+@pytest.mark.slow
 def test_cli_sensitivity_writes_one_row_per_layer_and_fraction(tmp_path):
     out = tmp_path / "s.csv"
-    res = subprocess.run([sys.executable, "-m", "core", "sensitivity", str(BUNDLED["resnet"]), "--fractions",
-                          "0.5,1", "--mode", "remove", "--out", str(out), "--device", "cpu"], cwd=ROOT,
-                         capture_output=True, text=True)
+    # Fractions 0 and 1: K = 0 is counted by each layer's one pass, so each layer costs one more pass only.
+    res = cli("sensitivity", str(BUNDLED["resnet"]), "--fractions", "0,1", "--mode", "remove", "--out", str(out),
+              "--device", "cpu")
     assert res.returncode == 0, res.stderr
     lines = out.read_text().splitlines()
     assert lines[0] == "layer,channels,fraction,k,correct,total,accuracy" and len(lines) == 1 + 6 * 2
     last = [line.split(",") for line in lines if line.startswith("res3.1.0,")]
     assert last[1][:5] == ["res3.1.0", "512", "1", "512", "9064"]  # the shortcut keeps 90.64%
+    unpruned = {line.split(",")[4] for line in lines[1:] if line.split(",")[2] == "0"}
+    assert unpruned == {str(checkpoints.load(BUNDLED["resnet"]).meta["test_correct"])}  # every layer at K = 0
     assert "(tied by residual add)" in res.stdout
 
 

@@ -1,12 +1,10 @@
 """Magnitude pruning with retraining (Han et al. 2015) on the bundled LeNet-300-100."""
 import csv
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, cli
 from core import checkpoints, data, magnitude
 from core.tasks import count_correct
 
@@ -80,11 +78,10 @@ def test_iterative_schedule_records_every_step(lenet):
     assert count_correct(final, split.x, split.y) / len(split) == steps[1].accuracy_after
 
 
+@pytest.mark.slow
 def test_cli_writes_one_row_per_step(tmp_path):
     out, ckpt = tmp_path / "mag.csv", tmp_path / "pruned.pt"
-    res = subprocess.run([sys.executable, "-m", "core", "magnitude", str(LENET), "--schedule", "0.5,0.9",
-                          "--retrain-epochs", "0", "--per-layer", "--out", str(out), "--save-checkpoint", str(ckpt)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    res = cli("magnitude", str(LENET), "--schedule", "0.5,0.9", "--retrain-epochs", "0", "--per-layer", "--out", str(out), "--save-checkpoint", str(ckpt))
     assert res.returncode == 0, res.stderr
     with open(out) as f:
         rows = list(csv.DictReader(f))
@@ -94,6 +91,5 @@ def test_cli_writes_one_row_per_step(tmp_path):
     assert int(rows[1]["nonzero_fc1"]) == 784 * 300 - round(0.9 * 784 * 300)
     saved = checkpoints.load(ckpt)
     assert magnitude.sparsity_of(saved.build_model()).overall_nonzero == int(rows[1]["nonzero"])
-    bad = subprocess.run([sys.executable, "-m", "core", "magnitude", str(LENET), "--schedule", "0.9,1.5",
-                          "--out", str(out)], cwd=ROOT, capture_output=True, text=True)
+    bad = cli("magnitude", str(LENET), "--schedule", "0.9,1.5", "--out", str(out))
     assert bad.returncode == 2 and "--schedule" in bad.stderr and "Traceback" not in bad.stderr

@@ -1,12 +1,9 @@
 """Recover and realise: fine-tuning with pruned channels held at zero; removal for real, exact and measured."""
-import subprocess
-import sys
 
 import pytest
 import torch
-from torch import nn
 
-from conftest import BUNDLED, ROOT
+from conftest import BUNDLED, ROOT, cli, full_engine
 from core import checkpoints, data, engine, slim
 from core.tasks import count_correct
 from core.finetune import FinetuneConfig, finetune
@@ -85,22 +82,21 @@ def test_measure_counts_parameters_and_macs(small):
     assert set(before.latency_ms) == {("cpu", 1)} and before.latency_ms[("cpu", 1)] > 0
 
 
+@pytest.mark.slow
 def test_cli_slim_program_sweeps_to_the_masked_count(tmp_path):
     out = tmp_path / "slim.pt2"
-    res = subprocess.run([sys.executable, "-m", "core", "slim", str(BUNDLED["vgg"]), "--k", "480", "--mode",
-                          "remove", "--repeats", "2", "--out", str(out), "--device", "cpu"], cwd=ROOT,
-                         capture_output=True, text=True)
+    res = cli("slim", str(BUNDLED["vgg"]), "--k", "480", "--mode", "remove", "--repeats", "2", "--out", str(out), "--device", "cpu")
     assert res.returncode == 0, res.stderr
     assert "(equal)" in res.stdout and "parameters" in res.stdout and "MACs" in res.stdout
     sweep = tmp_path / "s.csv"
-    res = subprocess.run([sys.executable, "-m", "core", "sweep", str(out), "--dataset", "fashion_mnist", "--ks", "0",
-                          "--out", str(sweep), "--device", "cpu"], cwd=ROOT, capture_output=True, text=True)
+    res = cli("sweep", str(out), "--dataset", "fashion_mnist", "--ks", "0", "--out", str(sweep), "--device", "cpu")
     assert res.returncode == 0, res.stderr
-    vgg = engine.from_checkpoint(checkpoints.load(BUNDLED["vgg"]), device="cpu")
+    vgg = full_engine(BUNDLED["vgg"])
     assert sweep.read_text().splitlines()[1].split(",")[1] == str(vgg.correct(480, "remove"))
 
 
-def test_prune_page_fine_tunes_and_removes_for_real(monkeypatch):
+@pytest.mark.slow
+def test_prune_page_fine_tunes_and_removes_for_real(monkeypatch, app_engines):
     from streamlit.runtime.memory_media_file_storage import MemoryMediaFileStorage
     from streamlit.testing.v1 import AppTest
 
@@ -130,7 +126,7 @@ def test_prune_page_fine_tunes_and_removes_for_real(monkeypatch):
     assert any(o.startswith("upload: " + name) for o in at.selectbox(key=keys.MODEL).options)
     at.toggle(key=keys.SLIM_SHOW).set_value(True).run()
     assert not at.exception, at.exception
-    eng = engine.from_checkpoint(checkpoints.load(BUNDLED["vgg"]), device="cpu")
+    eng = full_engine(BUNDLED["vgg"])
     assert any(f"gets {eng.correct(480, 'remove'):,} of 10,000 test images right, exactly" in c.value
                for c in at.caption)
     table = next(df.value for df in at.dataframe if "MACs" in df.value.columns)

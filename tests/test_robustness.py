@@ -4,7 +4,6 @@ import io
 import json
 import os
 import re
-import resource
 import struct
 import subprocess
 import sys
@@ -20,7 +19,7 @@ from streamlit.testing.v1 import AppTest
 from PIL import Image
 from torch import nn
 
-from conftest import BUNDLED, ROOT
+from conftest import BUNDLED, ROOT, cli
 from core import checkpoints, data, engine, inputs, models, untrusted
 from core.naive import naive_correct
 from core.split import conv_layer_names
@@ -79,6 +78,7 @@ def test_unknown_architecture_lists_what_was_expected(tmp_path):
         assert arch in str(err.value)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["info", "rank", "sweep", "magnitude"])
 def test_every_cli_command_refuses_bad_files_in_one_line(tmp_path, command):
     files = bad_files(tmp_path)
@@ -88,18 +88,17 @@ def test_every_cli_command_refuses_bad_files_in_one_line(tmp_path, command):
         path = tmp_path / name
         path.write_bytes(raw)
         extra = [] if command == "info" else ["--out", str(tmp_path / "out.csv")]
-        res = subprocess.run([sys.executable, "-m", "core", command, str(path), *extra], cwd=ROOT,
-                             capture_output=True, text=True, timeout=300)
+        res = cli(command, str(path), *extra)
         assert res.returncode == 2, (command, name, res.stderr)
         assert reason in res.stderr and "Traceback" not in res.stderr, (command, name, res.stderr)
         assert not (tmp_path / "out.csv").exists()
     assert not (tmp_path / "PWNED").exists()
 
 
+@pytest.mark.slow
 def test_cli_model_without_conv_and_missing_data(tmp_path):
     lenet = ROOT / "checkpoints" / "fmnist_lenet300.pt"
-    res = subprocess.run([sys.executable, "-m", "core", "sweep", str(lenet), "--out", str(tmp_path / "o.csv")],
-                         cwd=ROOT, capture_output=True, text=True)
+    res = cli("sweep", str(lenet), "--out", str(tmp_path / "o.csv"))
     assert res.returncode == 2 and "no Conv2d layer" in res.stderr and "Traceback" not in res.stderr
     cifar = tmp_path / "resnet9.pt"
     torch.save(models.build("resnet9").state_dict(), cifar)
@@ -129,6 +128,7 @@ def test_app_shows_each_reason_and_keeps_the_model(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Many sessions at once
 
+@pytest.mark.slow
 def test_parallel_sessions_each_see_exactly_their_own_accuracies():
     split = data.load("fashion_mnist")
     x, y = split.x[:1000], split.y[:1000]
@@ -232,6 +232,7 @@ def test_replaced_file_is_never_served_stale(tmp_path):
     assert second.curve("zero") != first.curve("zero")
 
 
+@pytest.mark.slow
 def test_cli_writes_only_the_output_file(tmp_path):
     home, work = tmp_path / "home", tmp_path / "work"
     home.mkdir()
@@ -556,6 +557,7 @@ def hostile_zips() -> dict[str, tuple[bytes, str]]:
     }
 
 
+@pytest.mark.slow
 def test_hostile_zips_are_refused_in_bounded_time_and_memory(tmp_path):
     files = hostile_zips()
     good = zipped([("mine/0_a/1.png", png()), ("mine/1_b/2.png", png())])
@@ -611,6 +613,7 @@ def test_session_keeps_working_after_hostile_uploads(tmp_path, monkeypatch):
     assert at.selectbox(key="model").value == "fmnist_vgg"
 
 
+@pytest.mark.slow
 def test_each_session_keeps_a_bounded_number_of_uploads(monkeypatch):
     monkeypatch.setenv("PRUNE_EXPLORER_MAX_SESSION_UPLOADS", "2")
     raw = saved(models.build("small_vgg").state_dict())
@@ -664,6 +667,7 @@ def test_hostile_url_values_open_the_default_view(query, k):
     assert any(c.value.startswith(f"Test accuracy at K = {k}: ") for c in at.caption), [c.value for c in at.caption]
 
 
+@pytest.mark.slow
 def test_the_warm_up_skips_rules_a_model_refuses_and_warms_the_rest():
     """The pair model's last conv has no batch norm, so bn_gamma refuses it: the background warm-up
     must go on to the other rules (and models) instead of dying on that refusal."""
@@ -671,7 +675,7 @@ def test_the_warm_up_skips_rules_a_model_refuses_and_warms_the_rest():
     from ui import catalogue, engines
 
     ckpt = checkpoints.load(ROOT / "checkpoints" / "fmnist_pair_cnn.pt")
-    layer = catalogue.conv_layers(ckpt.digest, ckpt)[-1].name
+    layer = catalogue.conv_layers(ckpt)[-1].name
     key = (ckpt.digest, ckpt.dataset, layer, "cpu")
     engines._Warmer()._run([(key, ckpt, "cpu")])  # raised ValueError from bn_gamma before
     eng = engines.engine_cache().lookup(key)

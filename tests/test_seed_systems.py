@@ -2,8 +2,6 @@
 import functools
 import io
 import pickle
-import subprocess
-import sys
 from collections import OrderedDict
 
 import numpy as np
@@ -11,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT
+from conftest import ROOT, cli, full_engine
 from core import checkpoints, data, engine, inputs, models
 from core.naive import naive_correct, prune_copy
 from core.split import conv_layer_names, conv_layers
@@ -69,7 +67,7 @@ def test_differently_named_state_dict_is_mapped_by_order_and_shape(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(ckpt.build_model()(x), model(x))
 
-    res = subprocess.run([sys.executable, "-m", "core", "info", str(path)], cwd=ROOT, capture_output=True, text=True)
+    res = cli("info", str(path))
     assert res.returncode == 0, res.stderr
     assert "architecture: resnet9" in res.stdout and "renamed 42 tensors" in res.stdout and "conv1.0.weight -> prep.0.weight" \
         in res.stdout
@@ -95,6 +93,7 @@ def _random_engine(arch, n=64, **kwargs):
     return engine.Engine(model, x, y, task=spec.task, device="cpu", batch_size=32, **kwargs.get("engine", {}))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["resnet9", "vgg13_bn", "keras_vgg"])
 def test_cifar_architectures_prune_exactly(arch):
     eng = _random_engine(arch)
@@ -120,6 +119,7 @@ def test_keras_order_zeroes_the_batchnorm_after_the_activation():
     assert eng.correct(300, "remove") == naive_correct(eng, 300, "remove")
 
 
+@pytest.mark.slow
 def test_every_conv_layer_of_a_model_can_be_pruned():
     eng_layers = conv_layer_names(models.build("resnet9"))
     assert len(eng_layers) == 8
@@ -138,8 +138,7 @@ def test_every_conv_layer_of_a_model_can_be_pruned():
 
 @functools.lru_cache(maxsize=None)
 def pair(name):
-    ckpt = checkpoints.load(PAIR_CHECKPOINTS[name])
-    return ckpt, engine.from_checkpoint(ckpt, device="cpu")
+    return checkpoints.load(PAIR_CHECKPOINTS[name]), full_engine(PAIR_CHECKPOINTS[name])
 
 
 @pytest.fixture(scope="module", params=sorted(PAIR_CHECKPOINTS))
@@ -158,6 +157,7 @@ def test_pair_networks_are_well_above_chance_and_exact(pair_engine):
             assert eng.correct(k, mode, criterion) == naive_correct(eng, k, mode, criterion)
 
 
+@pytest.mark.slow
 def test_siamese_prunes_both_calls_and_averages_both():
     ckpt, eng = pair("siamese")
     assert eng.layer == "feature_extractor.8" and eng.channels == 128
@@ -181,10 +181,11 @@ def test_siamese_prunes_both_calls_and_averages_both():
 
 def test_leaky_relu_pair_cnn_has_negative_mean_activations():
     _, eng = pair("pair_cnn")
-    assert float(eng.stats.mean_map.min()) < 0  # why seed 002 ranked by mean |activation|
+    assert float(eng.stats.mean_map.min()) < 0  # why the second report ranked by mean |activation|
     assert not torch.equal(eng.ranking("mean"), eng.ranking("mean_abs"))
 
 
+@pytest.mark.slow
 def test_reranking_after_every_prune_gives_the_same_order():
     ckpt = checkpoints.load(ROOT / "checkpoints" / "fmnist_vgg.pt")
     split = data.load("fashion_mnist")
@@ -303,9 +304,7 @@ def test_cli_sweeps_on_an_image_folder(tmp_path):
         pixels = ((split.x[i, 0] * 0.3530 + 0.2860) * 255).round().clamp(0, 255).byte().numpy()
         Image.fromarray(pixels).save(folder / f"{i}.png")
     out = tmp_path / "c.csv"
-    res = subprocess.run([sys.executable, "-m", "core", "sweep", str(ROOT / "checkpoints" / "fmnist_vgg.pt"),
-                          "--image-folder", str(tmp_path / "imgs"), "--ks", "0,256", "--out", str(out)],
-                         cwd=ROOT, capture_output=True, text=True)
+    res = cli("sweep", str(ROOT / "checkpoints" / "fmnist_vgg.pt"), "--image-folder", str(tmp_path / "imgs"), "--ks", "0,256", "--out", str(out))
     assert res.returncode == 0, res.stderr
     rows = out.read_text().splitlines()
     own = data.load_image_folder(tmp_path / "imgs", (1, 28, 28), inputs.Preparation((0.2860,), (0.3530,)))

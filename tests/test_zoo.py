@@ -16,7 +16,7 @@ import torch
 import torchvision
 from torch import nn
 
-from core import checkpoints, data, engine, program
+from core import checkpoints, engine, program
 from core.naive import prune_copy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,6 +81,7 @@ def images():
     return torch.randn(IMAGES, 3, 32, 32, generator=gen)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(ZOO))
 def test_torchvision_model_prunes_exactly(name, images):
     shape = (3, 32, 32)
@@ -120,6 +121,7 @@ def test_a_model_it_cannot_take_is_refused_naming_the_operator():
     assert "\n" not in message
 
 
+@pytest.mark.slow
 def test_resnet18_with_one_input_channel_prunes_exactly_on_fashion_mnist():
     """The issue's own case: resnet18(num_classes=10) with a 1-channel first conv, on the real test set."""
     torch.manual_seed(3)

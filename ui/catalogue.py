@@ -91,13 +91,18 @@ def preparation_hint(digest: str, _ckpt: Checkpoint) -> inputs.Hint | None:
 
 
 @st.cache_resource(max_entries=32, show_spinner=False)
-def conv_layers(digest: str, _ckpt: Checkpoint) -> list[split.ConvInfo]:
+def _conv_layers(file_digest: str, _ckpt: Checkpoint) -> list[split.ConvInfo]:
     return split.conv_layers(_ckpt.build_model(), _ckpt.spec.input_shape)
+
+
+def conv_layers(ckpt: Checkpoint) -> list[split.ConvInfo]:
+    """The model's conv layers with their output shapes; once per file (a chosen preparation changes none)."""
+    return _conv_layers(ckpt.file_digest, ckpt)
 
 
 def channel_models() -> dict[str, Checkpoint]:
     """The models channel pruning applies to: those with at least one conv layer."""
-    return {k: c for k, c in available_models().items() if conv_layers(c.digest, c)}
+    return {k: c for k, c in available_models().items() if conv_layers(c)}
 
 
 def add_upload(name: str, content: bytes, arch: str | None = None, dataset: str | None = None) -> Checkpoint:
@@ -131,7 +136,7 @@ def add_upload(name: str, content: bytes, arch: str | None = None, dataset: str 
         raise checkpoints.CheckpointError(f"Recognised as '{ckpt.arch}', but its data set is not available "
                                           f"here. {exc.public}") from None
     add_session_model(name, ckpt)
-    if conv_layers(ckpt.digest, ckpt):
+    if conv_layers(ckpt):
         keys.hand_off(keys.MODEL, UPLOAD_PREFIX + name)  # the sidebar applies it on the next run
     return ckpt
 

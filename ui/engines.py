@@ -32,13 +32,13 @@ def current_engine() -> engine.Engine:
 def engine_key(ckpt: Checkpoint, layer: str | None = None) -> tuple:
     """The shared cache's key for this session's choices (its own images, its device)."""
     own = catalogue.own_data()
-    return _engine_key(ckpt, own["digest"] if own else ckpt.dataset, layer, choices.device())
+    return make_key(ckpt, own["digest"] if own else ckpt.dataset, layer, choices.device())
 
 
-def _engine_key(ckpt: Checkpoint, test_data: str, layer: str | None, device_name: str) -> tuple:
+def make_key(ckpt: Checkpoint, test_data: str, layer: str | None, device_name: str) -> tuple:
     """(checkpoint digest, data set or own images' digest, layer, device): the one place the key is made.
     The digest includes a chosen input preparation (Checkpoint.with_prep)."""
-    layer = layer or catalogue.conv_layers(ckpt.digest, ckpt)[-1].name  # one cache entry whichever way it is named
+    layer = layer or catalogue.conv_layers(ckpt)[-1].name  # one cache entry whichever way it is named
     return ckpt.digest, test_data, layer, device_name
 
 
@@ -138,10 +138,10 @@ def warm_bundled_models() -> None:
         return
     def jobs():
         dev = str(engine.pick_device("auto"))
-        models = {name: c for name, c in catalogue.bundled_checkpoints().items() if catalogue.conv_layers(c.digest, c)}  # as loaded
+        models = {name: c for name, c in catalogue.bundled_checkpoints().items() if catalogue.conv_layers(c)}  # as loaded
         first = (catalogue.DEFAULT_MODEL, "fmnist_resnet")  # the lecture's comparison: a plain VGG against a shortcut
         order = sorted(models, key=lambda name: (name not in first, first.index(name) if name in first else 0, name))
-        jobs = [(_engine_key(models[name], models[name].dataset, None, dev), models[name], dev) for name in order]
+        jobs = [(make_key(models[name], models[name].dataset, None, dev), models[name], dev) for name in order]
         return jobs[:engine_cache().max_entries]  # never evict the default model by warming another
     warmer.start(jobs)
 

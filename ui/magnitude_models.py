@@ -14,22 +14,22 @@ from ui import catalogue, choices, keys
 
 
 @st.cache_resource(max_entries=8, show_spinner=False)
-def _base_model(digest: str, _ckpt: Checkpoint):
+def _base_model(file_digest: str, _ckpt: Checkpoint):
     return _ckpt.build_model()
 
 
 def base_model(ckpt: Checkpoint):
-    return _base_model(ckpt.digest, ckpt)
+    return _base_model(ckpt.file_digest, ckpt)
 
 
 @st.cache_resource(max_entries=8, show_spinner=False)
-def _order(digest: str, _ckpt: Checkpoint):
+def _order(file_digest: str, _ckpt: Checkpoint):
     return magnitude.MagnitudeOrder(base_model(_ckpt))
 
 
 def pruned_model(ckpt: Checkpoint, sparsity: float, per_layer: bool):
     """A pruned copy (the shared base model is never touched)."""
-    masks = _order(ckpt.digest, ckpt).masks(sparsity, per_layer)
+    masks = _order(ckpt.file_digest, ckpt).masks(sparsity, per_layer)
     return magnitude.apply_masks(base_model(ckpt), masks)
 
 
@@ -59,7 +59,7 @@ def retrained_model(ckpt: Checkpoint, sparsity: float, per_layer: bool):
 
 def retrain(ckpt: Checkpoint, sparsity: float, per_layer: bool, epochs: int, progress):
     """Retrain a private pruned copy for this session; returns (model, test accuracy)."""
-    masks = _order(ckpt.digest, ckpt).masks(sparsity, per_layer)
+    masks = _order(ckpt.file_digest, ckpt).masks(sparsity, per_layer)
     train = ckpt.split(train=True)
     model = magnitude.retrain(base_model(ckpt), masks, train.x, train.y, epochs, device=choices.device(), progress=progress,
                               task=ckpt.spec.task)

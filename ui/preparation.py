@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from core import inputs
-from core import data as datasets
+from core import data, inputs
 from core.checkpoints import Checkpoint
 from ui import catalogue, keys
 
@@ -36,7 +35,7 @@ def show(name: str, ckpt: Checkpoint) -> None:
 
 def _choice(name: str, ckpt: Checkpoint) -> None:
     """A radio of the usual preparations and one's own; a change replaces the model's preparation."""
-    spec = datasets.DATASETS.get(ckpt.dataset)
+    spec = data.DATASETS.get(ckpt.dataset)
     channels = ckpt.spec.input_shape[0]
     unchosen = _unchosen(name, ckpt)
     options = {unchosen.token(): unchosen, inputs.NONE.token(): inputs.NONE}

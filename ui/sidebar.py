@@ -147,7 +147,7 @@ def _channel_controls() -> None:
                  help="The bundled models were trained on Fashion-MNIST; the Load page lists them.")
     ckpt = catalogue.current_checkpoint()
     st.caption(f"{ckpt.arch} · {ckpt.dataset}")
-    layers = catalogue.conv_layers(ckpt.digest, ckpt)
+    layers = catalogue.conv_layers(ckpt)
     names = [info.name for info in layers]
     if st.session_state.get(keys.LAYER) not in names:  # first run, or a model without that layer
         st.session_state[keys.LAYER] = names[-1]
