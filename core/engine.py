@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from . import capture, criteria
-from .evaluate import Evaluator, HookEvaluator, ReadoutEvaluator, SplitEvaluator, batch_bounds, one_chunk
+from .evaluate import (Evaluator, HookEvaluator, ReadoutEvaluator, SplitEvaluator, batch_bounds, one_chunk,
+                       order_mask)
 from .readout import ReadoutCache, find_readout
 from .split import MODES, Split, conv_layer_names, default_layer, following_batchnorm
 
@@ -107,8 +108,10 @@ class Engine:
         self.stats, self.base_correct = found.stats, found.base_correct  # base_correct: K = 0, counted in the pass
         self.boundary_bytes, self.fast_reason = found.boundary_bytes, found.fast_reason
         self._readout_caches = found.readouts
-        self._boundaries = found.boundaries
-        self._evaluators: dict[str, Evaluator] = {mode: self._evaluator(mode) for mode in MODES}
+        self._boundaries, bounds = found.boundaries, batch_bounds(self.total, batch_size)
+        if self._fits_one_chunk():  # on a GPU with room; one copy for both modes
+            self._boundaries, bounds = one_chunk(self._split, self._boundaries), [(0, self.total)]
+        self._evaluators: dict[str, Evaluator] = {mode: self._evaluator(mode, bounds) for mode in MODES}
         self._rankings, self._curves, self._answers, self._taylor = Memo(), Memo(), Memo(), Memo()
 
     def _make_split(self) -> tuple[Split | None, str]:
@@ -129,19 +132,19 @@ class Engine:
                 reason = why
         return found, reason
 
-    def _evaluator(self, mode: str) -> Evaluator:
+    def _fits_one_chunk(self) -> bool:
+        """Every batch's boundary is kept (some mode evaluates through the suffix), on a GPU with eight
+        times their size free."""
+        return self.device.type == "cuda" and bool(self._boundaries) and None not in self._boundaries and \
+            8 * self.boundary_bytes < torch.cuda.mem_get_info(self.device)[0]
+
+    def _evaluator(self, mode: str, bounds: list[tuple[int, int]]) -> Evaluator:
         if mode in self._readout_caches:
             return ReadoutEvaluator(self._readout_caches[mode], self.device)
         if self._split is None:
             where = self.bn_name if mode == "remove" and self.bn_name else self.layer
             return HookEvaluator(self.model, where, self.channels, self.x, self.y, self.task, self.device,
                                  self.batch_size)
-        bounds = batch_bounds(self.total, self.batch_size)
-        if self.device.type == "cuda" and self._boundaries and None not in self._boundaries and \
-                8 * self.boundary_bytes < torch.cuda.mem_get_info(self.device)[0]:
-            if len(self._boundaries) > 1:  # both modes evaluate through the suffix: one copy for both
-                self._boundaries = one_chunk(self._split, self._boundaries)
-            bounds = [(0, self.total)]
         return SplitEvaluator(self._split, mode, self._boundaries, bounds, self.x, self.y, self.task, self.device)
 
     @property
@@ -210,9 +213,7 @@ class Engine:
 
     def mask_for(self, k: int, criterion: str = "mean") -> torch.Tensor:
         self._check_k(k)
-        mask = torch.ones(self.channels)
-        mask[self.ranking(criterion)[:k]] = 0
-        return mask
+        return order_mask(self.ranking(criterion), k, self.channels)
 
     def _check_k(self, k: int) -> None:
         if not 0 <= k <= self.channels:

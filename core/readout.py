@@ -12,6 +12,7 @@ This module only decides whether a traced suffix has that shape and cuts it into
 """
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 
 import torch
@@ -113,6 +114,7 @@ class ReadoutCache:
         self._on: list[tuple[torch.Tensor, ...]] = []   # per batch, one tensor per linear layer
         self._off: list[tuple[torch.Tensor, ...]] = []
         self._labels: list[torch.Tensor] = []
+        self._starts: list[int] = [0]  # image index where each batch starts (and, last, the total)
 
     def add_batch(self, on: tuple, off: tuple, labels: torch.Tensor) -> None:
         for f in on:
@@ -121,6 +123,7 @@ class ReadoutCache:
         self._on.append(tuple(on))
         self._off.append(tuple(off))
         self._labels.append(labels.to(on[0].device))
+        self._starts.append(self._starts[-1] + len(labels))
 
     @property
     def linear(self) -> bool:
@@ -177,9 +180,8 @@ class ReadoutCache:
     @torch.no_grad()
     def image_logits(self, keep: torch.Tensor, n: int) -> torch.Tensor:
         """Image n's logits (1, out), computed exactly, with the channels where `keep` is False pruned."""
-        starts = torch.tensor([0] + [len(b) for b in self._labels]).cumsum(0)
-        b = int(torch.searchsorted(starts, n, right=True)) - 1  # the batch holding image n
-        i = n - int(starts[b])
+        b = bisect.bisect_right(self._starts, n) - 1  # the batch holding image n
+        i = n - self._starts[b]
         return self._logits(self._features(keep, tuple(t[i:i + 1] for t in self._on[b]),
                                            tuple(t[i:i + 1] for t in self._off[b])))
 
