@@ -1,7 +1,10 @@
+import atexit
 import contextlib
 import io
 import os
+import shutil
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +18,12 @@ from core import checkpoints, engine  # noqa: E402
 
 BUNDLED = {"vgg": ROOT / "checkpoints" / "fmnist_vgg.pt", "resnet": ROOT / "checkpoints" / "fmnist_resnet.pt"}
 
-torch.set_num_threads(2)
+# `./run test` runs two pytest workers (pytest-xdist), one per core: each then computes on one thread.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
+# Uploads and downloads go to a cache of this test run's own (workers must not prune each other's uploads,
+# and a developer's cache is left alone); the browser tests' servers inherit it.
+os.environ["PRUNE_EXPLORER_CACHE"] = _CACHE = tempfile.mkdtemp(prefix="prune-explorer-tests-")
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 # A page's unexpected error reaches the test (AppTest's `exception`, the browser's error box) instead of
 # ui/guard.py's sentence; the test of that sentence unsets it.
 os.environ["PRUNE_EXPLORER_PROPAGATE_ERRORS"] = "1"
@@ -59,6 +67,19 @@ def full_engine(path, layer: str | None = None) -> engine.Engine:
     return _FULL_ENGINES[key]
 
 
+_TRAINING_ENGINES: dict[tuple[str, str], engine.Engine] = {}
+
+
+def training_engine(ckpt, eng: engine.Engine) -> engine.Engine:
+    """`oracle.training_engine` (the last 10,000 training images at eng's layer), built once per session."""
+    from core import oracle
+
+    key = (ckpt.digest, eng.layer)
+    if key not in _TRAINING_ENGINES:
+        _TRAINING_ENGINES[key] = oracle.training_engine(ckpt, eng)
+    return _TRAINING_ENGINES[key]
+
+
 @pytest.fixture(scope="session")
 def app_engines():
     """The app's shared engine cache given this session's full engines of the bundled .pt models, under
@@ -92,3 +113,54 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or item.path.name in SLOW_MODULES:
             item.add_marker(pytest.mark.slow)
+
+
+SUBSET = 2000  # images: where the full test set adds nothing but time (a check image by image, not a count)
+
+
+def subset_engine(ckpt, layer: str | None = None, n: int = SUBSET) -> engine.Engine:
+    """The engine of a checkpoint on the first n images of its test set (its own preparation and task)."""
+    split = ckpt.split()
+    return engine.Engine(ckpt.build_model(), split.x[:n], split.y[:n], layer=layer, task=ckpt.spec.task, device="cpu")
+
+
+def assert_equals_naive(eng: engine.Engine, criterion: str = "mean") -> None:
+    """The engine against the naive procedure (copy the model, zero the weights, evaluate): over the whole
+    test set at K = 0 and K = P/2 in both modes (K = 0 prunes nothing, so one naive pass serves both), and
+    image by image on the first 2,000 images at K = 1, P - 1 and P, in the naive pass's own batches.
+    Each full-set naive pass costs a pass of the whole model over every image; this is one per model and
+    mode, and the edges of the range, where a fast path's special cases live, are still checked exactly."""
+    from core.naive import naive_correct, prune_copy
+    from core.tasks import predictions
+
+    p = eng.channels
+    base = naive_correct(eng, 0, "zero", criterion)
+    n = min(SUBSET, eng.total)
+    for mode in engine.MODES:
+        assert eng.correct(0, mode, criterion) == base, (mode, 0)
+        assert eng.correct(p // 2, mode, criterion) == naive_correct(eng, p // 2, mode, criterion), (mode, p // 2)
+        for k in (1, p - 1, p):
+            pruned = prune_copy(eng.model, eng.layer, eng.ranking(criterion)[:k].tolist(), mode, eng.bn_name)
+            with torch.no_grad():
+                want = torch.cat([predictions(pruned(eng.x[i:i + eng.batch_size].to(eng.device)), eng.task).cpu()
+                                  for i in range(0, n, eng.batch_size)])[:n]
+            assert torch.equal(eng.predictions(k, mode, criterion)[:n], want), (mode, k)
+
+
+def write_idx(path: Path, array) -> None:
+    """An IDX file (the MNIST format): zero bytes, the unsigned-byte type, the dimensions, the values."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    path.write_bytes(header + array.astype("uint8").tobytes())
+
+
+@pytest.fixture(scope="session")
+def fmnist_subset(tmp_path_factory) -> Path:
+    """A --data-root holding the first 2,000 Fashion-MNIST test images and labels, in the real files'
+    format, cut from the real files: the CLI then runs as a user runs it, at a fifth of the cost."""
+    from core import data
+
+    root = tmp_path_factory.mktemp("fmnist_subset")
+    for path in data.locate("fashion_mnist", train=False):
+        name = path.name.removesuffix(".gz")
+        write_idx(root / name, data.read_idx(path)[:SUBSET])
+    return root

@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from conftest import BUNDLED, ROOT, cli
+from conftest import BUNDLED, ROOT, cli, full_engine
+from core import checkpoints
 
 
 def run(*args):
@@ -20,10 +21,11 @@ def read(path):
 
 
 @pytest.mark.slow
-def test_sweep_writes_exact_counts(tmp_path, bundled):
-    ckpt, eng = bundled
+def test_sweep_writes_exact_counts(tmp_path):
+    """A real child process, on the whole test set (each bundled model's own exactness: test_engine.py)."""
+    ckpt, eng = checkpoints.load(BUNDLED["vgg"]), full_engine(BUNDLED["vgg"])
     out = tmp_path / "curve.csv"
-    res = run("sweep", str(BUNDLED[ckpt.name.removeprefix("fmnist_")]), "--ks", "0,256,512", "--mode", "remove",
+    res = run("sweep", str(BUNDLED["vgg"]), "--ks", "0,256,512", "--mode", "remove",
               "--device", "cpu", "--out", str(out))
     assert res.returncode == 0, res.stderr
     rows = read(out)
@@ -36,9 +38,9 @@ def test_sweep_writes_exact_counts(tmp_path, bundled):
 
 
 @pytest.mark.slow
-def test_rank_writes_every_channel_in_ascending_order(tmp_path):
+def test_rank_writes_every_channel_in_ascending_order(tmp_path, fmnist_subset):
     out = tmp_path / "rank.csv"
-    res = cli("rank", str(BUNDLED["vgg"]), "--criterion", "mean_abs", "--out", str(out))
+    res = cli("rank", str(BUNDLED["vgg"]), "--criterion", "mean_abs", "--out", str(out), "--data-root", fmnist_subset)
     assert res.returncode == 0, res.stderr
     rows = read(out)
     assert [int(r["rank"]) for r in rows] == list(range(512))
@@ -48,9 +50,9 @@ def test_rank_writes_every_channel_in_ascending_order(tmp_path):
 
 
 @pytest.mark.slow
-def test_range_spec_and_errors(tmp_path):
+def test_range_spec_and_errors(tmp_path, fmnist_subset):
     out = tmp_path / "c.csv"
-    res = cli("sweep", str(BUNDLED["vgg"]), "--ks", "0:513:32", "--out", str(out))
+    res = cli("sweep", str(BUNDLED["vgg"]), "--ks", "0:513:32", "--out", str(out), "--data-root", fmnist_subset)
     assert res.returncode == 0, res.stderr
     assert [int(r["k"]) for r in read(out)] == list(range(0, 513, 32))
 

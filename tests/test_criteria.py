@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import BUNDLED, ROOT, cli, full_engine
+from conftest import BUNDLED, ROOT, cli, full_engine, training_engine
 from core import checkpoints, criteria, data, engine, oracle
 from core.naive import prune_copy
 
@@ -143,7 +143,7 @@ def test_greedy_oracle_beats_every_criterion_on_area(vgg_small):
 @pytest.mark.slow
 def test_an_order_picked_on_training_images_is_scored_on_the_test_images(vgg_small):
     ckpt, x, y, eng = vgg_small
-    picker = oracle.training_engine(ckpt, eng)
+    picker = training_engine(ckpt, eng)
     train = data.load(ckpt.dataset, train=True)
     assert picker.total == 10_000 and torch.equal(picker.y, train.y[-10_000:]) and picker.layer == eng.layer
     single = oracle.scored_on(eng, oracle.single(picker, "remove"), "remove")
@@ -186,7 +186,8 @@ def test_curve_page_offers_a_coarse_oracle_where_the_read_out_is_not_linear(app_
     from ui import keys
 
     at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=600)
-    at.session_state[keys.CURVE_MODELS] = ["fmnist_siamese"]  # the page's first run draws only it
+    at.session_state[keys.CURVE_MODELS] = ["fmnist_siamese"]  # the page's first run draws only it,
+    at.session_state[keys.CURVE_MODES] = ["zero"]  # in one mode (each K of its curve costs a read-out here)
     at.switch_page("pages/3_curve.py").run()
     assert at.multiselect(key=keys.CURVE_MODELS).value == ["fmnist_siamese"]
     at.toggle(key=keys.COMPARE_ORACLE).set_value(True).run()
@@ -267,7 +268,7 @@ def test_curve_page_compares_rules_with_a_scoreboard(app_engines):
     assert not at.exception, at.exception
     board = next(df.value for df in at.dataframe if "area under the curve" in df.value.columns)
     ckpt = checkpoints.load(BUNDLED["vgg"])
-    picked = oracle.scored_on(eng, oracle.greedy(oracle.training_engine(ckpt, eng), "zero"), "zero")
+    picked = oracle.scored_on(eng, oracle.greedy(training_engine(ckpt, eng), "zero"), "zero")
     best = [eng.correct(0, "zero") / eng.total] + [c / eng.total for c in picked.correct_after]
     assert board["rule"].tolist()[-1] == "greedy order picked on training images"
     assert board["area under the curve"].tolist()[-1] == f"{sum(best) / len(best):.2%}"

@@ -76,8 +76,10 @@ def test_sensitivity_rows_equal_the_naive_procedure(vgg):
     rows = list(sensitivity.sensitivity(model, x[:1000], y[:1000], criterion="mean", mode="remove",
                                         fractions=(0.3, 1), device="cpu"))
     assert [r.layer for r in rows] == [n for n in conv_layer_names(model) for _ in range(2)]
+    engines = {name: engine.Engine(model, x[:1000], y[:1000], layer=name, device="cpu", fast=False)
+               for name in conv_layer_names(model)}  # for the ranking and the naive copy of each layer
     for r in rows:
-        eng = engine.Engine(model, x[:1000], y[:1000], layer=r.layer, device="cpu", fast=False)
+        eng = engines[r.layer]
         assert r.k == round(r.fraction * r.channels) and r.total == 1000
         assert r.correct == _naive(eng, r.k, "remove"), r
 
@@ -94,18 +96,27 @@ def test_layers_tied_by_a_residual_add_or_concatenation_are_marked():
 
 
 @pytest.mark.slow
-def test_cli_sensitivity_writes_one_row_per_layer_and_fraction(tmp_path):
+def test_cli_sensitivity_writes_one_row_per_layer_and_fraction(tmp_path, fmnist_subset):
+    from core.naive import prune_copy
+    from core.tasks import count_correct
+
     out = tmp_path / "s.csv"
-    # Fractions 0 and 1: K = 0 is counted by each layer's one pass, so each layer costs one more pass only.
+    # Fractions 0 and 1: K = 0 is counted by each layer's one pass, so each layer costs one more pass only;
+    # on a --data-root of the first 2,000 test images (the rows' arithmetic is the same on any number).
     res = cli("sensitivity", str(BUNDLED["resnet"]), "--fractions", "0,1", "--mode", "remove", "--out", str(out),
-              "--device", "cpu")
+              "--device", "cpu", "--data-root", str(fmnist_subset))
     assert res.returncode == 0, res.stderr
     lines = out.read_text().splitlines()
     assert lines[0] == "layer,channels,fraction,k,correct,total,accuracy" and len(lines) == 1 + 6 * 2
+    split = data.load("fashion_mnist", data_root=str(fmnist_subset))
+    assert len(split) == 2000 and {line.split(",")[5] for line in lines[1:]} == {"2000"}
+    model = checkpoints.load(BUNDLED["resnet"]).build_model()
     last = [line.split(",") for line in lines if line.startswith("res3.1.0,")]
-    assert last[1][:5] == ["res3.1.0", "512", "1", "512", "9064"]  # the shortcut keeps 90.64%
+    whole_layer = prune_copy(model, "res3.1.0", range(512), "remove", "res3.1.1")
+    assert last[1][:5] == ["res3.1.0", "512", "1", "512", str(count_correct(whole_layer, split.x, split.y))]
+    assert int(last[1][4]) > 0.85 * 2000  # the shortcut keeps most of the accuracy
     unpruned = {line.split(",")[4] for line in lines[1:] if line.split(",")[2] == "0"}
-    assert unpruned == {str(checkpoints.load(BUNDLED["resnet"]).meta["test_correct"])}  # every layer at K = 0
+    assert unpruned == {str(count_correct(model, split.x, split.y))}  # every layer at K = 0
     assert "(tied by residual add)" in res.stdout
 
 

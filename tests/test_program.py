@@ -3,6 +3,7 @@
 The naive reference here is the program's own: load the (trusted, test-made) file with
 `torch.export.load`, zero the pruned channels in its state dict, run it on every image.
 """
+import functools
 import io
 import json
 import os
@@ -71,10 +72,19 @@ def _export(model: nn.Module, path: Path, input_shape=(1, 28, 28), meta=None) ->
     return path
 
 
+@functools.lru_cache(maxsize=4)
+def _program(path: Path, mtime: float):
+    """The program in a file this test wrote (trusted), and a copy of its weights as loaded."""
+    ep = torch.export.load(str(path))
+    return ep, {name: t.clone() for name, t in ep.state_dict.items()}
+
+
 def _naive(path: Path, x, y, layer: str, channels, mode: str, bn: str | None) -> int:
-    ep = torch.export.load(str(path))  # a file this test wrote: trusted
+    ep, loaded = _program(path, path.stat().st_mtime)
     sd = ep.state_dict
     with torch.no_grad():
+        for name, t in loaded.items():  # the weights as in the file, then the pruned channels zeroed
+            sd[name].copy_(t)
         sd[f"{layer}.weight"][channels] = 0
         if f"{layer}.bias" in sd:
             sd[f"{layer}.bias"][channels] = 0
@@ -159,28 +169,34 @@ def test_the_bundled_mobilenet_is_a_program_of_an_unregistered_architecture():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layer", ["head", "blocks.2.pw"])
-def test_cli_sweep_of_the_mobilenet_equals_the_naive_procedure(tmp_path, layer):
-    """What a user would run: sweep a .pt2 at its last conv and at a middle one, both modes."""
+@pytest.mark.parametrize("layer,images", [("head", "all"), ("head", "2,000"), ("blocks.2.pw", "2,000")])
+def test_cli_sweep_of_the_mobilenet_equals_the_naive_procedure(tmp_path, layer, images, fmnist_subset):
+    """What a user would run: sweep a .pt2 at its last conv and at a middle one, both modes; over the whole
+    test set at K = 0 and half the channels, and over the first 2,000 test images (a --data-root of them)
+    at the edges and at a middle layer, where each K costs a pass of the rest of the network."""
     from core import data
 
-    split = data.load("fashion_mnist")
+    root = [] if images == "all" else ["--data-root", str(fmnist_subset)]
+    split = data.load("fashion_mnist", data_root=root[1] if root else None)
     ckpt = checkpoints.load(MOBILENET)
     channels = dict((i.name, i.out_channels) for i in conv_layers(ckpt.build_model(), (1, 28, 28)))[layer]
-    ks = [0, 1, channels // 2, channels] if layer == "head" else [1, channels // 2]  # a middle layer: a pass per K
-    rank = cli("rank", str(MOBILENET), "--layer", layer, "--out", str(tmp_path / "rank.csv"), "--device", "cpu")
+    ks = {("head", "all"): [0, channels // 2], ("head", "2,000"): [1, channels]}.get((layer, images), [1, channels // 2])
+    rank = cli("rank", str(MOBILENET), "--layer", layer, "--out", str(tmp_path / "rank.csv"), "--device", "cpu", *root)
     assert rank.returncode == 0, rank.stderr
     order = [int(line.split(",")[1]) for line in (tmp_path / "rank.csv").read_text().splitlines()[1:]]
+    bn = {"head": "head_bn", "blocks.2.pw": "blocks.2.pw_bn"}[layer]
+    naive = functools.lru_cache(lambda k, mode: _naive(MOBILENET, split.x, split.y, layer, order[:k],
+                                                        mode if k else "zero", bn))  # K = 0: one pass for both
     for mode in engine.MODES:
         out = tmp_path / f"{mode}.csv"
-        res = cli("sweep", str(MOBILENET), "--dataset", "fashion_mnist", "--layer", layer, "--mode", mode, "--ks", ",".join(map(str, ks)), "--out", str(out), "--device", "cpu")
+        res = cli("sweep", str(MOBILENET), "--dataset", "fashion_mnist", "--layer", layer, "--mode", mode,
+                  "--ks", ",".join(map(str, ks)), "--out", str(out), "--device", "cpu", *root)
         assert res.returncode == 0, res.stderr
         rows = [line.split(",") for line in out.read_text().splitlines()]
         assert rows[0] == ["k", "correct", "total", "accuracy"]
-        bn = {"head": "head_bn", "blocks.2.pw": "blocks.2.pw_bn"}[layer]
-        for (k, correct, total, _), want_k in zip(rows[1:], ks):
-            assert int(k) == want_k and int(total) == 10000
-            assert int(correct) == _naive(MOBILENET, split.x, split.y, layer, order[:want_k], mode, bn), (mode, k)
+        for (k, correct, total, _), want_k in zip(rows[1:], ks, strict=True):
+            assert int(k) == want_k and int(total) == len(split) == (10_000 if images == "all" else 2000)
+            assert int(correct) == naive(want_k, mode), (mode, k)
 
 
 # -- refusals ------------------------------------------------------------------------------------
