@@ -1,5 +1,6 @@
 import atexit
 import contextlib
+import dataclasses
 import io
 import os
 import shutil
@@ -121,7 +122,7 @@ SUBSET = 2000  # images: where the full test set adds nothing but time (a check 
 def subset_engine(ckpt, layer: str | None = None, n: int = SUBSET) -> engine.Engine:
     """The engine of a checkpoint on the first n images of its test set (its own preparation and task)."""
     split = ckpt.split()
-    return engine.Engine(ckpt.build_model(), split.x[:n], split.y[:n], layer=layer, task=ckpt.spec.task, device="cpu")
+    return engine.from_checkpoint(ckpt, layer, device="cpu", split=dataclasses.replace(split, x=split.x[:n], y=split.y[:n]))
 
 
 def assert_equals_naive(eng: engine.Engine, criterion: str = "mean") -> None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, assert_equals_naive, cli, full_engine, subset_engine
+from conftest import ROOT, assert_equals_naive, cli, full_engine, subset_engine, write_idx
 from core import checkpoints, data, engine, inputs, models
 from core.naive import naive_correct, prune_copy
 from core.split import conv_layer_names, conv_layers
@@ -195,19 +195,14 @@ def test_reranking_after_every_prune_gives_the_same_order():
 # ---------------------------------------------------------------------------------------------
 # Data sets, from small files in the real formats
 
-def _write_idx(path, array):
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
-    path.write_bytes(header + array.astype(np.uint8).tobytes())
-
-
 def test_mnist_in_torchvision_layout(tmp_path):
     raw = tmp_path / "MNIST" / "raw"
     raw.mkdir(parents=True)
     images = np.random.default_rng(0).integers(0, 256, (12, 28, 28))
     labels = np.arange(12) % 10
     for prefix in ("train", "t10k"):
-        _write_idx(raw / f"{prefix}-images-idx3-ubyte", images)
-        _write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", images)
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
     split = data.load("mnist", False, str(tmp_path))
     assert split.x.shape == (12, 1, 28, 28) and split.y.tolist() == labels.tolist()
     torch.testing.assert_close(split.x[3, 0], (torch.tensor(images[3]).float() / 255 - 0.1307) / 0.3081)
