@@ -130,6 +130,11 @@ def _torch_load(data: bytes):
                               "writes (is it an image, an archive or a text file?).")
     try:
         untrusted.check_checkpoint(data)  # bounded: sizes, pickle bombs, storages, before torch reads anything
+    except untrusted.Unlisted as exc:
+        raise CheckpointError(
+            f"Refused: this file builds a '{exc.name}' (for example a whole model saved with torch.save(model)), "
+            "which a checkpoint of weights never needs and which could run code or allocate without bound when "
+            "loaded; save the weights instead: torch.save(model.state_dict(), 'model.pt').") from None
     except untrusted.Refused as exc:
         raise CheckpointError(str(exc)) from None
     try:

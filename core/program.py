@@ -30,6 +30,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from . import untrusted
 from .graph import ALIASING_ATEN, ALLOWED_ATEN, INPLACE_TO_FUNCTIONAL, aten, described_op, module_path, op_name
 
 MAX_UNCOMPRESSED_BYTES = 2 * 2**30  # the whole archive, unpacked
@@ -70,7 +71,16 @@ def is_program(data: bytes) -> bool:
 # Reading the archive
 
 def _weights_only(data: bytes, what: str):
-    """The weights-only unpickler, and nothing else: no fallback to full unpickling."""
+    """The weights-only unpickler, and nothing else: no fallback to full unpickling; the bytes first
+    pass the bounded scan (what the unpickler may build, how much it may allocate)."""
+    try:
+        untrusted.check_checkpoint(data)
+    except untrusted.Unlisted as exc:
+        raise ProgramError(f"Refused: {what} in this program is a pickle that builds a '{exc.name}', which plain "
+                           "tensors never need and which could run code or allocate without bound when "
+                           "loaded.") from None
+    except untrusted.Refused as exc:
+        raise ProgramError(f"Refused ({what} in this program): {str(exc).removeprefix('Refused: ')}") from None
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # the unpickler's refusal, a corrupt member: either way, refused

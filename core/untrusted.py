@@ -10,7 +10,13 @@ archive is checked here first, in time and memory proportional to its size:
   weights-only unpickler knows, and for every object it would build, the size it has when fully
   expanded (shared references counted each time they are used) and its nesting depth, so that no
   later hash, comparison or message can take more than a bounded number of steps; dict keys must be
-  plain strings or numbers; and the storages it declares, summed, within the budget.
+  plain strings or numbers; and the storages it declares, summed, within the budget;
+- every global it names is on a short list of what a state dict is made of (tensors, their storages
+  and dtypes, ordered dicts, sets, devices, sizes): the weights-only unpickler itself also allows
+  `bytearray(n)` and `collections.Counter`, which allocate gigabytes or hold the GIL for minutes from
+  a few bytes of pickle;
+- every tensor it rebuilds lies inside its storage, and the tensors' elements, summed as the model
+  will hold them (a view that repeats one value a billion times counts a billion), within the budget.
 The limits are read from the environment (see README, Limits and safety).
 """
 from __future__ import annotations
@@ -28,6 +34,14 @@ class Refused(ValueError):
 
 class _Malformed(Refused):
     """Not a pickle the unpickler could read at all (as opposed to one it would read at a great cost)."""
+
+
+class Unlisted(Refused):
+    """A pickle that names a global off the list of what a checkpoint is made of (`name`)."""
+
+    def __init__(self, message: str, name: str):
+        super().__init__(message)
+        self.name = name
 
 
 def env_int(name: str, default: int) -> int:
@@ -64,6 +78,20 @@ _ATOMS = {"NONE", "NEWFALSE", "NEWTRUE", "BININT", "BININT1", "BININT2", "BINFLO
 _KNOWN = _ATOMS | {"PROTO", "STOP", "GLOBAL", "NEWOBJ", "REDUCE", "BUILD", "APPEND", "APPENDS", "SETITEM",
                    "SETITEMS", "MARK", "TUPLE", "TUPLE1", "TUPLE2", "TUPLE3", "EMPTY_TUPLE", "EMPTY_LIST",
                    "EMPTY_DICT", "EMPTY_SET", "BINPERSID", "BINGET", "LONG_BINGET", "BINPUT", "LONG_BINPUT"}
+_STORAGES = ("Double", "Float", "Half", "BFloat16", "Long", "Int", "Short", "Char", "Byte", "Bool",
+             "ComplexFloat", "ComplexDouble")
+# What a checkpoint of weights is made of; everything else the weights-only unpickler would build is refused.
+REBUILD_TENSOR = "torch._utils._rebuild_tensor_v2"
+ALLOWED_GLOBALS = frozenset({
+    REBUILD_TENSOR, "torch._utils._rebuild_parameter", "torch._utils._rebuild_parameter_with_state",
+    "collections.OrderedDict", "builtins.set", "builtins.frozenset", "builtins.complex", "_codecs.encode",
+    "torch.device", "torch.Size",
+    *(f"torch.{s}Storage" for s in _STORAGES), *(f"torch.cuda.{s}Storage" for s in _STORAGES),
+    *(f"torch.{name}" for name in ("float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8",
+                                   "uint8", "bool", "complex64", "complex128")),
+})
+MAX_TENSOR_DIMS = 8
+
 _ELEMENT_BYTES = {"Double": 8, "Float": 4, "Half": 2, "BFloat16": 2, "Long": 8, "Int": 4, "Short": 2,
                   "Char": 1, "Byte": 1, "Bool": 1, "ComplexFloat": 8, "ComplexDouble": 16}
 
@@ -81,10 +109,26 @@ def _mb(n: int) -> str:
     return f"{n / 2**20:,.0f} MB"
 
 
+def printable(text: object, limit: int = 80) -> str:
+    """A string from a file as one safe line: control characters (newlines, ANSI escapes, bidi marks)
+    written as escapes, cut to `limit` characters. Every name a message quotes from a file goes
+    through this, so a crafted name can neither forge a line of output nor clear a terminal."""
+    text = str(text)
+    out = "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text[:limit])
+    return out + ("..." if len(text) > limit else "")
+
+
+def _qualname(arg: object) -> str:
+    """GLOBAL's 'module name' as one dotted name (protocol 2 writes builtins as __builtin__)."""
+    name = str(arg).replace(" ", ".")
+    return "builtins." + name[len("__builtin__."):] if name.startswith("__builtin__.") else name
+
+
 class _Scan:
     def __init__(self, what: str):
         self.what = what
         self.storage_bytes: dict[object, int] = {}
+        self.view_bytes = 0  # the elements of every rebuilt tensor, as the model will hold them
         self.ops = 0
 
     def refuse(self, why: str):
@@ -112,20 +156,51 @@ class _Scan:
         if any(k.kind != "atom" or k.nodes > MAX_KEY_NODES for k in keys):
             self.refuse("uses something other than a string or a number as a dictionary key")
 
-    def persistent(self, pid: _Obj) -> None:
+    def persistent(self, pid: _Obj) -> _Obj:
+        """The storage a persistent id declares: its size counted against the budget."""
         items = pid.items or []
         if pid.kind != "tuple" or len(items) < 5 or items[0].value != "storage":
-            return  # the unpickler itself refuses anything but a storage
+            return _Obj("storage")  # the unpickler itself refuses anything but a storage
         kind, key, numel = items[1].value, items[2].value, items[4].value
         if not isinstance(numel, int) or isinstance(numel, bool) or numel < 0:
             self.refuse("declares a storage without a valid size")
         name = kind.rsplit(".", 1)[-1].removesuffix("Storage") if isinstance(kind, str) else ""
-        self.storage_bytes[key if isinstance(key, (str, int)) else len(self.storage_bytes)] = \
-            numel * _ELEMENT_BYTES.get(name, 16)
+        element = _ELEMENT_BYTES.get(name, 16)
+        self.storage_bytes[key if isinstance(key, (str, int)) else len(self.storage_bytes)] = numel * element
         total = sum(self.storage_bytes.values())
         if total > max_tensor_bytes():
             self.refuse(f"declares {_mb(total)} of tensors, more than the {_mb(max_tensor_bytes())} this server "
                         f"accepts ({max_params():,} parameters, PRUNE_EXPLORER_MAX_PARAMS)")
+        return _Obj("storage", value=(numel, element))
+
+    def rebuild(self, args: _Obj) -> None:
+        """`_rebuild_tensor_v2(storage, offset, size, stride, ...)`: the view inside its storage, and its
+        elements counted as what the model will hold (loading copies a view into a real parameter)."""
+        items = args.items if args.kind == "tuple" else None
+        if not items or len(items) < 4 or items[0].kind != "storage" or items[0].value is None:
+            self.refuse("rebuilds a tensor from something that is not a storage")
+        (numel, element), offset = items[0].value, items[1].value
+        def numbers_of(obj: _Obj) -> list:  # a tuple of more than 8 items keeps none of them
+            return [i.value for i in obj.items] if obj.kind == "tuple" and obj.items is not None \
+                else [None] * (MAX_TENSOR_DIMS + 1)
+
+        size, stride = numbers_of(items[2]), numbers_of(items[3])
+        numbers = [offset, *size, *stride]
+        if len(size) > MAX_TENSOR_DIMS or len(size) != len(stride) or \
+                not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in numbers):
+            self.refuse(f"rebuilds a tensor whose shape is not {MAX_TENSOR_DIMS} or fewer sizes with matching "
+                        "non-negative strides")
+        count = 1
+        for d in size:
+            count *= d
+        if count and offset + sum((d - 1) * st for d, st in zip(size, stride)) >= numel:
+            self.refuse(f"rebuilds a tensor of shape {size} that reads past the end of its storage of "
+                        f"{numel:,} values")
+        self.view_bytes += count * element
+        if self.view_bytes > max_tensor_bytes():
+            self.refuse(f"holds tensors of {_mb(self.view_bytes)} once their shared or repeated values are "
+                        f"counted as the model will hold them, more than the {_mb(max_tensor_bytes())} this "
+                        f"server accepts ({max_params():,} parameters, PRUNE_EXPLORER_MAX_PARAMS)")
 
     def run(self, stream: io.BytesIO) -> None:
         """Scan one pickle from the stream's position to its STOP."""
@@ -172,7 +247,13 @@ class _Scan:
                     marks.append(stack)
                     stack = []
                 elif name == "GLOBAL":
-                    stack.append(_Obj("global", value=str(arg).replace(" ", ".")))
+                    qual = _qualname(arg)
+                    if qual not in ALLOWED_GLOBALS:
+                        raise Unlisted(f"Refused: {self.what} builds a '{printable(qual, 60)}', which a "
+                                       "checkpoint of weights never needs and which could run code or allocate "
+                                       "without bound when loaded (only tensors, containers, numbers and texts are "
+                                       "accepted).", printable(qual, 60))
+                    stack.append(_Obj("global", value=qual))
                 elif name in ("EMPTY_TUPLE", "EMPTY_LIST", "EMPTY_DICT", "EMPTY_SET"):
                     stack.append(_Obj(name[6:].lower(), items=[]))
                 elif name in ("TUPLE", "TUPLE1", "TUPLE2", "TUPLE3"):
@@ -200,13 +281,14 @@ class _Scan:
                     self.mutate(stack[-1], state)
                 elif name in ("REDUCE", "NEWOBJ"):
                     func, args = pop(2)
+                    if func.kind == "global" and func.value == REBUILD_TENSOR:
+                        self.rebuild(args)
                     obj = _Obj("object")
                     self.contain(obj, [func, args])
                     stack.append(obj)
                 elif name == "BINPERSID":
                     pid = pop()[0]
-                    self.persistent(pid)
-                    stack.append(_Obj("storage"))
+                    stack.append(self.persistent(pid))
                 elif name in ("BINPUT", "LONG_BINPUT"):
                     if not stack:
                         self.refuse("is not a well-formed pickle (nothing to memoize)")
@@ -254,7 +336,7 @@ def check_archive(data: bytes, stored_only: bool = True, max_bytes: int | None =
                       "accepts.")
     for info in infos:
         if stored_only and info.compress_type != zipfile.ZIP_STORED:
-            raise Refused(f"Refused: the archive member '{info.filename[:80]}' is compressed, which torch.save never "
+            raise Refused(f"Refused: the archive member '{printable(info.filename)}' is compressed, which torch.save never "
                           "does (save the file again with torch.save).")
         if info.header_offset + info.compress_size > len(data):
             raise Refused("Not a readable PyTorch checkpoint (is it truncated?): a member ends after the file.")
@@ -262,9 +344,9 @@ def check_archive(data: bytes, stored_only: bool = True, max_bytes: int | None =
     for info in infos:
         if info.filename.endswith(".pkl"):
             if info.file_size > MAX_PICKLE_BYTES:
-                raise Refused(f"Refused: the pickle '{info.filename[:80]}' is {_mb(info.file_size)}, more than the "
+                raise Refused(f"Refused: the pickle '{printable(info.filename)}' is {_mb(info.file_size)}, more than the "
                               f"{_mb(MAX_PICKLE_BYTES)} a state dict needs.")
-            scan.what = f"the pickle '{info.filename[:80]}'"
+            scan.what = f"the pickle '{printable(info.filename)}'"
             scan_pickle(zf.read(info), scan.what, scan=scan)
     return zf
 
@@ -281,17 +363,19 @@ def check_program_members(zf: zipfile.ZipFile) -> None:
             head = f.read(4)
         if head == b"PK\x03\x04":
             if info.file_size > 4 * MAX_PICKLE_BYTES + max_tensor_bytes():
-                raise Refused(f"Refused: the program member '{info.filename[:80]}' is too large.")
+                raise Refused(f"Refused: the program member '{printable(info.filename)}' is too large.")
             try:
                 check_checkpoint(zf.read(info))
             except _Malformed:
                 pass  # not a readable archive: the program reader says so
         elif head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
-            scan.what = f"the program member '{info.filename[:80]}'"
+            scan.what = f"the program member '{printable(info.filename)}'"
             with zf.open(info) as f:
                 body = f.read(MAX_PICKLE_BYTES)
             try:
                 scan.run(io.BytesIO(body))
+            except Unlisted:
+                pass  # raw bytes may spell a GLOBAL; a member that is unpickled is checked strictly then
             except _Malformed as exc:  # raw bytes, not a pickle; unless it was only cut short here
                 if info.file_size > len(body) and any(w in str(exc) for w in ("exhausted", "remain", "without STOP")):
                     raise Refused(f"Refused: {scan.what} holds a pickle of more than {_mb(MAX_PICKLE_BYTES)}.") from None

@@ -305,6 +305,25 @@ def declared_numel(raw: bytes, numel: int) -> bytes:
     return out.getvalue()
 
 
+def past_storage(raw: bytes) -> bytes:
+    """A torch.save zip of zeros(7) whose pickle rebuilds a view of 1,000,000 values from those 7."""
+    zin = zipfile.ZipFile(io.BytesIO(raw))
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as zo:
+        for info in zin.infolist():
+            body = zin.read(info)
+            if info.filename.endswith("data.pkl"):
+                assert b"QK\x00K\x07\x85" in body
+                body = body.replace(b"QK\x00K\x07\x85", b"QK\x00J" + struct.pack("<i", 10**6) + b"\x85", 1)
+            zo.writestr(info.filename, body)
+    return out.getvalue()
+
+
+# Globals the weights-only unpickler allows, built from a few bytes: 2 GB at once, or minutes of hashing.
+BYTEARRAY_OPS = b"cbuiltins\nbytearray\nJ\xff\xff\xff\x7f\x85R"
+COUNTER_OPS = b"ccollections\nCounter\n" + BYTEARRAY_OPS + b"\x85R"
+
+
 def deflated(raw: bytes) -> bytes:
     zin = zipfile.ZipFile(io.BytesIO(raw))
     out = io.BytesIO()
@@ -330,7 +349,17 @@ def hostile_checkpoints() -> dict[str, tuple[bytes, str]]:
                             "The checkpoint's 'arch' is a tuple, not a text."),
         "width.pt": (saved({**good, "arch_kwargs": {"width": 10**6}}), "has 1,167,093,582 parameters, more than the "
                                                                       "50,000,000 this server accepts"),
-        "expand.pt": (saved({"features.0.0.weight": torch.zeros(1).expand(10**9)}), "more than the 50,000,000"),
+        "expand.pt": (saved({"features.0.0.weight": torch.zeros(1).expand(10**9)}),
+                      "holds tensors of 3,815 MB once their shared or repeated values are counted as the model will "
+                      "hold them, more than the 381 MB"),
+        "expand_many.pt": (saved({f"w{i}": torch.zeros(1).expand(10**7) for i in range(12)}),
+                           "holds tensors of 420 MB once their shared"),
+        "past_storage.pt": (past_storage(saved({"w": torch.zeros(7)})),
+                            "rebuilds a tensor of shape [1000000] that reads past the end of its storage of 7 values"),
+        "bytearray.pt": (with_pickle_patch(saved({**sd, "PLACEHOLDER": 1}), "PLACEHOLDER", BYTEARRAY_OPS),
+                         "builds a 'builtins.bytearray'"),
+        "counter.pt": (with_pickle_patch(saved({"meta": "PLACEHOLDER"}), "PLACEHOLDER", COUNTER_OPS),
+                       "builds a 'collections.Counter'"),
         "storage.pt": (declared_numel(saved({"w": torch.zeros(1)}), 2**30), "MB of tensors, more than the 381 MB"),
         "deflated.pt": (deflated(saved(good)), "is compressed, which torch.save never does"),
         "complex.pt": (saved({**sd, **{k: v.to(torch.complex64) for k, v in floats.items()}}), "holds complex64 values"),
