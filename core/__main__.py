@@ -105,11 +105,15 @@ def _engine(args):
     if not ckpt.dataset and not args.image_folder:
         raise ValueError(f"No registered data set fits this program (input {'x'.join(map(str, ckpt.spec.input_shape))}"
                          f", task {ckpt.spec.task}): pass --image-folder DIR with your own test images.")
-    split = None
+    from . import trial
+
     if args.image_folder:  # one's own images, prepared as the model's inputs are
         from . import data
 
         split = data.load_image_folder(args.image_folder, ckpt.spec.input_shape, ckpt.prep)
+    else:
+        split = ckpt.split(train=False, data_root=args.data_root)
+    trial.check_on(ckpt, split)  # memory on the meta device, then a few real images: refused in words
     bar = _Bar()
     eng = engine.from_checkpoint(ckpt, layer=args.layer, device=args.device, data_root=args.data_root,
                                  progress=bar, split=split)
@@ -153,8 +157,9 @@ RERANK_NOTE = ("note: re-ranking after every prune gives this same order: the ra
 
 
 def cmd_info(args) -> int:
-    from . import data, inputs
+    from . import data, inputs, trial
     from .split import conv_layers
+    from .untrusted import printable
 
     ckpt = _checkpoint(args)
     spec = ckpt.spec
@@ -166,7 +171,7 @@ def cmd_info(args) -> int:
     if renamed:
         first = next(iter(renamed.items()))
         print(f"  the tensor names differ from '{ckpt.arch}' but match it in order and shape: renamed "
-              f"{len(renamed)} tensors by position (e.g. {first[0]} -> {first[1]})")
+              f"{len(renamed)} tensors by position (e.g. {printable(first[0])} -> {printable(first[1])})")
     print(f"  data set: {ckpt.dataset}" + (f" ({dataset.title})" if dataset else "") + f"; task: {spec.task}; "
           f"input {'x'.join(map(str, spec.input_shape))}")
     if ckpt.program is not None:
@@ -184,8 +189,9 @@ def cmd_info(args) -> int:
     if "test_accuracy" in ckpt.meta:
         print(f"  recorded test accuracy: {ckpt.meta['test_accuracy']:.2%}")
     if "train_command" in ckpt.meta:
-        print(f"  trained by: {ckpt.meta['train_command']}")
+        print(f"  trained by: {printable(ckpt.meta['train_command'], 300)}")
     print(f"  parameters: {sum(v.numel() for v in ckpt.build_model().parameters()):,}")
+    trial.check_memory(ckpt.build_model(), spec.input_shape, batch=1)  # before the one real sample below
     layers = conv_layers(ckpt.build_model(), spec.input_shape)
     if not layers:
         print("  conv layers: none (channel pruning does not apply; see `magnitude`)")
@@ -505,6 +511,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from .checkpoints import CheckpointError
     from .data import DataUnavailable
+    from .untrusted import printable
 
     args = parser().parse_args(argv)
     try:
@@ -512,14 +519,15 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, DataUnavailable, ValueError, RuntimeError, OSError) as exc:
         if args.debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {printable(exc, 2000)}", file=sys.stderr)  # one line, whatever names the file held
         if getattr(exc, "how_to", None):  # e.g. the lines that export a model of one's own as a .pt2
             print(exc.how_to, file=sys.stderr)
         return 2
     except Exception as exc:  # a bug, not bad input: still one line, the traceback with --debug
         if args.debug:
             raise
-        print(f"error: unexpected {type(exc).__name__}: {exc} (run again with --debug for the traceback)",
+        print(f"error: unexpected {type(exc).__name__}: {printable(exc, 300)} (run again with --debug for the "
+              "traceback)",
               file=sys.stderr)
         return 3
 

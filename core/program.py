@@ -36,6 +36,11 @@ from .graph import ALIASING_ATEN, ALLOWED_ATEN, INPLACE_TO_FUNCTIONAL, aten, des
 MAX_UNCOMPRESSED_BYTES = 2 * 2**30  # the whole archive, unpacked
 MAX_GRAPH_BYTES = 64 * 2**20        # the graph's JSON
 MAX_EXPR_CHARS = 2000                # one symbolic shape expression
+MAX_CONV_ARG = 64                    # a convolution's stride, padding or dilation
+MAX_INPUT_CHANNELS = 16              # of one input image
+MAX_INPUT_SIDE = 1024                # height or width of one input image, in pixels
+MAX_OUTPUTS = 1000                   # logits per image (ImageNet's classes)
+MAX_SAMPLE_BYTES = 16 * 2**20        # the sample inputs saved beside the program
 
 DYNAMIC_BATCH_HINT = ("export it with a dynamic batch dimension: torch.export.export(model.eval(), (example,), "
                       "dynamic_shapes=({0: torch.export.Dim('batch')},))")
@@ -119,7 +124,10 @@ def _check_archive(data: bytes) -> str:
 
 
 def _payloads(reader, config_name: str, base_dir: str, what: str) -> dict[str, torch.Tensor]:
-    """Weights or constants: raw tensors as torch stores them, pickled ones through the safe unpickler."""
+    """Weights or constants: raw tensors as torch stores them, pickled ones through the safe unpickler.
+    Every raw record's declared shape is checked against the bytes it holds, and the values of all
+    of them, counted as the model will hold them (a view repeating one value counts every repeat),
+    against the parameter budget, before anything is allocated."""
     from torch.export.pt2_archive import _package as pkg
 
     if config_name not in reader.get_file_names():
@@ -130,72 +138,171 @@ def _payloads(reader, config_name: str, base_dir: str, what: str) -> dict[str, t
                 raise ProgramError(f"Refused: the program's {what} are not a dict of tensors.")
             return obj
         return {}
-    config = pkg._load_payload_config(reader, config_name)
-    total = 0
-    for meta in config.config.values():
+    try:
+        config = pkg._load_payload_config(reader, config_name)
+    except Exception:  # noqa: BLE001 - malformed JSON or fields of the wrong kind
+        raise ProgramError(f"Not a readable .pt2 archive: the list of its {what} is malformed.") from None
+    views, total = {}, 0
+    for fqn, meta in config.config.items():
         if meta.path_name.startswith((pkg.CUSTOM_OBJ_FILENAME_PREFIX, pkg.OPAQUE_OBJ_FILENAME_PREFIX)):
             raise ProgramError(f"Refused: the program's {what} include a Python or TorchScript object "
-                               f"('{meta.path_name}'), which can only be loaded by running code.")
+                               f"('{untrusted.printable(meta.path_name)}'), which can only be loaded by running code.")
         if meta.tensor_meta is not None:
-            sizes = pkg.deserialize_size(meta.tensor_meta.sizes)
-            total += int(torch.Size(sizes).numel())
-    if total > MAX_UNCOMPRESSED_BYTES // 4:
-        raise ProgramError(f"Refused: the program declares {total:,} {what} values, more than this server accepts.")
-    files = pkg._build_file_map(reader, config, base_dir)
+            views[fqn] = _view(meta.tensor_meta, f"the {what[:-1]} '{untrusted.printable(fqn)}'")
+            total += views[fqn][3]
+    if total > untrusted.max_params():
+        raise ProgramError(f"Refused: the program declares {total:,} {what} values (each repeat of a shared or "
+                           f"repeated value counted), more than the {untrusted.max_params():,} parameters this "
+                           "server accepts (PRUNE_EXPLORER_MAX_PARAMS).")
     out: dict[str, torch.Tensor] = {}
+    records: dict[str, torch.Tensor] = {}  # a record two names share (tied weights) is read once
     for fqn, meta in config.config.items():
         if meta.use_pickle:
-            value = _weights_only(reader.read_bytes(base_dir + meta.path_name), f"the {what[:-1]} '{fqn}'")
+            value = _weights_only(reader.read_bytes(base_dir + meta.path_name),
+                                  f"the {what[:-1]} '{untrusted.printable(fqn)}'")
             if not isinstance(value, torch.Tensor):
-                raise ProgramError(f"Refused: the program's {what} '{fqn}' is a {type(value).__name__}, not a tensor.")
+                raise ProgramError(f"Refused: the program's {what} '{untrusted.printable(fqn)}' is a "
+                                   f"{type(value).__name__}, not a tensor.")
         else:
-            tm = meta.tensor_meta
-            value = torch.as_strided(files[meta.path_name], pkg.deserialize_size(tm.sizes),
-                                     pkg.deserialize_stride(tm.strides),
-                                     pkg.deserialize_storage_offset(tm.storage_offset))
+            value = _read_view(reader, base_dir + meta.path_name, views[fqn],
+                               f"the {what[:-1]} '{untrusted.printable(fqn)}'", records)
         out[fqn] = nn.Parameter(value, requires_grad=False) if meta.is_param else value
     return out
+
+
+def _view(tm, what: str) -> tuple[torch.dtype, tuple, tuple, int, int]:
+    """A record's (dtype, sizes, strides, values, offset), refused in words unless it is a plain CPU tensor
+    of a known type, at most 8 dimensions, whose sizes and strides are whole numbers."""
+    from torch._export.serde.serialize import _SERIALIZE_TO_TORCH_DTYPE
+    from torch.export.pt2_archive import _package as pkg
+
+    dtype = _SERIALIZE_TO_TORCH_DTYPE.get(tm.dtype)
+    if dtype is None or dtype.is_complex:
+        raise ProgramError(f"Refused: {what} has the type code {untrusted.printable(tm.dtype, 20)}, which is not a "
+                           "real tensor type.")
+    try:
+        sizes, strides = pkg.deserialize_size(tm.sizes), pkg.deserialize_stride(tm.strides)
+        offset = pkg.deserialize_storage_offset(tm.storage_offset)
+    except (AssertionError, AttributeError, TypeError):
+        raise ProgramError(f"Refused: {what} has a symbolic or malformed size; stored weights have fixed sizes.") from None
+    numbers = [*sizes, *strides, offset]
+    if len(sizes) > 8 or len(sizes) != len(strides) or \
+            not all(type(v) is int and 0 <= v < 2**48 for v in numbers):
+        raise ProgramError(f"Refused: {what} declares the shape {untrusted.printable(list(sizes), 60)} with strides "
+                           f"{untrusted.printable(list(strides), 60)}; a stored tensor has at most 8 dimensions and "
+                           "sizes and strides that fit its file.")
+    values = 1
+    for d in sizes:
+        values *= d
+    return dtype, tuple(sizes), tuple(strides), values, offset
+
+
+def _read_view(reader, record: str, view: tuple, what: str, records: dict) -> torch.Tensor:
+    """The record's bytes as the declared view; refused unless the record holds every value the view reads
+    (torch's own reader would allocate an empty record's declared size with torch.zeros)."""
+    dtype, sizes, strides, values, offset = view
+    element = torch.empty(0, dtype=dtype).element_size()
+    try:
+        nbytes = reader.archive_file.get_record_size(record)
+    except Exception:  # noqa: BLE001 - a record the archive lacks
+        raise ProgramError(f"Not a readable .pt2 archive: {what} has no data in the file.") from None
+    need = 0 if values == 0 else offset + sum((d - 1) * st for d, st in zip(sizes, strides)) + 1
+    if need * element > nbytes:
+        raise ProgramError(f"Refused: {what} declares {need:,} values of {str(dtype).removeprefix('torch.')} "
+                           f"({need * element:,} bytes), but the file holds {nbytes:,} bytes for it.")
+    if nbytes == 0:
+        return torch.empty(sizes, dtype=dtype)
+    key = f"{record}:{dtype}"
+    if key not in records:
+        raw = reader.archive_file.get_storage_from_record(record, nbytes // element, dtype)
+        records[key] = torch.empty(0, dtype=dtype).set_(raw.untyped_storage(), 0, (nbytes // element,), (1,))
+    return torch.as_strided(records[key], sizes, strides, offset)
 
 
 _SYMBOL = re.compile(r"[a-z]+\d+")
 _SYMPY_CALLS = {"Symbol", "Integer", "Add", "Mul", "Float", "Rational", "Max", "Min", "Abs", "Mod", "FloorDiv", "CeilDiv",
                 "CleanDiv", "ModularIndexing", "PythonMod", "Where", "IntTrueDiv", "FloatTrueDiv",
                 "TruncToInt", "TruncToFloat", "CeilToInt", "FloorToInt", "RoundToInt", "RoundDecimal",
-                "ToFloat", "PowByNatural", "FloatPow", "Identity", "LShift", "RShift", "Eq", "Ne", "Lt", "Le",
+                "ToFloat", "PowByNatural", "FloatPow", "Identity", "Eq", "Ne", "Lt", "Le",
                 "Gt", "Ge", "And", "Or", "Not", "sympy_sqrt", "OpaqueUnaryFn_sqrt"}
+_POW_CALLS = {"PowByNatural", "FloatPow"}
 _AST_NODES = (ast.Expression, ast.BinOp, ast.UnaryOp, ast.Call, ast.Name, ast.Constant, ast.keyword, ast.Load,
               ast.Add, ast.Sub, ast.Mult, ast.Div, ast.FloorDiv, ast.Mod, ast.Pow, ast.USub, ast.UAdd,
               ast.Compare, ast.Eq, ast.NotEq, ast.Lt, ast.LtE, ast.Gt, ast.GtE, ast.BoolOp, ast.And, ast.Or)
+# Bounds that keep sympy's work on one expression small: a batch dimension's expressions are a few
+# symbols and small numbers (`s0`, `784*s0`, `Max(1, s0)`); a tower like 9**9**8 would take minutes.
+MAX_EXPR_NODES = 200         # parts of one expression
+MAX_EXPR_SYMBOLS = 8         # distinct shape symbols in one expression
+MAX_EXPRESSIONS = 20_000     # expressions in one graph
+MAX_SYMBOLS = 64             # shape symbols the graph declares
+MAX_CONSTANT = 2**31         # any number in an expression
+MAX_EXPONENT = 4             # a power: a symbol or a number to a small whole number
+MAX_GRAPH_NODES = 10_000     # operators in one graph (torchvision's largest classifiers have a few thousand)
+MAX_JSON_INT = 2**63         # any integer anywhere in the graph's JSON (sizes, strides, ranges): an int64
+
+
+def _expr_refused(expr: str, why: str) -> ProgramError:
+    return ProgramError(f"Refused: the program's graph holds a shape expression that {why}: "
+                        f"{untrusted.printable(expr, 60)!r}.")
+
+
+def _is_small_power(base: ast.AST, exponent: ast.AST) -> bool:
+    """`x**n` with x a symbol or a number and n a whole number from 0 to MAX_EXPONENT."""
+    return isinstance(base, (ast.Name, ast.Constant)) and isinstance(exponent, ast.Constant) \
+        and type(exponent.value) is int and 0 <= exponent.value <= MAX_EXPONENT
 
 
 def _check_expr(expr: str) -> None:
-    """Symbolic shapes are evaluated by sympy (an `eval`): allow plain arithmetic over shape symbols only."""
+    """Symbolic shapes are evaluated by sympy (an `eval`): allow only small arithmetic over a few shape
+    symbols: known calls, bounded numbers, powers of a symbol or number by a small whole number."""
     try:
         tree = ast.parse(expr, mode="eval") if len(expr) <= MAX_EXPR_CHARS else None
-    except (SyntaxError, ValueError, RecursionError):
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
         tree = None
-    ok = tree is not None
-    for node in ast.walk(tree) if ok else ():
-        if not isinstance(node, _AST_NODES):
-            ok = False
-        elif isinstance(node, ast.Call):
-            ok &= isinstance(node.func, ast.Name) and node.func.id in _SYMPY_CALLS
+    if tree is None:
+        raise _expr_refused(expr, "is not plain arithmetic over shape symbols")
+    nodes = list(ast.walk(tree))
+    if len(nodes) > MAX_EXPR_NODES:
+        raise _expr_refused(expr, f"has {len(nodes):,} parts, more than the {MAX_EXPR_NODES} a shape needs")
+    symbols = set()
+    for node in nodes:
+        ok = isinstance(node, _AST_NODES)
+        if isinstance(node, ast.Call):
+            ok = isinstance(node.func, ast.Name) and node.func.id in _SYMPY_CALLS
+            if ok and node.func.id in _POW_CALLS and not (len(node.args) == 2 and _is_small_power(*node.args)):
+                raise _expr_refused(expr, f"raises to a power other than a symbol or number to at most "
+                                          f"{MAX_EXPONENT}")
+        elif isinstance(node, ast.BinOp) and isinstance(node.op, ast.Pow) and not _is_small_power(node.left,
+                                                                                                    node.right):
+            raise _expr_refused(expr, f"raises to a power other than a symbol or number to at most {MAX_EXPONENT}")
         elif isinstance(node, ast.Name):
-            ok &= node.id in _SYMPY_CALLS or node.id in ("oo", "int_oo", "True", "False") \
+            ok = node.id in _SYMPY_CALLS or node.id in ("oo", "int_oo", "True", "False") \
                 or bool(_SYMBOL.fullmatch(node.id))
+            if _SYMBOL.fullmatch(node.id):
+                symbols.add(node.id)
         elif isinstance(node, ast.Constant):
-            ok &= isinstance(node.value, (int, float, bool)) or (isinstance(node.value, str)
-                                                                 and bool(_SYMBOL.fullmatch(node.value)))
+            value = node.value
+            ok = isinstance(value, (int, float, bool)) or (isinstance(value, str) and bool(_SYMBOL.fullmatch(value)))
+            if isinstance(value, str) and ok:
+                symbols.add(value)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and not abs(value) <= MAX_CONSTANT:
+                raise _expr_refused(expr, f"has a number beyond {MAX_CONSTANT:,}")
         if not ok:
-            break
-    if not ok:
-        raise ProgramError(f"Refused: the program's graph holds a shape expression that is not plain arithmetic "
-                           f"over shape symbols: {expr[:80]!r}.")
+            raise _expr_refused(expr, "is not plain arithmetic over shape symbols")
+    if len(symbols) > MAX_EXPR_SYMBOLS:
+        raise _expr_refused(expr, f"reads {len(symbols)} shape symbols, more than the {MAX_EXPR_SYMBOLS} a shape "
+                                  "needs")
 
 
 def _check_graph_json(doc) -> None:
-    """Every symbolic expression and range-constraint name, wherever it sits in the graph's JSON."""
-    stack = [doc]
+    """Every symbolic expression, number and range-constraint name, wherever it sits in the graph's JSON,
+    and the graph's size: all of it answers in well under a second (the JSON itself is at most 64 MB)."""
+    graph = (doc.get("graph_module") or {}).get("graph") if isinstance(doc.get("graph_module"), dict) else None
+    count = len(graph.get("nodes") or []) if isinstance(graph, dict) else 0
+    if count > MAX_GRAPH_NODES:
+        raise ProgramError(f"Refused: the program's graph has {count:,} operators, more than the "
+                           f"{MAX_GRAPH_NODES:,} this server reads.")
+    stack, expressions = [doc], 0
     while stack:
         item = stack.pop()
         if isinstance(item, dict):
@@ -204,15 +311,26 @@ def _check_graph_json(doc) -> None:
                     if not isinstance(value, str):
                         raise ProgramError("Refused: the program's graph is malformed (a shape expression is "
                                            "not a string).")
+                    expressions += 1
+                    if expressions > MAX_EXPRESSIONS:
+                        raise ProgramError(f"Refused: the program's graph holds more than {MAX_EXPRESSIONS:,} "
+                                           "shape expressions.")
                     _check_expr(value)
                 else:
                     stack.append(value)
         elif isinstance(item, list):
             stack.extend(item)
-    for name in (doc.get("range_constraints") or {}):
+        elif isinstance(item, int) and not isinstance(item, bool) and abs(item) > MAX_JSON_INT:
+            raise ProgramError(f"Refused: the program's graph holds a number of {len(str(abs(item))):,} digits; "
+                               "sizes, strides and ranges must fit in 64 bits.")
+    names = doc.get("range_constraints") or {}
+    if len(names) > MAX_SYMBOLS:
+        raise ProgramError(f"Refused: the program's graph declares {len(names):,} shape symbols, more than the "
+                           f"{MAX_SYMBOLS} this server reads.")
+    for name in names:
         if not _SYMBOL.fullmatch(str(name)):
-            raise ProgramError(f"Refused: the program's graph names a shape symbol {str(name)[:40]!r}, which is "
-                               "not a plain symbol name.")
+            raise ProgramError(f"Refused: the program's graph names a shape symbol "
+                               f"{untrusted.printable(name, 40)!r}, which is not a plain symbol name.")
 
 
 def read_exported(data: bytes) -> torch.export.ExportedProgram:
@@ -237,8 +355,13 @@ def read_exported(data: bytes) -> torch.export.ExportedProgram:
     state_dict = _payloads(reader, "data/weights/model_weights_config.json", "data/weights/", "weights")
     constants = _payloads(reader, "data/constants/model_constants_config.json", "data/constants/", "constants")
     inputs_name = "data/sample_inputs/model.pt"
-    sample = _weights_only(reader.read_bytes(inputs_name), "the sample input") \
-        if inputs_name in reader.get_file_names() else None
+    sample = None
+    if inputs_name in reader.get_file_names():  # only its shape is used, where the graph leaves it open
+        size = reader.archive_file.get_record_size(inputs_name)
+        if size > MAX_SAMPLE_BYTES:
+            raise ProgramError(f"Refused: the program's sample inputs take {size / 2**20:,.0f} MB, more than the "
+                               f"{MAX_SAMPLE_BYTES // 2**20} MB a few sample images need.")
+        sample = _weights_only(reader.read_bytes(inputs_name), "the sample input")
     if sample is not None and not isinstance(sample, tuple):
         raise ProgramError("Refused: the program's sample inputs are not a tuple of tensors.")
     try:
@@ -392,7 +515,14 @@ def signature(ep: torch.export.ExportedProgram) -> Signature:
     if len(out_shape) not in (1, 2) or (len(out_shape) == 2 and not isinstance(out_shape[1], int)):
         raise ProgramError(f"Refused: the program's output has shape {list(out_shape)}; logits of shape "
                            "(N, classes) or (N,) are expected.")
-    return Signature(tuple(int(d) for d in sample), int(out_shape[1]) if len(out_shape) == 2 else 1)
+    channels, height, width = (int(d) for d in sample)
+    if not (1 <= channels <= MAX_INPUT_CHANNELS and 1 <= height <= MAX_INPUT_SIDE and 1 <= width <= MAX_INPUT_SIDE):
+        raise ProgramError(f"Refused: the program takes inputs of {channels}x{height}x{width}; this server accepts "
+                           f"at most {MAX_INPUT_CHANNELS} channels and {MAX_INPUT_SIDE}x{MAX_INPUT_SIDE} pixels.")
+    outputs = int(out_shape[1]) if len(out_shape) == 2 else 1
+    if not 1 <= outputs <= MAX_OUTPUTS:
+        raise ProgramError(f"Refused: the program gives {outputs:,} outputs; from 1 to {MAX_OUTPUTS:,} are accepted.")
+    return Signature((channels, height, width), outputs)
 
 
 def _set_module(root: nn.Module, path: str, module: nn.Module) -> None:
@@ -511,9 +641,17 @@ def _conv(node: fx.Node, tensor) -> nn.Conv2d:
     weight, bias = tensor(node.args[1].name), _opt(node, 2, None)
     stride, padding, dilation, groups = (_opt(node, 3, [1, 1]), _opt(node, 4, [0, 0]), _opt(node, 5, [1, 1]),
                                          _opt(node, 6, 1))
-    if isinstance(padding, str) or not all(isinstance(v, int) for v in [*stride, *padding, *dilation, groups]):
+    if isinstance(padding, str) or not all(type(v) is int for v in [*stride, *padding, *dilation, groups]):
         raise ProgramError(f"Refused: the convolution{module_path(node)} has a stride or padding this product cannot "
                            "rebuild (a padding mode given by name, or a computed value).")
+    where = module_path(node)
+    for what, values, low in (("stride", stride, 1), ("padding", padding, 0), ("dilation", dilation, 1)):
+        if len(values) != 2 or not all(low <= v <= MAX_CONV_ARG for v in values):
+            raise ProgramError(f"Refused: the convolution{where} has the {what} {untrusted.printable(list(values))}; "
+                               f"each must be from {low} to {MAX_CONV_ARG}.")
+    if groups < 1 or weight.dim() != 4 or weight.shape[0] % groups:
+        raise ProgramError(f"Refused: the convolution{where} has groups = {groups}; groups must be at least 1 and "
+                           f"divide its {weight.shape[0] if weight.dim() else 0} output channels.")
     conv = nn.Conv2d(weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]), stride=tuple(stride),
                      padding=tuple(padding), dilation=tuple(dilation), groups=groups, bias=bias is not None)
     conv.weight = nn.Parameter(weight, requires_grad=False)
@@ -564,7 +702,7 @@ class Program:
             stack = node.meta.get("nn_module_stack") or {}
             for path, type_name in stack.values():
                 if path == "":
-                    return str(type_name).rsplit(".", 1)[-1][:60]
+                    return re.sub(r"\W", "_", str(type_name).rsplit(".", 1)[-1])[:60] or "program"  # a class name
         return "program"
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from core import checkpoints, data, inputs, split
+from core import checkpoints, data, inputs, split, trial
 from core.checkpoints import Checkpoint
 from ui import choices, keys
 
@@ -118,27 +118,37 @@ def add_upload(name: str, content: bytes, arch: str | None = None, dataset: str 
                 f"{ckpt.program.signature.outputs} outputs): upload a zip of your own test images below first, "
                 "then the program again.")
         try:  # the images must load at the program's size, in as many classes as it has outputs
-            classes = len(image_folder(own["path"], ckpt.spec.input_shape, ckpt.prep).spec.class_names)
+            images = image_folder(own["path"], ckpt.spec.input_shape, ckpt.prep)
         except data.DataUnavailable as exc:
             raise checkpoints.CheckpointError(exc.public) from None
-        outputs = ckpt.program.signature.outputs
+        classes, outputs = len(images.spec.class_names), ckpt.program.signature.outputs
         if classes != outputs and not (outputs == 1 and classes == 2):
             raise checkpoints.CheckpointError(f"The program gives {outputs} outputs, but your images "
                                               f"({own['name']}) are in {classes} classes.")
+        _first_run(ckpt, images)
         add_session_model(name, ckpt)
         keys.hand_off(keys.USE_OWN_DATA, True)
         keys.hand_off(keys.MODEL, UPLOAD_PREFIX + name)
         return ckpt
     try:
         data.check_local(ckpt.dataset)  # never a download on upload: that could take minutes offline
-        ckpt.split()
+        test = ckpt.split()
     except data.DataUnavailable as exc:
         raise checkpoints.CheckpointError(f"Recognised as '{ckpt.arch}', but its data set is not available "
                                           f"here. {exc.public}") from None
+    _first_run(ckpt, test)
     add_session_model(name, ckpt)
     if conv_layers(ckpt):
         keys.hand_off(keys.MODEL, UPLOAD_PREFIX + name)  # the sidebar applies it on the next run
     return ckpt
+
+
+def _first_run(ckpt: Checkpoint, test: data.DataSplit) -> None:
+    """An upload joins the session only once it has run: its memory estimated, then a few real images."""
+    try:
+        trial.check_on(ckpt, test)
+    except trial.TrialError as exc:
+        raise checkpoints.CheckpointError(str(exc)) from None
 
 
 def add_session_model(name: str, ckpt: Checkpoint) -> None:
