@@ -277,46 +277,37 @@ def bomb_ops(depth: int = 30, base: int = 100_000) -> bytes:
     return b"".join(out)
 
 
-def with_pickle_patch(raw: bytes, placeholder: str, ops: bytes) -> bytes:
-    """`raw` (a torch.save zip) with the string `placeholder` in its pickle replaced by `ops`."""
+def patched_pickle(raw: bytes, change) -> bytes:
+    """`raw` (a torch.save zip) with `change(body)` applied to its pickle, written back uncompressed."""
     zin = zipfile.ZipFile(io.BytesIO(raw))
     out = io.BytesIO()
     with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as zo:
         for info in zin.infolist():
             body = zin.read(info)
-            if info.filename.endswith("data.pkl"):
-                text = placeholder.encode()
-                body = body.replace(b"X" + struct.pack("<I", len(text)) + text, ops)
-            zo.writestr(info.filename, body)
+            zo.writestr(info.filename, change(body) if info.filename.endswith("data.pkl") else body)
     return out.getvalue()
+
+
+def with_pickle_patch(raw: bytes, placeholder: str, ops: bytes) -> bytes:
+    """`raw` with the string `placeholder` in its pickle replaced by `ops`."""
+    text = placeholder.encode()
+    return patched_pickle(raw, lambda body: body.replace(b"X" + struct.pack("<I", len(text)) + text, ops))
 
 
 def declared_numel(raw: bytes, numel: int) -> bytes:
     """A torch.save zip of one 1-value storage whose pickle declares `numel` values instead."""
-    zin = zipfile.ZipFile(io.BytesIO(raw))
-    out = io.BytesIO()
-    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as zo:
-        for info in zin.infolist():
-            body = zin.read(info)
-            if info.filename.endswith("data.pkl"):
-                body = re.sub(rb"(X\x03\x00\x00\x00cpuq.)K\x01", lambda m: m.group(1) + b"J" + struct.pack("<i", numel),
-                              body, count=1)
-            zo.writestr(info.filename, body)
-    return out.getvalue()
+    return patched_pickle(raw, lambda body: re.sub(rb"(X\x03\x00\x00\x00cpuq.)K\x01",
+                                                   lambda m: m.group(1) + b"J" + struct.pack("<i", numel), body, count=1))
 
 
 def past_storage(raw: bytes) -> bytes:
     """A torch.save zip of zeros(7) whose pickle rebuilds a view of 1,000,000 values from those 7."""
-    zin = zipfile.ZipFile(io.BytesIO(raw))
-    out = io.BytesIO()
-    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as zo:
-        for info in zin.infolist():
-            body = zin.read(info)
-            if info.filename.endswith("data.pkl"):
-                assert b"QK\x00K\x07\x85" in body
-                body = body.replace(b"QK\x00K\x07\x85", b"QK\x00J" + struct.pack("<i", 10**6) + b"\x85", 1)
-            zo.writestr(info.filename, body)
-    return out.getvalue()
+    view = b"QK\x00K\x07\x85"  # BINPERSID, offset 0, size (7,)
+
+    def change(body: bytes) -> bytes:
+        assert view in body
+        return body.replace(view, b"QK\x00J" + struct.pack("<i", 10**6) + b"\x85", 1)
+    return patched_pickle(raw, change)
 
 
 # Globals the weights-only unpickler allows, built from a few bytes: 2 GB at once, or minutes of hashing.
