@@ -364,6 +364,12 @@ def read_exported(data: bytes) -> torch.export.ExportedProgram:
         sample = _weights_only(reader.read_bytes(inputs_name), "the sample input")
     if sample is not None and not isinstance(sample, tuple):
         raise ProgramError("Refused: the program's sample inputs are not a tuple of tensors.")
+    if sample is not None:  # a repeated value (an expanded view) is small in the file, not in what reads it
+        size = sum(t.numel() * t.element_size() for t in torch.utils._pytree.tree_leaves(sample)
+                   if isinstance(t, torch.Tensor))
+        if size > MAX_SAMPLE_BYTES:
+            raise ProgramError(f"Refused: the program's sample inputs take {size / 2**20:,.0f} MB, more than the "
+                               f"{MAX_SAMPLE_BYTES // 2**20} MB a few sample images need.")
     try:
         serialized = _dict_to_dataclass(schema.ExportedProgram, doc)
         return ExportedProgramDeserializer().deserialize(serialized, state_dict, constants, sample)

@@ -2,8 +2,10 @@ import atexit
 import contextlib
 import dataclasses
 import io
+import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -165,3 +167,45 @@ def fmnist_subset(tmp_path_factory) -> Path:
         name = path.name.removesuffix(".gz")
         write_idx(root / name, data.read_idx(path)[:SUBSET])
     return root
+
+
+# Hostile files are read in a child process: its address space is limited, its time and memory measured.
+CHILD = r"""
+import json, os, resource, sys, time
+sys.path.insert(0, sys.argv[1])
+import torch
+from core import checkpoints, data, inputs
+torch.set_num_threads(1)
+def read(path):
+    raw = open(path, "rb").read()
+    if sys.argv[2] == "zip":
+        return data.load_image_folder(data.unpack_zip(raw, os.path.basename(path)), (1, 28, 28), inputs.Preparation((0.5,), (0.5,)))
+    return checkpoints.from_bytes(raw, os.path.basename(path))
+read(sys.argv[3])  # warm up on a good file: imports, first allocations
+size = int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()
+resource.setrlimit(resource.RLIMIT_AS, (size + (3 << 30), resource.RLIM_INFINITY))  # never the machine's memory
+peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+base = peak()
+for path in sys.argv[4:]:
+    start, message = time.perf_counter(), "ACCEPTED"
+    try:
+        read(path)
+    except (checkpoints.CheckpointError, data.DataUnavailable) as exc:
+        message = str(exc)
+    except BaseException as exc:
+        message = "CRASH " + type(exc).__name__ + ": " + str(exc)[:200]
+    print(json.dumps([os.path.basename(path), time.perf_counter() - start, peak() - base, message]), flush=True)
+"""
+
+
+def refused_in_child(tmp_path, kind: str, files: dict[str, bytes], good: bytes) -> dict[str, tuple[float, int, str]]:
+    """Each file read in one child process with an address-space limit: name -> (seconds, MB grown, message)."""
+    folder = tmp_path / f"in_{kind}"
+    folder.mkdir()
+    for name, raw in {"good": good, **files}.items():
+        (folder / name).write_bytes(raw)
+    env = {**os.environ, "PRUNE_EXPLORER_CACHE": str(tmp_path / "cache")}
+    res = subprocess.run([sys.executable, "-c", CHILD, str(ROOT), kind, str(folder / "good"),
+                          *[str(folder / n) for n in files]], capture_output=True, text=True, timeout=240, env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return {name: (seconds, grown, message) for name, seconds, grown, message in map(json.loads, res.stdout.split("\n")[:-1])}

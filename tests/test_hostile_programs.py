@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import io
+import json
 import time
+import zipfile
 
 import pytest
 import torch
+from streamlit.testing.v1 import AppTest
 from torch import nn
 
-from conftest import cli
+from conftest import ROOT, cli, refused_in_child
 from core import program, trial, untrusted
 
 
@@ -84,3 +87,121 @@ def test_cli_prints_a_refusal_quoting_a_lying_name_as_one_line(tmp_path):
     first, *rest = result.stderr.splitlines()  # the sentence, then the lines that export a model as a .pt2
     assert "\x1b" not in result.stderr and not any(line.startswith("Traceback") for line in rest), result.stderr
     assert first.startswith("error: ") and "encoder\\nTraceback" in first, first
+
+
+# ---------------------------------------------------------------------------------------------
+# Hostile programs: one exported model, its archive rewritten as an attacker would
+
+def _rewritten(raw: bytes, change) -> bytes:
+    """The .pt2 archive `raw` with `change(members, prefix)` applied to its members."""
+    with zipfile.ZipFile(io.BytesIO(raw)) as z:
+        members = {i.filename: z.read(i) for i in z.infolist()}
+    change(members, next(n for n in members if n.endswith("archive_format"))[: -len("archive_format")])
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as z:
+        for name, body in members.items():
+            z.writestr(name, body)
+    return out.getvalue()
+
+
+def _json_member(member: str, edit):
+    def change(members, prefix):
+        doc = json.loads(members[prefix + member])
+        edit(doc)
+        members[prefix + member] = json.dumps(doc).encode()
+    return change
+
+
+def _weight_meta(name: str, **fields):
+    """Declare other sizes, strides or dtype for the stored weight `name` (its bytes unchanged)."""
+    def edit(doc):
+        meta = doc["config"][name]["tensor_meta"]
+        for key, value in fields.items():
+            meta[key] = [{"as_int": v} for v in value] if isinstance(value, list) else value
+    return _json_member("data/weights/model_weights_config.json", edit)
+
+
+def _conv_argument(argument: str, value):
+    """Give the graph's conv2d call `argument` (stride, padding, groups) = `value`."""
+    order = ["input", "weight", "bias", "stride", "padding", "dilation", "groups"]
+    defaults = {"stride": [1, 1], "padding": [0, 0], "dilation": [1, 1]}
+
+    def edit(doc):
+        node = next(n for n in doc["graph_module"]["graph"]["nodes"] if "conv2d" in n["target"])
+        given = {i["name"]: i for i in node["inputs"]}
+        given[argument] = {"name": argument, "arg": {"as_int" if argument == "groups" else "as_ints": value}, "kind": 1}
+        last = max(order.index(n) for n in given)
+        node["inputs"] = [given.get(n, {"name": n, "arg": {"as_ints": defaults.get(n)}, "kind": 1})
+                          for n in order[:last + 1]]
+    return _json_member("models/model.json", edit)
+
+
+def _input_size(height: int, width: int):
+    def edit(doc):
+        x = doc["graph_module"]["graph"]["tensor_values"]["x"]
+        x["sizes"] = x["sizes"][:2] + [{"as_int": height}, {"as_int": width}]
+    return _json_member("models/model.json", edit)
+
+
+def _sample_inputs(value):
+    def change(members, prefix):
+        buf = io.BytesIO()
+        torch.save(value, buf)
+        members[prefix + "data/sample_inputs/model.pt"] = buf.getvalue()
+    return change
+
+
+def hostile_programs(good: bytes) -> dict[str, tuple[bytes, str]]:
+    """name -> (a rewritten copy of the program `good`, the sentence the user must read)."""
+    return {
+        "empty_record.pt2": (_rewritten(good, _weight_meta("conv.weight", sizes=[2**24, 1, 1, 1],
+                                                           strides=[1, 1, 1, 1])),
+                             "declares 16,777,216 values of float32 (67,108,864 bytes), but the file holds 288 bytes"),
+        "repeated_values.pt2": (_rewritten(good, _weight_meta("fc.weight", sizes=[8, 1, 5000, 5000],
+                                                              strides=[0, 0, 0, 0])),
+                                "declares 200,000,090 weights values (each repeat of a shared or repeated value "
+                                "counted), more than the 50,000,000 parameters"),
+        "dtype999.pt2": (_rewritten(good, _weight_meta("conv.weight", dtype=999)),
+                         "the weight 'conv.weight' has the type code 999, which is not a real tensor type"),
+        "padding.pt2": (_rewritten(good, _conv_argument("padding", [2900, 2900])),
+                        "the convolution in `conv` has the padding [2900, 2900]; each must be from 0 to 64"),
+        "stride0.pt2": (_rewritten(good, _conv_argument("stride", [0, 0])),
+                        "has the stride [0, 0]; each must be from 1 to 64"),
+        "groups0.pt2": (_rewritten(good, _conv_argument("groups", 0)),
+                        "has groups = 0; groups must be at least 1 and divide its 8 output channels"),
+        "input1025.pt2": (_rewritten(good, _input_size(1025, 1025)),
+                          "takes inputs of 1x1025x1025; this server accepts at most 16 channels and 1024x1024"),
+        "sample_bytearray.pt2": (_rewritten(good, _sample_inputs((bytearray(2**10),))),
+                                 "builds a 'builtins.bytearray'"),
+        "sample_large.pt2": (_rewritten(good, _sample_inputs((torch.zeros(1).expand(2**23),))),
+                             "sample inputs take 32 MB, more than the 16 MB"),
+    }
+
+
+def test_hostile_programs_are_refused_in_bounded_time_and_memory(tmp_path):
+    good = tmp_path / "good.pt2"
+    program.save(Conv().eval(), (1, 28, 28), good)
+    files = hostile_programs(good.read_bytes())
+    results = refused_in_child(tmp_path, "checkpoint", {n: raw for n, (raw, _) in files.items()}, good.read_bytes())
+    assert set(results) == set(files)
+    for name, (seconds, grown, message) in results.items():
+        assert files[name][1] in message, (name, message)
+        assert "\n" not in message and "Traceback" not in message, (name, message)
+        assert seconds < 3 and grown < 100, (name, seconds, grown)  # each declares gigabytes or a terabyte pass
+
+
+@pytest.mark.slow
+def test_a_program_refused_at_its_first_run_leaves_the_session_as_it_was(tmp_path):
+    wide = tmp_path / "wide.pt2"
+    big = nn.Sequential(nn.Conv2d(1, 2048, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2048, 10))
+    program.save(big.eval(), (1, 28, 28), wide)  # fine on one image; a batch of 1,000 takes 6.4 GB
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=300)
+    at.switch_page("pages/1_load.py").run()
+    before = list(at.selectbox(key="model").options)
+    at.file_uploader(key="upload").set_value(("wide.pt2", wide.read_bytes(), "application/octet-stream")).run()
+    assert not at.exception, at.exception
+    assert any("of activations (estimated on the meta device), more than the 4.0 GB" in e.value for e in at.error), \
+        [e.value for e in at.error]
+    assert list(at.selectbox(key="model").options) == before and at.selectbox(key="model").value == "fmnist_vgg"
+    at.switch_page("pages/3_curve.py").run()
+    assert not at.exception and not at.error, (at.exception, [e.value for e in at.error])

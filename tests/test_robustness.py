@@ -1,7 +1,6 @@
 """Hostile and broken input, many users at once: nothing crashes, nothing leaks, nothing is lost."""
 import hashlib
 import io
-import json
 import os
 import re
 import struct
@@ -19,7 +18,7 @@ from streamlit.testing.v1 import AppTest
 from PIL import Image
 from torch import nn
 
-from conftest import BUNDLED, ROOT, cli
+from conftest import BUNDLED, ROOT, cli, refused_in_child
 from core import checkpoints, data, engine, inputs, models, untrusted
 from core.naive import naive_correct
 from core.split import conv_layer_names
@@ -382,47 +381,6 @@ def hostile_checkpoints() -> dict[str, tuple[bytes, str]]:
         "int_keys.pt": (saved({**good, "state_dict": {1: torch.zeros(1)}}), "has a key that is an int"),
         "plain_int_keys.pt": (saved({1: torch.zeros(1)}), "has a key that is an int"),
     }
-
-
-CHILD = r"""
-import json, os, resource, sys, time
-sys.path.insert(0, sys.argv[1])
-import torch
-from core import checkpoints, data, inputs
-torch.set_num_threads(1)
-def read(path):
-    raw = open(path, "rb").read()
-    if sys.argv[2] == "zip":
-        return data.load_image_folder(data.unpack_zip(raw, os.path.basename(path)), (1, 28, 28), inputs.Preparation((0.5,), (0.5,)))
-    return checkpoints.from_bytes(raw, os.path.basename(path))
-read(sys.argv[3])  # warm up on a good file: imports, first allocations
-size = int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()
-resource.setrlimit(resource.RLIMIT_AS, (size + (3 << 30), resource.RLIM_INFINITY))  # never the machine's memory
-peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
-base = peak()
-for path in sys.argv[4:]:
-    start, message = time.perf_counter(), "ACCEPTED"
-    try:
-        read(path)
-    except (checkpoints.CheckpointError, data.DataUnavailable) as exc:
-        message = str(exc)
-    except BaseException as exc:
-        message = "CRASH " + type(exc).__name__ + ": " + str(exc)[:200]
-    print(json.dumps([os.path.basename(path), time.perf_counter() - start, peak() - base, message]), flush=True)
-"""
-
-
-def refused_in_child(tmp_path, kind: str, files: dict[str, bytes], good: bytes) -> dict[str, tuple[float, int, str]]:
-    """Each file read in one child process with an address-space limit: name -> (seconds, MB grown, message)."""
-    folder = tmp_path / f"in_{kind}"
-    folder.mkdir()
-    for name, raw in {"good": good, **files}.items():
-        (folder / name).write_bytes(raw)
-    env = {**os.environ, "PRUNE_EXPLORER_CACHE": str(tmp_path / "cache")}
-    res = subprocess.run([sys.executable, "-c", CHILD, str(ROOT), kind, str(folder / "good"),
-                          *[str(folder / n) for n in files]], capture_output=True, text=True, timeout=240, env=env)
-    assert res.returncode == 0, res.stderr[-2000:]
-    return {name: (seconds, grown, message) for name, seconds, grown, message in map(json.loads, res.stdout.split("\n")[:-1])}
 
 
 def test_hostile_checkpoints_are_refused_in_bounded_time_and_memory(tmp_path):
