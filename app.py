@@ -75,7 +75,7 @@ with sidebar.page(sidebar.PRUNE):  # the frame, and one guard: an unexpected err
     correct = round(acc * eng.total)
     st.caption(f"Test accuracy at K = {k}: **{acc:.2%}** ({correct:,} of {eng.total:,} right, "
                f"{'binary accuracy: same or different pair' if eng.task == 'binary' else 'multi-class accuracy'}). "
-               f"{ckpt.name}, layer {eng.layer}, mode {mode}. Drag the slider, use the arrow keys (PageUp/PageDown: "
+               f"{words.plain(ckpt.name)}, layer {eng.layer}, mode {mode}. Drag the slider, use the arrow keys (PageUp/PageDown: "
                f"32 channels), or press play.")
     if eng.path != engine.PATH_FAST:
         st.caption(words.evaluation_in_words(eng))

@@ -41,10 +41,10 @@ with sidebar.page(sidebar.LOAD):  # the frame, and one guard: an unexpected erro
         try:
             ckpt = catalogue.add_upload(upload.name, upload.getvalue(), dataset=dataset or None)
         except checkpoints.CheckpointError as exc:
-            st.error(f"{upload.name} was not loaded. {exc}")
+            st.error(f"{words.plain(upload.name)} was not loaded. {words.plain(exc)}")
             if getattr(exc, "how_to", None):  # a model of one's own architecture: the lines that export it
                 st.code(exc.how_to, language="python")
-            st.caption(f"Still using **{choices.current().model}**.")
+            st.caption(f"Still using **{words.plain(choices.current().model)}**.")
             if isinstance(exc, checkpoints.UnknownArchitecture):  # let the user say which it is
                 arch = st.selectbox("Load it as", list(REGISTRY), index=None, key=keys.UPLOAD_ARCH,
                                     placeholder="pick the architecture it was saved from")
@@ -52,7 +52,7 @@ with sidebar.page(sidebar.LOAD):  # the frame, and one guard: an unexpected erro
                     try:
                         ckpt = catalogue.add_upload(upload.name, upload.getvalue(), arch=arch)
                     except checkpoints.CheckpointError as exc2:
-                        st.error(f"Not as '{arch}' either. {exc2}")
+                        st.error(f"Not as '{arch}' either. {words.plain(exc2)}")
                     else:
                         st.session_state[keys.LAST_UPLOAD] = handled
                         st.rerun()
@@ -60,7 +60,7 @@ with sidebar.page(sidebar.LOAD):  # the frame, and one guard: an unexpected erro
             st.session_state[keys.LAST_UPLOAD] = handled
             if catalogue.conv_layers(ckpt):
                 st.rerun()
-            st.info(f"{upload.name} is a '{ckpt.arch}' with no conv layer, so channel pruning does not apply. "
+            st.info(f"{words.plain(upload.name)} is a '{words.plain(ckpt.arch)}' with no conv layer, so channel pruning does not apply. "
                     "It is listed on the Magnitude page.")
 
     st.subheader("Your own test images")
@@ -71,13 +71,14 @@ with sidebar.page(sidebar.LOAD):  # the frame, and one guard: an unexpected erro
         try:
             own = catalogue.add_own_data(zipped.name, zipped.getvalue())
         except data.DataUnavailable as exc:
-            st.error(f"{zipped.name} was not loaded. {exc.public}")
+            st.error(f"{words.plain(zipped.name)} was not loaded. {words.plain(exc.public)}")
         else:
             st.session_state[keys.LAST_IMAGES] = zipped.file_id
             st.rerun()
     if st.session_state.get(keys.OWN_DATA):
         own = st.session_state[keys.OWN_DATA]
-        st.caption(f"Uploaded: **{own['name']}**, {own['images']} images in classes {', '.join(own['classes'])}. "
+        st.caption(f"Uploaded: **{words.plain(own['name'])}**, {own['images']} images in classes "
+                   f"{words.plain(', '.join(own['classes']))}. "
                    "Choose it under *Test data* in the sidebar.")
 
     st.subheader("Model in use")
@@ -91,7 +92,7 @@ with sidebar.page(sidebar.LOAD):  # the frame, and one guard: an unexpected erro
               help="Measured now on the whole test set, with the inputs prepared as below"
               + (f"; the checkpoint records {baseline:.2%}" if baseline else ""))
     preparation.show(choices.current().model, ckpt)
-    st.caption(f"{words.summary_in_words(ckpt)}. Data set: **{ckpt.dataset}** ({eng.total:,} test images). "
+    st.caption(f"{words.plain(words.summary_in_words(ckpt))}. Data set: **{ckpt.dataset}** ({eng.total:,} test images). "
                f"Pruned layer: **{eng.layer}** ({eng.channels} channels). "
                + words.evaluation_in_words(eng))
     st.dataframe([{"conv layer": i.name, "in": i.in_channels, "out": i.out_channels,

@@ -66,7 +66,7 @@ with sidebar.page(sidebar.CURVE):  # the frame, and one guard: an unexpected err
     from ui import compare  # noqa: E402  (after the chart: its import is not needed to draw it)
 
     if eng.path != engine.PATH_FAST:
-        st.caption(f"{chosen[0]}: the side-by-side comparison needs every K of every rule, which costs a pass of the "
+        st.caption(f"{words.plain(chosen[0])}: the side-by-side comparison needs every K of every rule, which costs a pass of the "
                    "rest of the network each here; the Sensitivity page gives another coarse view.")
         why = oracle.why_not_exact(eng, mode) or f"the {'remove' if mode == 'zero' else 'zero'} mode's read-out " \
             "is not linear"
@@ -103,16 +103,16 @@ with sidebar.page(sidebar.CURVE):  # the frame, and one guard: an unexpected err
                 single, greedy = compare.oracles(key, mode, pick_on, eng, models[chosen[0]]) \
                     if extras and why is None else (None, None)
         except ValueError as exc:  # e.g. bn_gamma on a layer without batch norm
-            st.error(str(exc))
+            st.error(words.plain(exc))
         except data.DataUnavailable as exc:  # the training split, for an order chosen on it
-            st.error(exc.public)
+            st.error(words.plain(exc.public))
         else:
             st.plotly_chart(compare.figure(eng, mode, names, band, greedy, words.chance_level(models[chosen[0]]),
                                            pick_on), width="stretch")
             train_images = oracle.training_size(models[chosen[0]]) if pick_on == "train" else 0
             st.dataframe(compare.scoreboard(eng, mode, names, single, greedy, pick_on, train_images),
                          hide_index=True, width="stretch")
-            st.caption(f"{chosen[0]}, layer {eng.layer}, mode {mode}. Area: mean accuracy over every K. "
+            st.caption(f"{words.plain(chosen[0])}, layer {eng.layer}, mode {mode}. Area: mean accuracy over every K. "
                        + ("The oracle looks at the test images' labels, so it is an upper bound, not a rule you could "
                           "use; " if pick_on == "test" else f"The greedy order was chosen on the last {train_images:,} "
                           "training images and is scored here on the test images: a rule you could use; ")

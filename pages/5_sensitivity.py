@@ -14,7 +14,7 @@ with sidebar.page(sidebar.SENSITIVITY):  # the frame, and one guard: an unexpect
     tied = sensitivity_map.tied_layers(ckpt.digest, ckpt)
     partial = st.session_state.setdefault(keys.SENSITIVITY_ROWS, {}).setdefault(key, [])
     rows = sensitivity_map.complete_rows(key) or partial
-    st.caption(f"{ckpt.name}: each conv layer is pruned alone by 0%, 10%, ..., 100% of its channels (ranked by "
+    st.caption(f"{words.plain(ckpt.name)}: each conv layer is pruned alone by 0%, 10%, ..., 100% of its channels (ranked by "
                f"{criteria.CRITERIA[criterion].label}, mode {mode}), every other layer left whole; exact counts over "
                "the whole test set. ‡ marks layers whose channels are tied to others by a residual add or a "
                "concatenation: removing them for real would shrink those too.",

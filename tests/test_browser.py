@@ -1,6 +1,7 @@
 """A real browser (Debian's chromium, driven by playwright) against the app served on localhost."""
 import os
 import socket
+import threading
 import subprocess
 import sys
 import time
@@ -22,6 +23,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class Served(str):
+    """The server's address; `pid`: its process, whose memory a test may read."""
+    pid: int
+
+
 @pytest.fixture(scope="module")
 def server():
     port = free_port()
@@ -40,7 +46,9 @@ def server():
     else:
         proc.kill()
         pytest.fail("streamlit did not start: " + proc.stdout.read().decode(errors="replace")[-2000:])
-    yield url
+    served = Served(url)
+    served.pid = proc.pid
+    yield served
     proc.terminate()
     proc.wait(timeout=30)
 
@@ -213,3 +221,81 @@ def test_screenshots_of_every_page(server, browser):
         assert not page.locator("[data-testid='stException']").count(), path
         shoot(page, path or "prune_page")
     print(f"screenshots in {ARTEFACTS}")
+
+
+def resident_mb(pid: int) -> float:
+    return int(next(ln.split()[1] for ln in Path(f"/proc/{pid}/status").read_text().splitlines()
+                    if ln.startswith("VmRSS"))) / 1024
+
+
+def upload_checkpoint(page, name: str, raw: bytes) -> str:
+    """Upload a file as the Load page's checkpoint; the sentence the page answers with."""
+    page.get_by_test_id("stFileUploaderDropzoneInput").first.set_input_files(
+        files=[{"name": name, "mimeType": "application/octet-stream", "buffer": raw}])
+    alert = page.locator("[data-testid='stAlertContentError']", has_text="was not loaded").first
+    alert.wait_for(timeout=120_000)
+    return alert
+
+
+def test_a_name_from_a_file_shows_as_typed_never_as_a_link(server, browser):
+    page = browser.new_page(viewport={"width": 1280, "height": 720})
+    page.goto(f"{server}/load")
+    settle(page)
+    name = "[click here](http://evil.example) :red[urgent] $x^2$ **bold**.pt"
+    alert = upload_checkpoint(page, name, b"not a checkpoint")
+    text = alert.inner_text().replace("\u200b", "")  # the invisible break that keeps a bare address unlinked
+    assert "[click here](http://evil.example) :red[urgent] $x^2$ **bold**.pt was not loaded" in text, text
+    assert alert.locator("a, img, strong, .katex, span[style*='color']").count() == 0, alert.inner_html()
+    page.close()
+
+
+def test_other_sessions_keep_answering_while_the_worst_files_are_uploaded(server, browser, tmp_path):
+    """A student drags the slider and the health endpoint is polled while another session uploads each
+    file that froze or filled the server before; each is refused in a sentence, nobody waits."""
+    from test_hostile_programs import worst_files
+
+    student = browser.new_page(viewport={"width": 1280, "height": 720})
+    student.goto(server + "/?k=100")
+    settle(student)
+    slider = student.get_by_role(**SLIDER)
+    slider.wait_for(timeout=240_000)
+    attacker = browser.new_page(viewport={"width": 1280, "height": 720})
+    attacker.goto(f"{server}/load")
+    settle(attacker)
+    before = resident_mb(server.pid)
+
+    stalls, stop = [], threading.Event()
+    def poll():
+        while not stop.is_set():
+            start = time.monotonic()
+            urllib.request.urlopen(server + "/_stcore/health", timeout=30).read()
+            stalls.append(time.monotonic() - start)
+            time.sleep(0.1)
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    answers, k = {}, 100
+    try:
+        for name, raw in worst_files(tmp_path).items():
+            attacker.get_by_test_id("stFileUploaderDropzoneInput").first.set_input_files(
+                files=[{"name": name, "mimeType": "application/octet-stream", "buffer": raw}])
+            k += 1
+            slider.focus()
+            slider.press("ArrowRight")  # the student, meanwhile: one more channel pruned
+            start = time.monotonic()
+            wait_for_server_k(student, k)
+            answers[name] = time.monotonic() - start
+            alert = attacker.locator("[data-testid='stAlertContentError']", has_text=name).first
+            alert.wait_for(timeout=120_000)
+            assert "Refused" in alert.inner_text() or "could run code" in alert.inner_text(), alert.inner_text()
+    finally:
+        stop.set()
+        poller.join(timeout=30)
+    assert max(stalls) < 1, sorted(stalls)[-5:]
+    assert max(answers.values()) < 3, answers  # a K is a lookup; the margin is for a busy two-core machine
+    assert resident_mb(server.pid) < before + 300, (before, resident_mb(server.pid))
+    attacker.goto(server)  # the attacker's own session keeps working too
+    settle(attacker)
+    attacker.get_by_role(**SLIDER).wait_for(timeout=60_000)
+    assert not attacker.locator("[data-testid='stException']").count()
+    student.close()
+    attacker.close()

@@ -205,3 +205,37 @@ def test_a_program_refused_at_its_first_run_leaves_the_session_as_it_was(tmp_pat
     assert list(at.selectbox(key="model").options) == before and at.selectbox(key="model").value == "fmnist_vgg"
     at.switch_page("pages/3_curve.py").run()
     assert not at.exception and not at.error, (at.exception, [e.value for e in at.error])
+
+
+def _tower(doc):
+    """An exponent tower as the batch size's shape expression (it froze the server for minutes)."""
+    x = doc["graph_module"]["graph"]["tensor_values"]["x"]
+    x["sizes"][0] = {"as_expr": {"expr_str": "9**9**8", "hint": {"as_int": 2}}}
+
+
+def worst_files(tmp_path) -> dict[str, bytes]:
+    """The files that froze or filled the server before this round, each as small as it was then."""
+    from test_robustness import hostile_checkpoints
+
+    good = tmp_path / "good.pt2"
+    program.save(Conv().eval(), (1, 28, 28), good)
+    wide = tmp_path / "wide.pt2"
+    program.save(nn.Sequential(nn.Conv2d(1, 2048, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                               nn.Linear(2048, 10)).eval(), (1, 28, 28), wide)
+    checkpoints_ = hostile_checkpoints()
+    return {"tower.pt2": _rewritten(good.read_bytes(), _json_member("models/model.json", _tower)),
+            "empty_record.pt2": hostile_programs(good.read_bytes())["empty_record.pt2"][0],
+            "wide.pt2": wide.read_bytes(),
+            **{name: checkpoints_[name][0] for name in ("counter.pt", "bytearray.pt", "expand.pt", "bomb_key.pt")}}
+
+
+def test_the_worst_files_are_refused_in_bounded_time_and_memory(tmp_path):
+    files = worst_files(tmp_path)
+    reasons = {"tower.pt2": "raises to a power other than a symbol or number to at most 4",
+               "empty_record.pt2": "but the file holds 288 bytes", "counter.pt": "builds a 'collections.Counter'",
+               "bytearray.pt": "builds a 'builtins.bytearray'", "expand.pt": "more than the 381 MB",
+               "bomb_key.pt": "(a decompression bomb)"}
+    wide = files.pop("wide.pt2")  # its bytes are fine: its first run refuses it (the app test below)
+    for name, (seconds, grown, message) in refused_in_child(tmp_path, "checkpoint", files, wide).items():
+        assert reasons[name] in message, (name, message)
+        assert seconds < 3 and grown < 300, (name, seconds, grown)

@@ -16,7 +16,7 @@ import streamlit as st
 from core import criteria, data, engine
 from core.cache import EngineCache, OverBudget
 from core.checkpoints import Checkpoint
-from ui import catalogue, choices, jobs
+from ui import catalogue, choices, jobs, words
 
 @st.cache_resource(show_spinner=False)
 def engine_cache() -> EngineCache:
@@ -54,7 +54,7 @@ def engine_for(ckpt: Checkpoint, layer: str | None) -> engine.Engine:
     cached = cache.lookup(key)
     if cached is not None:
         return cached
-    with st.status(f"Preparing {ckpt.name}: one pass over the test set ...", expanded=True) as status:
+    with st.status(f"Preparing {words.plain(ckpt.name)}: one pass over the test set ...", expanded=True) as status:
         bar = st.progress(0.0)
         warming = _warmer().progress
         while key in warming and cache.lookup(key) is None:  # the background warm-up is building it
@@ -67,10 +67,10 @@ def engine_for(ckpt: Checkpoint, layer: str | None) -> engine.Engine:
                 ckpt, layer=layer, device=choices.device(), split=images,
                 progress=lambda d, t, label: bar.progress(d / t, text=label)))
         except (OverBudget, data.DataUnavailable) as exc:  # one sentence, and the page stops here
-            status.update(label=f"{ckpt.name} could not be prepared", state="error", expanded=True)
-            st.error(getattr(exc, "public", str(exc)))  # never the server's paths
+            status.update(label=f"{words.plain(ckpt.name)} could not be prepared", state="error", expanded=True)
+            st.error(words.plain(getattr(exc, "public", str(exc))))  # never the server's paths
             st.stop()
-        status.update(label=f"{ckpt.name} ready: {eng.total:,} test images seen once", state="complete",
+        status.update(label=f"{words.plain(ckpt.name)} ready: {eng.total:,} test images seen once", state="complete",
                       expanded=False)
     return eng
 
@@ -152,7 +152,7 @@ def check_criterion(eng: engine.Engine, criterion: str) -> None:
     try:
         eng.ranking(criterion)
     except ValueError as exc:
-        st.error(f"{criteria.get(criterion).label}: {exc} Choose another rule in the sidebar.")
+        st.error(f"{criteria.get(criterion).label}: {words.plain(exc)} Choose another rule in the sidebar.")
         st.stop()
 
 

@@ -7,6 +7,8 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from ui import words
+
 PRUNED_COLOUR = "rgba(220, 38, 38, 0.78)"
 CLEAR = "rgba(0, 0, 0, 0)"
 FONT = dict(size=15)  # chart text >= 14 px, readable on a projector
@@ -118,9 +120,10 @@ def accuracy_curve(series: dict[str, tuple[list[float], list[float]]], marker: t
     x_hover = "%{x:.1f}% of channels" if percent else "K = %{x}"
     for name, (xs, acc) in series.items():
         style = (styles or {}).get(name, {})
-        fig.add_scatter(x=xs, y=acc, mode="lines+markers" if style.get("marker") else "lines", name=name,
+        shown = words.plot_text(name)  # a model's name: its file's, whatever that holds
+        fig.add_scatter(x=xs, y=acc, mode="lines+markers" if style.get("marker") else "lines", name=shown,
                         line=style.get("line"), marker=style.get("marker"),
-                        hovertemplate=x_hover + "<br>accuracy %{y:.2%}<extra>" + name + "</extra>")
+                        hovertemplate=x_hover + "<br>accuracy %{y:.2%}<extra>" + shown + "</extra>")
     for level, label in (chances or {}).items():
         fig.add_hline(y=level, line_dash="dot", line_color="grey", annotation_text=label,
                       annotation_position="bottom left", annotation_font=FONT)

@@ -11,7 +11,7 @@ import streamlit as st
 
 from core import data, inputs
 from core.checkpoints import Checkpoint
-from ui import catalogue, keys
+from ui import catalogue, keys, words
 
 CUSTOM = "custom"
 
@@ -73,7 +73,7 @@ def _custom(name: str, channels: int) -> None:
         try:
             prep = inputs.from_numbers(mean.replace(",", " ").split(), std.replace(",", " ").split(), channels)
         except inputs.PreparationError as exc:
-            st.error(str(exc))
+            st.error(words.plain(exc))
             return
         _choose(name, prep)
 

@@ -13,7 +13,7 @@ from core import checkpoints, engine, program, slim
 from core.tasks import count_correct
 from core.checkpoints import Checkpoint
 from core.finetune import FinetuneConfig, finetune
-from ui import catalogue, engines, keys
+from ui import catalogue, engines, keys, words
 
 LATENCY_KS = (0, 128, 256, 384, 448, 480, 496, 512)
 
@@ -87,7 +87,7 @@ def _realise(ckpt: Checkpoint, eng: engine.Engine, k: int, mode: str, criterion:
         with st.spinner("Removing the channels ..."):
             result = _slim(key, k, mode, criterion, eng)
     except ValueError as exc:
-        st.error(str(exc))
+        st.error(words.plain(exc))
         return
     right = count_correct(result.model, eng.x, eng.y, eng.task)
     masked = eng.correct(k, mode, criterion)

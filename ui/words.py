@@ -1,8 +1,35 @@
 """What the app says about a model and its engine, in the words a lecture uses (one place for the sentences)."""
 from __future__ import annotations
 
+import html
+import re
+
 from core import data, engine
 from core.checkpoints import Checkpoint
+
+
+_MARKDOWN = re.compile(r"([\\\[\]<>$*~])")   # links and images, directives (:red[...]), HTML, LaTeX, emphasis
+_LINE_START = re.compile(r"^(\s*)([#>+=-]|\d+(?=[.)]))")   # a heading, quote, list or rule if it opened the text
+
+
+def plain(text: object) -> str:
+    """`text` as literal words in Streamlit's markdown (st.error, st.caption, labels): whatever a file
+    named itself or a message quoted from it, no link, image, colour, formula or heading can form, and
+    it stays one line. The characters still show: `[x](y)` reads as typed."""
+    text = " ".join(str(text).splitlines())
+    text = _MARKDOWN.sub(r"\\\1", text)
+    text = re.sub(r":(?=\w)", r"\\:", text)  # :red, :material/...: are directives even without brackets
+    # No bare link either: the markdown renderer links "http://" and "www." even when escaped, so an
+    # invisible zero-width space breaks them (the text reads the same).
+    text = text.replace("://", ":/\u200b/").replace("www.", "www\u200b.")
+    return _LINE_START.sub(lambda m: m.group(1) + ("\\" + m.group(2) if not m.group(2).isdigit()
+                                                   else m.group(2) + "\\"), text, count=1)
+
+
+def plot_text(text: object) -> str:
+    """`text` as literal words in a Plotly title, legend or hover label (they read <a>, <b>, <br> as tags
+    and %{...} as a template)."""
+    return html.escape(" ".join(str(text).splitlines())).replace("%{", "%&#123;")
 
 
 def speed_note(eng: engine.Engine) -> str:
