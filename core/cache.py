@@ -29,6 +29,7 @@ class EngineCache:
         self._engines: OrderedDict[Hashable, Engine] = OrderedDict()
         self._lock = threading.Lock()
         self._building: dict[Hashable, threading.Lock] = {}
+        self._holders: dict[Hashable, int] = {}  # sessions holding an entry of their own models (see `hold`)
 
     def get(self, key: Hashable, build: Callable[[], Engine], estimate: int | None = None) -> Engine:
         """The engine for `key`, built once even when several sessions ask at the same time. `estimate`:
@@ -73,6 +74,22 @@ class EngineCache:
             if key in self._engines:
                 self._engines.move_to_end(key)
             return self._engines.get(key)
+
+    def hold(self, key: Hashable) -> None:
+        """A session holds the entry `key` (built for a model only it has: an upload, a fine-tuned copy)."""
+        with self._lock:
+            self._holders[key] = self._holders.get(key, 0) + 1
+
+    def release(self, key: Hashable) -> None:
+        """A holder of `key` has ended: when it was the last, the entry is dropped at once, so that the
+        memory of a session's own models returns when the session ends, not when eviction reaches it."""
+        with self._lock:
+            left = self._holders.get(key, 0) - 1
+            if left > 0:
+                self._holders[key] = left
+                return
+            self._holders.pop(key, None)
+            self._engines.pop(key, None)
 
     def nbytes(self) -> int:
         with self._lock:

@@ -22,7 +22,7 @@ import torch
 
 from . import inputs
 from .inputs import Preparation
-from .untrusted import env_int
+from .untrusted import env_int, printable
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 PAIR_SEED = 0
@@ -300,7 +300,11 @@ def image_limits() -> dict[str, int]:
             "bytes": env_int("PRUNE_EXPLORER_MAX_ZIP_MB", 200) * 2**20,
             "pixels": env_int("PRUNE_EXPLORER_MAX_IMAGE_PIXELS", 4096 * 4096),
             "total_pixels": env_int("PRUNE_EXPLORER_MAX_TOTAL_PIXELS", 200_000_000),
-            "unpacked": env_int("PRUNE_EXPLORER_MAX_UNPACKED", 8)}
+            "unpacked": env_int("PRUNE_EXPLORER_MAX_UNPACKED", 8),
+            "resized_bytes": env_int("PRUNE_EXPLORER_MAX_FOLDER_MB", 1024) * 2**20}
+
+
+MAX_CLASSES = 1000  # classes of one's own images (ImageNet's count; the pages list classes by name)
 
 
 def uploads_dir() -> Path:
@@ -347,6 +351,21 @@ def _image_size(source, label: str, limits: dict) -> int:
     return w * h
 
 
+def _check_classes(classes: list[str], shown: str) -> bool:
+    """Refuse more class folders than MAX_CLASSES, or a folder named by an index of MAX_CLASSES or more;
+    whether the folders are all named by index ("3_dress")."""
+    if len(classes) > MAX_CLASSES:
+        raise DataUnavailable(f"{shown} holds {len(classes):,} class folders, more than the {MAX_CLASSES:,} "
+                              "this product shows.")
+    prefixes = [re.match(r"^(\d+)", c) for c in classes]
+    indexed = all(prefixes)
+    for name, m in zip(classes, prefixes):
+        if indexed and int(m.group(1)) >= MAX_CLASSES:
+            raise DataUnavailable(f"{shown}: the class folder '{printable(name, 60)}' starts with an index of "
+                                  f"{printable(m.group(1), 24)}; indices must be below {MAX_CLASSES:,}.")
+    return indexed
+
+
 def load_image_folder(path: str | Path, input_shape: tuple[int, ...], prep: Preparation) -> DataSplit:
     """One's own data in torchvision's ImageFolder layout (a folder per class), resized to the model's input
     and prepared as the model's inputs are (`prep`). Bounded before decoding: the number of images, pixels
@@ -375,6 +394,12 @@ def load_image_folder(path: str | Path, input_shape: tuple[int, ...], prep: Prep
     if len(ds) > limits["files"]:
         raise DataUnavailable(f"{shown} holds {len(ds):,} images, more than the {limits['files']:,} this server "
                               "accepts (PRUNE_EXPLORER_MAX_IMAGES).")
+    indexed = _check_classes(ds.classes, shown)
+    resized = len(ds) * channels * h * w * 4  # float32, at the model's input size: before any is resized
+    if resized > limits["resized_bytes"]:
+        raise DataUnavailable(f"{shown} would take {resized / 2**20:,.0f} MB once its {len(ds):,} images are "
+                              f"resized to the model's {channels}x{h}x{w} input, more than the "
+                              f"{limits['resized_bytes'] // 2**20:,} MB this server accepts (PRUNE_EXPLORER_MAX_FOLDER_MB).")
     total = 0
     for file, _ in ds.samples:
         total += _image_size(file, f"'{Path(file).relative_to(path).as_posix()[:120]}' in {shown}", limits)
@@ -390,10 +415,8 @@ def load_image_folder(path: str | Path, input_shape: tuple[int, ...], prep: Prep
                                   f"as an image ({type(exc).__name__}).") from None
         xs.append(x)
         ys.append(y)
-    # Folders named with the class index first ("3_dress") keep that index even if some class is absent.
-    prefixes = [re.match(r"^(\d+)", c) for c in ds.classes]
-    if all(prefixes):
-        ys = [int(prefixes[y].group(1)) for y in ys]
+    if indexed:  # folders named with the class index first ("3_dress") keep it, even if some class is absent
+        ys = [int(re.match(r"^(\d+)", ds.classes[y]).group(1)) for y in ys]
     mean, std = prep.stats(channels)
     spec = DataSpec(f"image_folder:{path}", path.name, tuple(ds.classes), mean, std, input_shape,
                     "check the folder")
@@ -455,6 +478,7 @@ def _zip_members(zf, label: str, limits: dict) -> tuple[list, str]:
     if any(len(PurePosixPath(i.filename).parts) < (3 if root else 2) for i in files):
         raise DataUnavailable(f"{label} has images outside class folders: put each class's images in a folder "
                               "named after the class (e.g. 3_dress/img1.png).")
+    _check_classes(sorted({PurePosixPath(i.filename).parts[1 if root else 0] for i in files}), label)  # before unpacking
     return files, root
 
 

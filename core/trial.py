@@ -83,7 +83,8 @@ def check_memory(model: nn.Module, input_shape: tuple[int, ...], batch: int = EN
                          "this server allows (PRUNE_EXPLORER_MAX_BATCH_MB).")
 
 
-def check(model: nn.Module, input_shape: tuple[int, ...], x: torch.Tensor, task: str, classes: int) -> None:
+def check(model: nn.Module, input_shape: tuple[int, ...], x: torch.Tensor, task: str, classes: int,
+          at_least: bool = False) -> None:
     """Refuse, in one sentence, a model whose one batch would exceed the memory budget, that fails on
     real images, or whose logits are not finite and shaped for its task: (N, classes) for a multiclass
     model, (N,) or (N, 1) for a binary one. `x`: a few real test images, prepared as the model's inputs."""
@@ -98,7 +99,11 @@ def check(model: nn.Module, input_shape: tuple[int, ...], x: torch.Tensor, task:
     n = len(x)
     wanted = [(n,), (n, 1)] if task == "binary" else [(n, classes)]
     shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else None
-    if shape not in wanted:
+    if at_least and shape is not None and len(shape) == 2 and shape[0] == n and task != "binary":
+        if shape[1] < classes:  # class folders named by index, some absent: the labels must fit the outputs
+            raise TrialError(f"Refused: the model gives {shape[1]:,} outputs, but the test images' class folders "
+                             f"go up to index {classes - 1:,}.")
+    elif shape not in wanted:
         raise TrialError(f"Refused: on {n} test images the model gives "
                          f"{list(shape) if shape is not None else type(logits).__name__}, not logits of shape "
                          f"{list(wanted[0])}.")
@@ -108,9 +113,14 @@ def check(model: nn.Module, input_shape: tuple[int, ...], x: torch.Tensor, task:
 
 def check_on(ckpt, split) -> None:
     """`check` for a checkpoint on the test split it will be evaluated on: one output per class of that
-    split (a yes/no task: one logit), and a class count within the bound."""
+    split (a yes/no task: one logit), or for images in folders named by class index ("3_dress") with some
+    index absent, at least one output per index; and a class count within the bound."""
     classes = len(split.spec.class_names)
     if classes > MAX_CLASSES:
         raise TrialError(f"Refused: the test data has {classes:,} classes, more than the {MAX_CLASSES:,} this "
                          "product shows.")
-    check(ckpt.build_model(), ckpt.spec.input_shape, split.x, ckpt.spec.task, classes)
+    labels = int(split.y.max()) + 1 if len(split.y) else 0
+    if ckpt.spec.task == "binary" and labels > 2:
+        raise TrialError(f"Refused: the model answers yes or no, but the test images have {labels:,} class indices.")
+    check(ckpt.build_model(), ckpt.spec.input_shape, split.x, ckpt.spec.task, max(classes, labels),
+          at_least=labels > classes)  # more indices than folders: folders named by index, some absent

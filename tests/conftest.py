@@ -209,3 +209,11 @@ def refused_in_child(tmp_path, kind: str, files: dict[str, bytes], good: bytes) 
                           *[str(folder / n) for n in files]], capture_output=True, text=True, timeout=240, env=env)
     assert res.returncode == 0, res.stderr[-2000:]
     return {name: (seconds, grown, message) for name, seconds, grown, message in map(json.loads, res.stdout.split("\n")[:-1])}
+
+
+def shown(markdown: str) -> str:
+    """What a reader sees of a markdown body the app escaped (`ui.words.plain`): escapes and the
+    invisible breaks that keep bare addresses unlinked removed."""
+    import re
+
+    return re.sub(r"\\(.)", r"\1", markdown).replace("\u200b", "")

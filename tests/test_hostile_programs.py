@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
+import sys
 import time
 import zipfile
 
@@ -11,7 +13,7 @@ import torch
 from streamlit.testing.v1 import AppTest
 from torch import nn
 
-from conftest import ROOT, cli, refused_in_child
+from conftest import ROOT, cli, refused_in_child, shown
 from core import program, trial, untrusted
 
 
@@ -200,7 +202,7 @@ def test_a_program_refused_at_its_first_run_leaves_the_session_as_it_was(tmp_pat
     before = list(at.selectbox(key="model").options)
     at.file_uploader(key="upload").set_value(("wide.pt2", wide.read_bytes(), "application/octet-stream")).run()
     assert not at.exception, at.exception
-    assert any("of activations (estimated on the meta device), more than the 4.0 GB" in e.value for e in at.error), \
+    assert any("of activations (estimated on the meta device), more than the 4.0 GB" in shown(e.value) for e in at.error), \
         [e.value for e in at.error]
     assert list(at.selectbox(key="model").options) == before and at.selectbox(key="model").value == "fmnist_vgg"
     at.switch_page("pages/3_curve.py").run()
@@ -239,3 +241,36 @@ def test_the_worst_files_are_refused_in_bounded_time_and_memory(tmp_path):
     for name, (seconds, grown, message) in refused_in_child(tmp_path, "checkpoint", files, wide).items():
         assert reasons[name] in message, (name, message)
         assert seconds < 3 and grown < 300, (name, seconds, grown)
+
+
+CLI_CHILD = r"""
+import contextlib, io, json, sys
+sys.path.insert(0, sys.argv[1])
+from core.__main__ import main
+for path in sys.argv[2:]:
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = main(["info", path])
+    print(json.dumps([path, code, err.getvalue()]), flush=True)
+"""
+
+
+def test_cli_refuses_every_hostile_file_with_exit_2_and_one_line(tmp_path):
+    from test_robustness import hostile_checkpoints
+
+    good = tmp_path / "good.pt2"
+    program.save(Conv().eval(), (1, 28, 28), good)
+    files = {**{n: raw for n, (raw, _) in hostile_programs(good.read_bytes()).items()},
+             **{n: raw for n, (raw, _) in hostile_checkpoints().items()}, **worst_files(tmp_path)}
+    files.pop("wide.pt2")  # one image of it is fine: `info` runs a batch of one
+    for name, raw in files.items():
+        (tmp_path / name).write_bytes(raw)
+    res = subprocess.run([sys.executable, "-c", CLI_CHILD, str(ROOT), *[str(tmp_path / n) for n in files]],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    results = [json.loads(line) for line in res.stdout.splitlines()]
+    assert len(results) == len(files)
+    for path, code, err in results:
+        first = err.splitlines()[0] if err else ""
+        assert code == 2 and first.startswith("error: ") and "unexpected" not in first, (path, code, err)
+        assert "Traceback" not in err and "\x1b" not in err, (path, err)

@@ -18,7 +18,7 @@ from streamlit.testing.v1 import AppTest
 from PIL import Image
 from torch import nn
 
-from conftest import BUNDLED, ROOT, cli, refused_in_child
+from conftest import BUNDLED, ROOT, cli, refused_in_child, shown
 from core import checkpoints, data, engine, inputs, models, untrusted
 from core.naive import naive_correct
 from core.split import conv_layer_names
@@ -116,7 +116,7 @@ def test_app_shows_each_reason_and_keeps_the_model(tmp_path):
     for name, (raw, reason) in bad_files(tmp_path).items():
         at.file_uploader(key="upload").set_value((name, raw, "application/octet-stream")).run()
         assert not at.exception, (name, at.exception)
-        assert any(reason in e.value for e in at.error), (name, [e.value for e in at.error])
+        assert any(reason in shown(e.value) for e in at.error), (name, [e.value for e in at.error])
         assert at.selectbox(key="model").value == "fmnist_vgg"
         assert next(m.value for m in at.metric if m.label == "Architecture") == "small_vgg"
     assert not (tmp_path / "PWNED").exists()
@@ -530,7 +530,34 @@ def hostile_zips() -> dict[str, tuple[bytes, str]]:
         "pixels.zip": (zipped([(f"cls/{i}.png", png(4000, 4000)) for i in range(14)]), "more than 200,000,000 pixels"),
         "slip.zip": (zipped([("../../evil.png", png())]), "tries to write outside its folder"),
         "not_a_zip.zip": (b"PK\x03\x04 nothing", "is not a readable zip file"),
+        "classes.zip": (zipped([(f"c{i}/a.png", png(1, 1)) for i in range(1001)]),
+                        "holds 1,001 class folders, more than the 1,000 this product shows"),
+        "index.zip": (zipped([("0_a/a.png", png()), ("99999999999999999999_b/a.png", png())]),
+                      "the class folder '99999999999999999999_b' starts with an index of 99999999999999999999; "
+                      "indices must be below 1,000"),
     }
+
+
+def test_images_are_budgeted_at_the_model_size_before_any_is_resized(tmp_path, monkeypatch):
+    monkeypatch.setenv("PRUNE_EXPLORER_CACHE", str(tmp_path))
+    folder = data.unpack_zip(zipped([(f"mine/c{i % 2}/{i}.png", png(1, 1)) for i in range(16)]), "tiny.zip")
+    assert len(data.load_image_folder(folder, (1, 28, 28), inputs.Preparation((0.5,), (0.5,)))) == 16
+    start = time.perf_counter()
+    with pytest.raises(data.DataUnavailable, match=r"would take 2,197 MB once its 16 images are resized to the "
+                                                   r"model's 1x6000x6000 input, more than the 1,024 MB"):
+        data.load_image_folder(folder, (1, 6000, 6000), inputs.Preparation((0.5,), (0.5,)))
+    assert time.perf_counter() - start < 2  # refused before 16 images of 6000 x 6000 were made
+
+
+def test_labels_beyond_the_model_outputs_are_refused_in_one_line(tmp_path):
+    for name in ("0_tshirt", "12_extra"):
+        (tmp_path / "mine" / name).mkdir(parents=True)
+        (tmp_path / "mine" / name / "a.png").write_bytes(png())
+    result = cli("rank", str(BUNDLED["vgg"]), "--image-folder", str(tmp_path / "mine"), "--criterion", "taylor",
+                 "--out", str(tmp_path / "o.csv"))
+    assert result.returncode == 2, result.stderr
+    assert "the model gives 10 outputs, but the test images' class folders go up to index 12" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr, result.stderr
 
 
 @pytest.mark.slow
@@ -579,11 +606,11 @@ def test_session_keeps_working_after_hostile_uploads(tmp_path, monkeypatch):
         at.file_uploader(key="upload").set_value((name, raw, "application/octet-stream")).run()
         assert time.perf_counter() - start < 30, name
         assert not at.exception, (name, at.exception)
-        assert any(reason in e.value for e in at.error), (name, [e.value for e in at.error])
+        assert any(reason in shown(e.value) for e in at.error), (name, [e.value for e in at.error])
         assert at.selectbox(key="model").value == "fmnist_vgg"
     at.file_uploader(key="upload_images").set_value(("wide.zip", hostile_zips()["wide.zip"][0], "application/zip"))
     at.run()
-    assert not at.exception and any("pixels per image" in e.value for e in at.error), [e.value for e in at.error]
+    assert not at.exception and any("pixels per image" in shown(e.value) for e in at.error), [e.value for e in at.error]
     at.switch_page("app.py").run()
     assert not at.exception, at.exception
     assert at.selectbox(key="model").value == "fmnist_vgg"
@@ -660,3 +687,26 @@ def test_the_warm_up_skips_rules_a_model_refuses_and_warms_the_rest():
               if rule.looks_at != criteria.GRADIENTS and name != "bn_gamma"}
     assert all(eng.answers(mode, name) and len(eng.answers(mode, name)) == eng.channels + 1
                for name in warmed for mode in engine.MODES)
+
+
+@pytest.mark.slow
+def test_a_sessions_own_engines_are_released_when_the_session_ends(monkeypatch):
+    import gc
+
+    from ui import engines
+
+    raw = saved({"arch": "small_vgg", "arch_kwargs": {}, "state_dict": models.build("small_vgg").state_dict(),
+                 "meta": {"dataset": "fashion_mnist"}})
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=300)
+    at.switch_page("pages/1_load.py").run()
+    at.file_uploader(key="upload").set_value(("mine.pt", raw, "application/octet-stream")).run()
+    at.switch_page("app.py").run()
+    assert not at.exception and at.selectbox(key="model").value == "upload: mine.pt", at.exception
+    cache = engines.engine_cache()
+    own = [key for key in list(cache._engines) if key[0] == checkpoints.from_bytes(raw, "mine.pt").digest]
+    assert len(own) == 1 and cache.lookup(own[0]) is not None
+    shared = [key for key in list(cache._engines) if key not in own]
+    del at  # the session ends: Streamlit drops its state
+    gc.collect()
+    assert cache.lookup(own[0]) is None, "the session's own engine outlived it"
+    assert all(cache.lookup(key) is not None for key in shared)  # the bundled models' engines stay

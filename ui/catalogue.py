@@ -117,8 +117,9 @@ def add_upload(name: str, content: bytes, arch: str | None = None, dataset: str 
                 f"No registered data set fits this program (input {'x'.join(map(str, ckpt.spec.input_shape))}, "
                 f"{ckpt.program.signature.outputs} outputs): upload a zip of your own test images below first, "
                 "then the program again.")
-        try:  # the images must load at the program's size, in as many classes as it has outputs
-            images = image_folder(own["path"], ckpt.spec.input_shape, ckpt.prep)
+        try:  # the images must load at the program's size, in as many classes as it has outputs; not
+            # through the shared cache: the program may yet be refused, and nothing of it may stay there
+            images = data.load_image_folder(own["path"], ckpt.spec.input_shape, ckpt.prep)
         except data.DataUnavailable as exc:
             raise checkpoints.CheckpointError(exc.public) from None
         classes, outputs = len(images.spec.class_names), ckpt.program.signature.outputs
@@ -162,6 +163,11 @@ def add_session_model(name: str, ckpt: Checkpoint) -> None:
         del uploads[old]  # each session keeps its last few models (the one in use stays)
 
 
+def is_session_model(ckpt: Checkpoint) -> bool:
+    """A model only this session has (an upload, a model fine-tuned here), not a bundled file."""
+    return ckpt.file_digest not in {c.file_digest for c in bundled_checkpoints().values()}
+
+
 def current_checkpoint() -> Checkpoint:
     return available_models()[choices.current().model]
 
@@ -173,7 +179,8 @@ def own_data() -> dict | None:
 
 
 def add_own_data(name: str, content: bytes) -> dict:
-    """Unpack a zip of an image folder into the cache and check it reads. Raises DataUnavailable."""
+    """Unpack a zip of an image folder into the cache and check it reads. Raises DataUnavailable. Whether
+    it fits a model is checked when they meet (`fits`): the images may be for a program not uploaded yet."""
     path = data.unpack_zip(content, name)
     ckpt = current_checkpoint()
     images = image_folder(str(path), ckpt.spec.input_shape, ckpt.prep)
@@ -187,6 +194,16 @@ def add_own_data(name: str, content: bytes) -> dict:
 @st.cache_resource(max_entries=4, show_spinner=False)
 def image_folder(path: str, input_shape: tuple, prep: inputs.Preparation) -> data.DataSplit:
     return data.load_image_folder(path, input_shape, prep)
+
+
+def fits(ckpt: Checkpoint, images: data.DataSplit) -> None:
+    """One's own images for this model: its first run on them (the labels within its outputs, the memory
+    of one batch). Raises DataUnavailable with the reason."""
+    try:
+        trial.check_on(ckpt, images)
+    except trial.TrialError as exc:
+        raise data.DataUnavailable(f"These images do not fit {ckpt.name}: {str(exc).removeprefix('Refused: ')}") \
+            from None
 
 
 def test_split(ckpt: Checkpoint) -> data.DataSplit:

@@ -10,13 +10,14 @@ from __future__ import annotations
 import os
 import threading
 import time
+import weakref
 
 import streamlit as st
 
 from core import criteria, data, engine
 from core.cache import EngineCache, OverBudget
 from core.checkpoints import Checkpoint
-from ui import catalogue, choices, jobs, words
+from ui import catalogue, choices, jobs, keys, words
 
 @st.cache_resource(show_spinner=False)
 def engine_cache() -> EngineCache:
@@ -42,6 +43,31 @@ def make_key(ckpt: Checkpoint, test_data: str, layer: str | None, device_name: s
     return ckpt.digest, test_data, layer, device_name
 
 
+class _SessionEngines:
+    """The shared cache entries this session holds for models only it has; released when the session
+    ends (Streamlit drops a closed session's state, and with it this object)."""
+
+    def __init__(self, cache: EngineCache):
+        self.keys: set[tuple] = set()
+        weakref.finalize(self, _release_all, cache, self.keys)  # never a reference to self
+
+    def hold(self, cache: EngineCache, key: tuple) -> None:
+        if key not in self.keys:
+            self.keys.add(key)
+            cache.hold(key)
+
+
+def _release_all(cache: EngineCache, keys: set[tuple]) -> None:
+    for key in keys:
+        cache.release(key)
+
+
+def _hold_for_session(ckpt: Checkpoint, key: tuple) -> None:
+    if catalogue.is_session_model(ckpt):
+        cache = engine_cache()
+        st.session_state.setdefault(keys.SESSION_ENGINES, _SessionEngines(cache)).hold(cache, key)
+
+
 def current_engine_key() -> tuple:
     return engine_key(catalogue.current_checkpoint(), choices.current().layer)
 
@@ -53,6 +79,7 @@ def engine_for(ckpt: Checkpoint, layer: str | None) -> engine.Engine:
     cache = engine_cache()
     cached = cache.lookup(key)
     if cached is not None:
+        _hold_for_session(ckpt, key)
         return cached
     with st.status(f"Preparing {words.plain(ckpt.name)}: one pass over the test set ...", expanded=True) as status:
         bar = st.progress(0.0)
@@ -63,6 +90,8 @@ def engine_for(ckpt: Checkpoint, layer: str | None) -> engine.Engine:
             time.sleep(0.25)
         try:
             images = catalogue.image_folder(own["path"], ckpt.spec.input_shape, ckpt.prep) if own else None
+            if images is not None:  # chosen for another model: its labels must fit this one's outputs
+                catalogue.fits(ckpt, images)
             eng = cache.get(key, lambda: engine.from_checkpoint(
                 ckpt, layer=layer, device=choices.device(), split=images,
                 progress=lambda d, t, label: bar.progress(d / t, text=label)))
@@ -72,6 +101,7 @@ def engine_for(ckpt: Checkpoint, layer: str | None) -> engine.Engine:
             st.stop()
         status.update(label=f"{words.plain(ckpt.name)} ready: {eng.total:,} test images seen once", state="complete",
                       expanded=False)
+    _hold_for_session(ckpt, key)
     return eng
 
 

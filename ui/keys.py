@@ -37,6 +37,7 @@ OWN_DATA = "own_data"      # the uploaded image folder: {"name", "path", "digest
 LAST_UPLOAD = "last_upload"    # (file_id, chosen data set) of the checkpoint upload already handled
 LAST_IMAGES = "last_images"    # file_id of the image-folder upload already handled
 MAG_RETRAINED = "mag_retrained"  # {checkpoint digest: [{sparsity, per_layer, epochs, accuracy}]}
+SESSION_ENGINES = "session_engines"  # the shared engines this session holds for its own models (ui/engines.py)
 MAG_MODELS = "mag_models"  # {(digest, sparsity, per_layer): the session's retrained model}
 
 # --- widgets of one page -----------------------------------------------------------------------
