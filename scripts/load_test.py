@@ -11,7 +11,8 @@ server on a small machine where thirty chromium tabs do not.
   checks the stated accuracy against the engine computed here, thinks for a while, and moves again.
   Like a student waiting for the answer, it sends one release at a time.
 - The hostile session opens the Prune page on the ResNet-style model, then uploads each hostile
-  checkpoint and image zip of tests/test_robustness.py on the Load page as the browser does (a file-URL request,
+  checkpoint and image zip of tests/test_robustness.py, and the files that froze or filled the
+  server before (tests/test_hostile_programs.py's `worst_files`), on the Load page as the browser does (a file-URL request,
   an HTTP PUT, then the uploader's widget state). It times each refusal until its sentence arrives,
   and checks that its Prune page still states the accuracy of the model it had.
 An exception element or the app's error sentence (ui/guard.py) sent to any session, a session that
@@ -270,7 +271,7 @@ async def hostile_session(url: str, files: dict, zips: dict, truth: dict, out: d
     for name, raw, reason, label in uploads:
         start = time.perf_counter()
         texts = await tab.upload(name, raw, label)
-        if any(reason in text for text in texts):
+        if any(reason in shown(text) for text in texts):  # as the page shows it (escaped markdown)
             out["refusals"].append((name, time.perf_counter() - start))
         else:
             out["missed"].append(name)
@@ -326,6 +327,8 @@ def main() -> int:
     args = parser.parse_args()
 
     from core import checkpoints, engine
+    from conftest import shown
+    from test_hostile_programs import WORST_REASONS, worst_files
     from test_robustness import hostile_checkpoints, hostile_zips
 
     truth = {}
@@ -334,6 +337,7 @@ def main() -> int:
         truth[model] = [c / eng.total for c in eng.curve("zero")]
     files = {n: v for n, v in hostile_checkpoints().items() if n in HOSTILE}
     assert len(files) == len(HOSTILE), f"not in tests/test_robustness.py: {set(HOSTILE) - set(files)}"
+    files.update({n: (raw, WORST_REASONS[n]) for n, raw in worst_files(Path(tempfile.mkdtemp())).items()})
     zips = hostile_zips()
     port = free_port()
     server = start_server(port, tempfile.mkdtemp())

@@ -705,6 +705,7 @@ def test_a_sessions_own_engines_are_released_when_the_session_ends(monkeypatch):
     cache = engines.engine_cache()
     own = [key for key in list(cache._engines) if key[0] == checkpoints.from_bytes(raw, "mine.pt").digest]
     assert len(own) == 1 and cache.lookup(own[0]) is not None
+    gc.collect()  # earlier tests' sessions end now, releasing their own models: not this test's subject
     shared = [key for key in list(cache._engines) if key not in own]
     del at  # the session ends: Streamlit drops its state
     gc.collect()
