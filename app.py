@@ -66,7 +66,7 @@ with sidebar.page(sidebar.PRUNE):  # the frame, and one guard: an unexpected err
     live_slider.live_slider(
         engine_key=key + (criterion,), maps=eng.stats.mean_map.numpy(), scores=eng.scores(criterion).numpy(),
         order=eng.ranking(criterion).numpy(), k=k, accuracy=accuracy, known=known, baseline=baseline,
-        chance=words.chance_level(ckpt), per_filter=words.pruned_parameters(eng, 1),
+        chance=words.chance_level(ckpt), per_filter=engines.removed_per_channel(key, eng),
         total_params=words.parameter_count(ckpt),
         curve_title=f"Accuracy vs K · {mode} · {criteria.CRITERIA[criterion].label}",
         note=words.speed_note(eng), contrast=chosen.contrast, axis=chosen.axis,

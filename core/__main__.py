@@ -300,8 +300,7 @@ def cmd_slim(args) -> int:
     correct = count_correct(result.model, eng.x, eng.y, eng.task)
     masked = eng.correct(args.k, args.mode, args.criterion)
     shape = ckpt.spec.input_shape
-    before, after = slim.measure(eng.model, shape, repeats=args.repeats), slim.measure(result.model, shape,
-                                                                                       repeats=args.repeats)
+    before, after = slim.measure_together([eng.model, result.model], shape, repeats=args.repeats)
     print(f"{eng.layer}, K={args.k} {args.mode}: shrank {', '.join(result.shrunk) or 'nothing'}"
           + (f"; zero mode's batch-norm constant folded into the read-out bias" if result.folded else ""))
     if result.tied:
@@ -312,9 +311,9 @@ def cmd_slim(args) -> int:
         print(f"right answers: slim {correct}/{eng.total}, masked {masked}/{eng.total} "
               f"({'equal' if correct == masked else 'DIFFERENT'})")
     for label, m in (("original", before), ("slim", after)):
-        lat = ", ".join(f"batch {b} {ms:.2f} ms" for (_, b), ms in m.latency_ms.items())
+        lat = ", ".join(f"batch {b} {m.latency_text(dev_b)} ms" for dev_b in m.latency_ms for b in dev_b[1:])
         print(f"  {label:8s} parameters {m.parameters:,}  MACs {m.macs:,}  file {m.file_bytes / 1e6:.2f} MB  "
-              f"CPU latency (median of {args.repeats}): {lat}")
+              f"CPU latency, median (middle half) of {m.runs} runs in turns with the other model: {lat}")
     meta = ckpt.saved_meta(test_correct=correct, test_total=eng.total, test_accuracy=correct / eng.total,
                 slimmed={"from": ckpt.name, "layer": eng.layer, "k": args.k, "mode": args.mode,
                          "criterion": args.criterion, "shrunk": result.shrunk, "exact": result.exact})
@@ -465,7 +464,8 @@ def parser() -> argparse.ArgumentParser:
     common(sl)
     sl.add_argument("--k", type=int, required=True)
     sl.add_argument("--mode", default="remove", choices=list(MODES))
-    sl.add_argument("--repeats", type=int, default=20, help="timed runs per latency (median), after warm-up")
+    sl.add_argument("--repeats", type=int, default=20, help="timed runs at least per latency, after warm-up "
+                    "(more while the runs spread by over a fifth of their median)")
     sl.set_defaults(func=cmd_slim)
     o = sub.add_parser("oracle", help="the best one-at-a-time order (an upper bound: it looks at the labels), to CSV")
     common(o)

@@ -83,7 +83,11 @@ def sensitivity(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: str = 
     layers = layers or conv_layer_names(model)
     steps, done = len(layers) * (len(fractions) + 1), 0
     for layer in layers:
-        eng = Engine(model, x, y, layer=layer, task=task, device=device)
+        def building(d: int, t: int, what: str, layer=layer, done=done) -> None:  # a caller may stop here too
+            if progress:
+                progress(done, steps, f"{layer}: {what} ({d} of {t} batches)")
+
+        eng = Engine(model, x, y, layer=layer, task=task, device=device, progress=building)
         done += 1
         for f in fractions:
             k = fraction_k(f, eng.channels)

@@ -62,9 +62,10 @@ def _fold_constant(model: nn.Module, eng: Engine, channels: list[int], mode: str
 
 
 def slim(eng: Engine, k: int, mode: str = "remove", criterion: str = "mean") -> SlimResult:
-    """A new model with the K lowest-ranked channels of the engine's layer cut out."""
+    """A new model with the K lowest-ranked channels of the engine's layer cut out (0 <= K < channels)."""
     import torch_pruning as tp
 
+    _check_k(eng, k)
     channels = eng.ranking(criterion)[:k].tolist()
     model = prune_copy(eng.model, eng.layer, channels, mode, eng.bn_name).cpu().eval()
     folded = False
@@ -103,6 +104,30 @@ def slim(eng: Engine, k: int, mode: str = "remove", criterion: str = "mean") -> 
     return SlimResult(model, list(dict.fromkeys(shrunk)), list(dict.fromkeys(tied)), folded)
 
 
+def _check_k(eng: Engine, k: int) -> None:
+    # A conv with no output channels is no layer (PyTorch refuses a weight of size [0, ...]); the masked
+    # model at K = P is still shown on the curve, where its read-out is a constant.
+    if not 0 <= k < eng.channels:
+        raise ValueError(f"K = {k}: removing for real keeps at least one of the layer's {eng.channels} channels, "
+                         f"so K goes from 0 to {eng.channels - 1} here; a conv with no channels is no layer.")
+
+
+def removed_per_channel(eng: Engine) -> int:
+    """Parameters that removing one channel of the engine's layer takes away, counted by Torch-Pruning on a
+    copy: the filter, its bias and batch norm, and every reader's weights for that channel (the linear
+    read-out's columns, the next conv's input slice). Every channel of a layer costs the same, so K
+    channels remove K times this: the number the slider shows is the slim model's count."""
+    import torch_pruning as tp
+
+    model = copy.deepcopy(eng.model).cpu().eval()
+    before = sum(p.numel() for p in model.parameters())
+    for p in model.parameters():  # the dependency graph is traced through autograd
+        p.requires_grad_(True)
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=torch.zeros(1, *eng.x.shape[1:]))
+    graph.get_pruning_group(model.get_submodule(eng.layer), tp.prune_conv_out_channels, idxs=[0]).prune()
+    return before - sum(p.numel() for p in model.parameters())
+
+
 def widths(arch: str, arch_kwargs: dict, model: nn.Module) -> dict | None:
     """The constructor arguments of a registered architecture that build exactly the slim model's
     shapes (the VGG-style model's `width` for its last conv, the ResNet-style model's `width` or
@@ -135,35 +160,85 @@ class Measured:
     macs: int
     file_bytes: int
     latency_ms: dict  # {(device, batch): median ms}
+    spread_ms: dict = field(default_factory=dict)  # {(device, batch): (25th, 75th percentile) ms}
+    runs: int = 0     # timed runs per (device, batch)
+
+    def latency_text(self, dev_batch: tuple) -> str:
+        """"12.34 (11.9-12.8)": the median and the middle half of the runs."""
+        low, high = self.spread_ms.get(dev_batch, (self.latency_ms[dev_batch],) * 2)
+        return f"{self.latency_ms[dev_batch]:.2f} ({low:.2f}-{high:.2f})"
 
 
 def measure(model: nn.Module, input_shape: tuple[int, ...], batches=(1, 256), repeats: int = 20,
             devices=("cpu",)) -> Measured:
-    """Parameters, MACs (PyTorch's FlopCounterMode: 2 FLOPs per multiply-add), file size of the state
-    dict, and median latency over `repeats` runs after warm-up, per device and batch size."""
-    model = copy.deepcopy(model).eval()
+    """`measure_together` of one model."""
+    return measure_together([model], input_shape, batches, repeats, devices)[0]
+
+
+def measure_together(models: list[nn.Module], input_shape: tuple[int, ...], batches=(1, 256), repeats: int = 20,
+                     devices=("cpu",), max_repeats: int | None = None, max_seconds: float = 20.0) -> list[Measured]:
+    """Parameters, MACs (PyTorch's FlopCounterMode: 2 FLOPs per multiply-add), state-dict file size, and
+    latency per device and batch size. The models are timed in turns (one run of each, then again), so
+    a burst of other work on a shared server slows all of them alike instead of making one look fast;
+    at least `repeats` turns, more (up to `max_repeats`, default 3 x repeats, and `max_seconds`) while
+    any model's middle half of runs is wider than a fifth of its median."""
+    models = [copy.deepcopy(m).eval() for m in models]
+    latency: list[dict] = [{} for _ in models]
+    spread: list[dict] = [{} for _ in models]
+    runs = 0
+    for device in devices:
+        on = [m.to(device) for m in models]
+        for batch in batches:
+            x = torch.randn(batch, *input_shape, device=device)
+            times = _timed_in_turns(on, x, device, repeats, max_repeats or 3 * repeats, max_seconds)
+            for i, t in enumerate(times):
+                q = statistics.quantiles(t, n=4) if len(t) > 1 else [t[0]] * 3
+                latency[i][(device, batch)] = 1000 * statistics.median(t)
+                spread[i][(device, batch)] = (1000 * q[0], 1000 * q[2])
+                runs = len(t)
+    return [Measured(*_size(m.cpu(), input_shape), latency[i], spread[i], runs) for i, m in enumerate(models)]
+
+
+def _size(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[int, int, int]:
     params = sum(p.numel() for p in model.parameters())
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
         model(torch.zeros(1, *input_shape))
     buf = io.BytesIO()
     torch.save(model.state_dict(), buf)
-    latency = {}
-    for device in devices:
-        m = model.to(device)
-        for batch in batches:
-            x = torch.randn(batch, *input_shape, device=device)
-            with torch.no_grad():
-                for _ in range(3):
-                    m(x)
-                times = []
-                for _ in range(repeats):
-                    if device == "cuda":
-                        torch.cuda.synchronize()
-                    start = time.perf_counter()
-                    m(x)
-                    if device == "cuda":
-                        torch.cuda.synchronize()
-                    times.append(time.perf_counter() - start)
-            latency[(device, batch)] = 1000 * statistics.median(times)
-    return Measured(params, counter.get_total_flops() // 2, len(buf.getvalue()), latency)
+    return params, counter.get_total_flops() // 2, len(buf.getvalue())
+
+
+def _timed_in_turns(models: list[nn.Module], x: torch.Tensor, device: str, repeats: int, max_repeats: int,
+                    max_seconds: float) -> list[list[float]]:
+    def once(m: nn.Module) -> float:
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        m(x)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    times: list[list[float]] = [[] for _ in models]
+    began = time.perf_counter()
+    with torch.no_grad():
+        for m in models:  # warm-up
+            for _ in range(3):
+                m(x)
+        while True:
+            for m, t in zip(models, times):
+                t.append(once(m))
+            n = len(times[0])
+            if n >= max_repeats or (n >= repeats and (not _noisy(times) or time.perf_counter() - began > max_seconds)):
+                return times
+
+
+def _noisy(times: list[list[float]]) -> bool:
+    for t in times:
+        if len(t) < 2:
+            return True
+        q = statistics.quantiles(t, n=4)
+        if q[2] - q[0] > 0.2 * statistics.median(t):
+            return True
+    return False

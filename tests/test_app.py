@@ -80,8 +80,10 @@ def test_contrast_axis_and_presentation_mode_reach_the_live_view():
     assert live(at)["tiles"] != layer_tiles
     at.radio(key="axis").set_value("%").run()
     assert live(at)["axis"] == "%"
+    assert at.query_params.get("present") == "1"
     at.button(key="exit_present").click().run()
     assert at.toggle(key="present").value is False and live(at)["present"] is False
+    assert "present" not in at.query_params, at.query_params  # a link copied now opens the normal view
 
 
 def test_a_middle_layer_shows_last_known_values_and_says_why(app):

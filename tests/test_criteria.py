@@ -214,6 +214,11 @@ def test_predictions_at_k_are_the_pruned_models_and_flips_follow(vgg_small):
     assert result["broke"] == torch.nonzero((base == y) & (want != y)).flatten().tolist()
     assert result["fixed"] == torch.nonzero((base != y) & (want == y)).flatten().tolist()
     assert sum(b for _, b, _ in result["per_class"]) == eng.correct(0)
+    names = data.DATASETS["fashion_mnist"].class_names
+    for which, true_side in (("broke", 0), ("fixed", 1)):  # the gallery's captions: answer at K = 0 → now
+        for i, caption in zip(result[which], flips.captions(result, which, names)):
+            then, now = caption.split(" → ")
+            assert then != now and (then, now)[true_side] == names[int(y[i])], (which, caption)
     assert sum(a for _, _, a in result["per_class"]) == eng.correct(k, "remove")
 
 

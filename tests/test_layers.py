@@ -1,8 +1,10 @@
 """Every layer at lecture speed: middle-layer answers (memory budget, sample, memo) and the sensitivity map."""
 
+import time
+
 import pytest
 
-from conftest import BUNDLED, ROOT, cli
+from conftest import BUNDLED, ROOT, cli, full_engine
 from core import checkpoints, data, engine, sensitivity
 from core.naive import naive_correct
 from core.split import conv_layer_names
@@ -120,24 +122,47 @@ def test_cli_sensitivity_writes_one_row_per_layer_and_fraction(tmp_path, fmnist_
     assert "(tied by residual add)" in res.stdout
 
 
-def test_sensitivity_page_draws_the_rows_so_far_and_offers_to_resume(vgg):
+def _until(condition, seconds: float = 180) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_sensitivity_page_stops_in_one_click_resumes_and_stops_when_left(vgg, monkeypatch):
     from streamlit.testing.v1 import AppTest
 
-    from ui import keys
+    from ui import keys, sensitivity_map
 
-    ckpt, x, y = vgg
+    ckpt, _, _ = vgg
+    monkeypatch.setattr(sensitivity_map, "UNWATCHED_S", 600.0)  # the test looks at the job, not the page
     at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=300)
     at.switch_page("pages/5_sensitivity.py").run()
     assert not at.exception, at.exception
     assert [b.label for b in at.button if b.key == keys.SENSITIVITY_START] == ["Compute the sensitivity map"]
-    # Rows a stopped run left behind (real ones, on a sample of the test set), for the session's key.
-    rows = list(sensitivity.sensitivity(ckpt.build_model(), x[:500], y[:500], mode="zero",
-                                        layers=["features.6.0"], device="cpu"))
-    key = (ckpt.digest, ckpt.dataset, "mean", "zero")
-    at.session_state[keys.SENSITIVITY_ROWS] = {key: rows}
+    at.button(key=keys.SENSITIVITY_START).click().run()
+    job = sensitivity_map.job((ckpt.digest, ckpt.dataset, "mean", "zero"))
+    _until(lambda: len(job.rows) >= 2)
+    at.run()
+    at.button(key=keys.SENSITIVITY_STOP).click().run()  # one click
+    job.thread.join(timeout=30)
+    assert not job.running and job.status == "stopped"
+    counted = list(job.rows)
     at.run()
     assert not at.exception, at.exception
     assert [b.label for b in at.button if b.key == keys.SENSITIVITY_START] == ["Resume"]
-    assert any("1 of 4 layers done" in c.value for c in at.caption)
+    assert any(c.value.startswith(f"{len(counted)} of 44 cells done (4 layers x 11 fractions)") for c in at.caption)
+    assert any(c.value.startswith(f"Stopped after {len(counted)} cells") for c in at.caption)
     heatmap = at.get("plotly_chart")[0]
-    assert '"features.6.0"' in heatmap.proto.spec and f'"{rows[5].accuracy:.0%}"' in heatmap.proto.spec
+    assert '"features.0.0"' in heatmap.proto.spec and f'"{counted[1].accuracy:.0%}"' in heatmap.proto.spec
+    assert counted[0].correct == full_engine(BUNDLED["vgg"]).correct(0)  # K = 0 on the whole test set
+    at.button(key=keys.SENSITIVITY_START).click().run()  # Resume goes on from the rows counted
+    resumed = sensitivity_map.job((ckpt.digest, ckpt.dataset, "mean", "zero"))
+    assert resumed is not job and resumed.rows[:len(counted)] == counted
+    _until(lambda: len(resumed.rows) > len(counted))
+    assert len({(r.layer, r.fraction) for r in resumed.rows}) == len(resumed.rows)  # nothing counted twice
+    monkeypatch.setattr(sensitivity_map, "UNWATCHED_S", 1.0)
+    at.switch_page("app.py")  # leaving the page: nobody watches the job any more
+    resumed.thread.join(timeout=60)
+    assert not resumed.running and resumed.status == "stopped: the page was left"

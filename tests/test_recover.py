@@ -1,9 +1,11 @@
 """Recover and realise: fine-tuning with pruned channels held at zero; removal for real, exact and measured."""
 
+import json
+
 import pytest
 import torch
 
-from conftest import BUNDLED, ROOT, cli, full_engine
+from conftest import BUNDLED, ROOT, cli, full_engine, shown
 from core import checkpoints, data, engine, slim
 from core.tasks import count_correct
 from core.finetune import FinetuneConfig, finetune
@@ -82,6 +84,77 @@ def test_measure_counts_parameters_and_macs(small):
     assert set(before.latency_ms) == {("cpu", 1)} and before.latency_ms[("cpu", 1)] > 0
 
 
+REFUSED_512 = ("K = 512: removing for real keeps at least one of the layer's 512 channels, so K goes from 0 to 511 "
+               "here; a conv with no channels is no layer.")
+
+
+def test_removing_every_channel_is_refused_in_words_and_one_channel_left_is_exact(small):
+    x, y, eng = small
+    with pytest.raises(ValueError) as refused:
+        slim.slim(eng, 512, "remove")
+    assert str(refused.value) == REFUSED_512
+    result = slim.slim(eng, 511, "remove")
+    assert result.model.get_submodule(eng.layer).out_channels == 1
+    assert count_correct(result.model, x, y) == eng.correct(511, "remove")
+
+
+def test_latency_chart_spans_the_layer_up_to_one_channel_left():
+    from ui import recover
+
+    assert recover.latency_ks(512) == [0, 128, 256, 384, 448, 480, 496, 511]
+    assert recover.latency_ks(128) == [0, 32, 64, 96, 112, 120, 124, 127]
+    assert recover.latency_ks(2) == [0, 1]
+
+
+@pytest.mark.parametrize("name", ["vgg", "resnet"])
+def test_parameters_left_is_the_slim_models_count_at_every_k(small, name):
+    x, y, _ = small
+    ckpt = checkpoints.load(BUNDLED[name])
+    eng = engine.Engine(ckpt.build_model(), x[:256], y[:256], device="cpu")
+    from ui import words
+
+    per = slim.removed_per_channel(eng)
+    total = words.parameter_count(ckpt)  # the Load page's count, and the slider's at K = 0
+    assert total == sum(p.numel() for p in eng.model.parameters())  # the slim table's
+    for k in (1, eng.channels // 2, eng.channels - 1):
+        left = slim.slim(eng, k, "remove").model
+        assert sum(p.numel() for p in left.parameters()) == total - k * per, (name, k)
+
+
+class _Sleeper(torch.nn.Module):
+    """A model whose run takes 5 ms, and 300 ms on its `spike`-th call: one burst of other work."""
+
+    def __init__(self, spike: int | None = None):
+        super().__init__()
+        self.lin, self.calls, self.spike = torch.nn.Linear(4, 2), 0, spike
+
+    def forward(self, x):
+        import time
+
+        self.calls += 1
+        time.sleep(0.3 if self.calls == self.spike else 0.005)
+        return self.lin(x.flatten(1))
+
+
+def test_one_slow_run_is_not_shown_as_a_speed_up():
+    from ui import recover
+
+    original, same = slim.measure_together([_Sleeper(spike=6), _Sleeper()], (4,), batches=(1,), repeats=10)
+    assert original.runs == same.runs >= 10
+    low, high = original.spread_ms[("cpu", 1)]
+    assert 5 <= low <= original.latency_ms[("cpu", 1)] <= high < 100  # the spike is outside the middle half
+    assert recover.speedup_in_words(original, same) == "Slim against original, cpu batch 1: within the noise."
+    assert original.latency_text(("cpu", 1)).count("(") == 1
+
+
+def test_cli_slim_of_every_channel_exits_2_in_one_sentence(fmnist_subset, tmp_path):
+    out = tmp_path / "slim.pt2"
+    res = cli("slim", str(BUNDLED["vgg"]), "--k", "512", "--data-root", fmnist_subset, "--device", "cpu",
+              "--out", str(out))
+    assert res.returncode == 2 and res.stderr.strip().splitlines()[-1] == "error: " + REFUSED_512, res.stderr
+    assert not out.exists()
+
+
 @pytest.mark.slow
 def test_cli_slim_program_sweeps_to_the_masked_count(tmp_path):
     out = tmp_path / "slim.pt2"
@@ -120,10 +193,10 @@ def test_prune_page_fine_tunes_and_removes_for_real(monkeypatch, app_engines):
     at.number_input(key=keys.FT_STEPS).set_value(10).run()
     at.button(key=keys.FT_START).click().run()
     assert not at.exception, at.exception
-    name = "fmnist_vgg · K=480 remove · fine-tuned 10 steps"
-    assert any(name in s.value for s in at.success)
+    name = "fine-tuned: fmnist_vgg · K=480 remove · 10 steps"
+    assert any(name in shown(s.value) for s in at.success), [s.value for s in at.success]
     at.run()  # the sidebar, drawn before the panel, lists the new model on the next run
-    assert any(o.startswith("upload: " + name) for o in at.selectbox(key=keys.MODEL).options)
+    assert any(o.startswith(name + " (") for o in at.selectbox(key=keys.MODEL).options)
     at.toggle(key=keys.SLIM_SHOW).set_value(True).run()
     assert not at.exception, at.exception
     eng = full_engine(BUNDLED["vgg"])
@@ -132,6 +205,17 @@ def test_prune_page_fine_tunes_and_removes_for_real(monkeypatch, app_engines):
     table = next(df.value for df in at.dataframe if "MACs" in df.value.columns)
     assert table["model"].tolist() == ["original", "slim (K = 480)"]
     assert int(table["parameters"][1].replace(",", "")) < int(table["parameters"][0].replace(",", ""))
+    # The latency chart removes up to the last K that leaves one channel; K = P is refused in words.
+    at.toggle(key=keys.SLIM_CURVE).set_value(True).run()
+    assert not at.exception, at.exception
+    chart = next(json.loads(c.proto.spec) for c in at.get("plotly_chart")
+                 if "what they buy" in json.loads(c.proto.spec)["layout"]["title"]["text"])
+    assert chart["data"][0]["x"] == [0, 128, 256, 384, 448, 480, 496, 511]
+    at.session_state[keys.K] = 512
+    at.run()
+    assert not at.exception, at.exception
+    assert [shown(e.value) for e in at.error] == [REFUSED_512]
+    at.session_state[keys.K] = 480
     # Both downloads load back on the Load page and give the slim model's accuracy at K = 0.
     want = f"{eng.correct(480, 'remove') / 1e4:.2%}"
     for name in ("fmnist_vgg_K480_remove_slim.pt2", "fmnist_vgg_K480_remove_slim.pt"):

@@ -18,7 +18,8 @@ from ui import choices, keys
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLED_DIR = ROOT / "checkpoints"
 DEFAULT_MODEL = "fmnist_vgg"
-UPLOAD_PREFIX = "upload: "
+UPLOAD_PREFIX = "upload: "          # how a session's own models are listed: by where they came from
+FINE_TUNED_PREFIX = "fine-tuned: "
 
 
 @st.cache_resource(max_entries=16, show_spinner=False)
@@ -45,8 +46,7 @@ def bundled_checkpoints() -> dict[str, Checkpoint]:
 def loaded_models() -> dict[str, Checkpoint]:
     """Every model of this session by name, as its file was read (bundled first, then uploads)."""
     models = dict(bundled_checkpoints())
-    for name, ckpt in st.session_state.setdefault(keys.UPLOADS, {}).items():
-        models[UPLOAD_PREFIX + name] = ckpt
+    models.update(st.session_state.setdefault(keys.UPLOADS, {}))
     return models
 
 
@@ -127,7 +127,7 @@ def add_upload(name: str, content: bytes, arch: str | None = None, dataset: str 
             raise checkpoints.CheckpointError(f"The program gives {outputs} outputs, but your images "
                                               f"({own['name']}) are in {classes} classes.")
         _first_run(ckpt, images)
-        add_session_model(name, ckpt)
+        add_session_model(UPLOAD_PREFIX + name, ckpt)
         keys.hand_off(keys.USE_OWN_DATA, True)
         keys.hand_off(keys.MODEL, UPLOAD_PREFIX + name)
         return ckpt
@@ -138,7 +138,7 @@ def add_upload(name: str, content: bytes, arch: str | None = None, dataset: str 
         raise checkpoints.CheckpointError(f"Recognised as '{ckpt.arch}', but its data set is not available "
                                           f"here. {exc.public}") from None
     _first_run(ckpt, test)
-    add_session_model(name, ckpt)
+    add_session_model(UPLOAD_PREFIX + name, ckpt)
     if conv_layers(ckpt):
         keys.hand_off(keys.MODEL, UPLOAD_PREFIX + name)  # the sidebar applies it on the next run
     return ckpt
@@ -152,15 +152,16 @@ def _first_run(ckpt: Checkpoint, test: data.DataSplit) -> None:
         raise checkpoints.CheckpointError(str(exc)) from None
 
 
-def add_session_model(name: str, ckpt: Checkpoint) -> None:
-    """A model of this session only (an upload, or a model fine-tuned here), listed beside the bundled ones."""
-    uploads = st.session_state.setdefault(keys.UPLOADS, {})
-    uploads.pop(name, None)
-    uploads[name] = ckpt
-    current = str(st.session_state.get(keys.MODEL, "")).removeprefix(UPLOAD_PREFIX)
+def add_session_model(label: str, ckpt: Checkpoint) -> None:
+    """A model of this session only, listed beside the bundled ones under `label`: UPLOAD_PREFIX or
+    FINE_TUNED_PREFIX and its name."""
+    models = st.session_state.setdefault(keys.UPLOADS, {})
+    models.pop(label, None)
+    models[label] = ckpt
+    current = st.session_state.get(keys.MODEL, "")
     limit = max(1, int(os.environ.get("PRUNE_EXPLORER_MAX_SESSION_UPLOADS", 3)))
-    for old in [n for n in uploads if n not in (name, current)][:max(0, len(uploads) - limit)]:
-        del uploads[old]  # each session keeps its last few models (the one in use stays)
+    for old in [n for n in models if n not in (label, current)][:max(0, len(models) - limit)]:
+        del models[old]  # each session keeps its last few models (the one in use stays)
 
 
 def is_session_model(ckpt: Checkpoint) -> bool:

@@ -14,7 +14,7 @@ import weakref
 
 import streamlit as st
 
-from core import criteria, data, engine
+from core import criteria, data, engine, slim
 from core.cache import EngineCache, OverBudget
 from core.checkpoints import Checkpoint
 from ui import catalogue, choices, jobs, keys, words
@@ -224,3 +224,10 @@ def feature_map_figure(key: tuple, criterion: str, k: int, by_score: bool, contr
     rows, _ = figures.grid_shape(_eng.channels)
     return figures.feature_map_grid(_eng.stats.mean_map.numpy(), _eng.scores(criterion).numpy(), ranks, k, by_score,
                                     contrast=contrast, height=max(420, 34 * rows + 60))
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def removed_per_channel(key: tuple, _eng: engine.Engine) -> int:
+    """Parameters one removed channel takes away, as Torch-Pruning removes it (core/slim.py), so that the
+    slider's "Parameters left" is the slim model's count at every K."""
+    return slim.removed_per_channel(_eng)

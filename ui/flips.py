@@ -20,7 +20,8 @@ def flips(key: tuple, k: int, mode: str, criterion: str, _eng: engine.Engine) ->
     classes = int(y.max()) + 1
     per_class = [(int((y == c).sum()), int(((before == y) & (y == c)).sum()), int(((after == y) & (y == c)).sum()))
                  for c in range(classes)]
-    return {"broke": broke.tolist(), "fixed": fixed.tolist(), "after": after.tolist(), "per_class": per_class}
+    return {"broke": broke.tolist(), "fixed": fixed.tolist(), "before": before.tolist(), "after": after.tolist(),
+            "per_class": per_class}
 
 
 def thumbnail(x: torch.Tensor) -> np.ndarray:
@@ -31,15 +32,23 @@ def thumbnail(x: torch.Tensor) -> np.ndarray:
     return (img - low) / (high - low + 1e-12)
 
 
+def captions(result: dict, which: str, class_names: list[str]) -> list[str]:
+    """"answer at K = 0 → answer now" for the first SHOWN images of `which` ("broke" or "fixed"): one form
+    for both lists; the true class is the first answer of a broken image and the second of a fixed one."""
+    name = (lambda c: class_names[c] if c < len(class_names) else str(c))
+    return [f"{name(result['before'][i])} → {name(result['after'][i])}" for i in result[which][:SHOWN]]
+
+
 def show(result: dict, x: torch.Tensor, y: torch.Tensor, class_names: list[str], k: int) -> None:
     name = (lambda c: class_names[c] if c < len(class_names) else str(c))
     for title, which in (("right at K = 0, wrong now", "broke"), ("wrong at K = 0, right now", "fixed")):
         idx = result[which]
-        st.markdown(f"**{len(idx):,} images {title}**" + (f" (the first {SHOWN})" if len(idx) > SHOWN else ""))
+        st.markdown(f"**{len(idx):,} images {title}**" + (f" (the first {SHOWN})" if len(idx) > SHOWN else "")
+                    + (": the answer at K = 0 → the answer now" if idx else ""))
         if idx:
             shown = idx[:SHOWN]
             st.image([thumbnail(x[i]) for i in shown], width=72, clamp=True,
-                     caption=[f"{name(int(y[i]))} → {name(result['after'][i])}" for i in shown])
+                     caption=captions(result, which, class_names))
     st.markdown("**Accuracy per class**")
     st.dataframe([{"class": name(c), "images": n, "at K = 0": f"{b / n:.1%}" if n else "",
                    f"at K = {k}": f"{a / n:.1%}" if n else "", "change": f"{(a - b) / n * 100:+.1f} pts" if n else ""}

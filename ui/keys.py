@@ -16,7 +16,7 @@ from typing import Any
 import streamlit as st
 
 # --- choices shared by every page (sidebar widgets, also carried in the URL) -------------------
-MODEL = "model"            # name of the checkpoint in use (a bundled file stem or "upload: NAME")
+MODEL = "model"            # the model in use: a bundled file stem, "upload: NAME" or "fine-tuned: NAME"
 LAYER = "layer"            # the conv layer being pruned
 CRITERION = "criterion"    # ranking criterion, a key of core.criteria.CRITERIA
 MODE = "mode"              # pruning mode, a key of core.engine.MODES
@@ -31,7 +31,7 @@ K = "k"                    # channels pruned; survives page switches and model s
 INITIALISED = "initialised"  # defaults and URL applied once per session
 LINK_MODEL_MISSING = "link_model_missing"  # the URL's model, when this server has no such model (said once)
 HANDOFFS = "handoffs"      # {widget key: value} to apply before the next run's sidebar (see above)
-UPLOADS = "uploads"        # {file name: Checkpoint} this session uploaded
+UPLOADS = "uploads"        # {label: Checkpoint}: the models only this session has (catalogue.add_session_model)
 INPUTS = "inputs"          # {model name: preparation token} chosen on the Load page (core/inputs.py); in the URL
 OWN_DATA = "own_data"      # the uploaded image folder: {"name", "path", "digest", "images", "classes"}
 LAST_UPLOAD = "last_upload"    # (file_id, chosen data set) of the checkpoint upload already handled
@@ -57,8 +57,6 @@ SLIM_DOWNLOAD_STATE = "slim_download_state"  # the slim model as a state dict wi
 SHOW_FLIPS = "show_flips"  # the Prune page's toggle: which images flipped at K
 CURVE_JOBS_WATCHED = "curve_jobs_watched"  # middle-layer curves whose background job this session shows
 REFINE = "refine"  # the button asking for more exact points of a middle layer's curve
-SENSITIVITY_ROWS = "sensitivity_rows"  # {(digest, data set, criterion, mode): rows computed so far}
-SENSITIVITY_RUNNING = "sensitivity_running"  # the key of the map being computed, while it runs
 SENSITIVITY_START, SENSITIVITY_STOP, SENSITIVITY_CSV = "sensitivity_start", "sensitivity_stop", "sensitivity_csv"
 UPLOAD_DATASET = "upload_dataset"  # the data set a .pt2 program is tested on ("" = the first that fits)
 UPLOAD_IMAGES = "upload_images"

@@ -15,7 +15,12 @@ from core.checkpoints import Checkpoint
 from core.finetune import FinetuneConfig, finetune
 from ui import catalogue, engines, keys, words
 
-LATENCY_KS = (0, 128, 256, 384, 448, 480, 496, 512)
+LATENCY_SHARES = (0, 1 / 4, 1 / 2, 3 / 4, 7 / 8, 15 / 16, 31 / 32)  # of the layer's channels, where MACs fall fastest
+
+
+def latency_ks(channels: int) -> list[int]:
+    """The Ks the latency chart removes: shares of the layer, and the last K that leaves one channel."""
+    return sorted({k for k in (round(channels * share) for share in LATENCY_SHARES) if k < channels} | {channels - 1})
 
 
 def panel(ckpt: Checkpoint, eng: engine.Engine, k: int, mode: str, criterion: str) -> None:
@@ -54,16 +59,17 @@ def _finetune(ckpt: Checkpoint, eng: engine.Engine, k: int, mode: str, criterion
     model, done = finetune(eng, cfg, train.x, train.y, progress=progress)
     st.session_state[keys.FT_RUNNING] = False
     after = count_correct(model, eng.x, eng.y, eng.task)
-    name = f"{ckpt.name} · K={k} {mode} · fine-tuned {len(done)} steps"
+    name = f"{ckpt.name} · K={k} {mode} · {len(done)} steps"
     meta = ckpt.saved_meta(test_accuracy=after / eng.total, test_correct=after, test_total=eng.total,
                            finetuned={**cfg.describe(), "from": ckpt.name})
     state_dict = {key: v.detach().clone() for key, v in model.state_dict().items()}
     digest = hashlib.sha256(repr((ckpt.digest, cfg.describe())).encode()).hexdigest()
     tuned = Checkpoint(ckpt.arch, dict(ckpt.arch_kwargs), state_dict, meta, digest, name, input_prep=ckpt.prep)
-    catalogue.add_session_model(name, tuned)
+    catalogue.add_session_model(catalogue.FINE_TUNED_PREFIX + name, tuned)
     before = eng.correct(k, mode, criterion)
     st.success(f"Accuracy at K = {k}: {before / eng.total:.2%} right after pruning -> {after / eng.total:.2%} after "
-               f"{len(done)} steps. Added to this session's models as **{name}** (sidebar, Curve page).")
+               f"{len(done)} steps. Added to this session's models as **{words.plain(catalogue.FINE_TUNED_PREFIX + name)}** (sidebar, "
+               "Curve page).")
 
 
 @st.cache_resource(max_entries=8, show_spinner=False)
@@ -72,9 +78,10 @@ def _slim(key: tuple, k: int, mode: str, criterion: str, _eng: engine.Engine) ->
 
 
 @st.cache_resource(max_entries=16, show_spinner=False)
-def _measure(key: tuple, k: int, mode: str, criterion: str, _model, shape: tuple) -> slim.Measured:
+def _measure(key: tuple, ks: tuple, mode: str, criterion: str, _models: tuple, shape: tuple) -> list[slim.Measured]:
+    """The models with K in `ks` removed, measured together (timed in turns: slim.measure_together)."""
     devices = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
-    return slim.measure(_model, shape, repeats=10, devices=devices)
+    return slim.measure_together(list(_models), shape, repeats=10, devices=devices)
 
 
 def _realise(ckpt: Checkpoint, eng: engine.Engine, k: int, mode: str, criterion: str) -> None:
@@ -104,17 +111,17 @@ def _realise(ckpt: Checkpoint, eng: engine.Engine, k: int, mode: str, criterion:
                       else "."))
     with st.spinner("Measuring both models on this server ..."):
         shape = tuple(ckpt.spec.input_shape)
-        before = _measure(key, 0, mode, criterion, eng.model, shape)
-        after = _measure(key, k, mode, criterion, result.model, shape)
+        before, after = _measure(key, (0, k), mode, criterion, (eng.model, result.model), shape)
     rows = []
     for label, m in (("original", before), (f"slim (K = {k})", after)):
         row = {"model": label, "parameters": f"{m.parameters:,}", "MACs": f"{m.macs:,}",
                "file": f"{m.file_bytes / 1e6:.2f} MB"}
-        row.update({f"{dev} batch {b} (ms)": f"{ms:.2f}" for (dev, b), ms in m.latency_ms.items()})
+        row.update({f"{dev} batch {b} (ms)": m.latency_text((dev, b)) for dev, b in m.latency_ms})
         rows.append(row)
     st.dataframe(rows, hide_index=True, width="stretch")
-    st.caption("Latency: median of 10 runs after warm-up, measured now on this server (other users' work "
-               "slows it). MACs: PyTorch's FlopCounterMode.")
+    st.caption(f"Latency: median of {after.runs} runs per model after warm-up, the middle half of the runs in "
+               "brackets; the two models are timed in turns, so other users' work on this server slows both "
+               "alike. " + speedup_in_words(before, after) + " MACs: PyTorch's FlopCounterMode.")
     meta = ckpt.saved_meta(test_correct=right, test_total=eng.total, test_accuracy=right / eng.total,
                            slimmed={"from": ckpt.name, "layer": eng.layer, "k": k, "mode": mode,
                                     "criterion": criterion})
@@ -137,19 +144,29 @@ def _realise(ckpt: Checkpoint, eng: engine.Engine, k: int, mode: str, criterion:
                                   help="This product's checkpoint format: the architecture's name, its constructor "
                                        "arguments with the new width, the weights and how they were made.")
     if st.toggle("Latency and MACs against K", key=keys.SLIM_CURVE,
-                 help=f"Removes and measures at K = {', '.join(map(str, LATENCY_KS))}: where do fewer MACs stop "
-                      "buying time?"):
-        points = []
-        bar = st.progress(0.0, text="Measuring ...")
-        for i, kk in enumerate(x for x in LATENCY_KS if x <= eng.channels):
-            try:
-                model = _slim(key, kk, mode, criterion, eng).model
-            except ValueError:
-                continue
-            points.append((kk, _measure(key, kk, mode, criterion, model, shape)))
-            bar.progress((i + 1) / len(LATENCY_KS), text=f"K = {kk}")
+                 help=f"Removes and measures at K = {', '.join(map(str, latency_ks(eng.channels)))} (the last "
+                      "keeps one channel: a conv with none is no layer): where do fewer MACs stop buying time?"):
+        models, ks = [], latency_ks(eng.channels)
+        bar = st.progress(0.0, text="Removing ...")
+        for i, kk in enumerate(ks):
+            models.append(_slim(key, kk, mode, criterion, eng).model)
+            bar.progress((i + 1) / len(ks), text=f"Removed K = {kk}")
         bar.empty()
+        with st.spinner(f"Measuring the {len(ks)} models in turns ..."):
+            points = list(zip(ks, _measure(key, tuple(ks), mode, criterion, tuple(models), shape)))
         st.plotly_chart(_latency_figure(points), width="stretch")
+
+
+def speedup_in_words(before: slim.Measured, after: slim.Measured) -> str:
+    """Each latency's change, or "within the noise" where the middle halves of the two models' runs overlap."""
+    said = []
+    for dev, b in before.latency_ms:
+        (lo0, hi0), (lo1, hi1) = before.spread_ms[(dev, b)], after.spread_ms[(dev, b)]
+        if lo1 <= hi0 and lo0 <= hi1:
+            said.append(f"{dev} batch {b}: within the noise")
+        else:
+            said.append(f"{dev} batch {b}: {before.latency_ms[(dev, b)] / after.latency_ms[(dev, b)]:.2f}x as fast")
+    return "Slim against original, " + "; ".join(said) + "."
 
 
 def _changed(ckpt, widths: dict) -> str:

@@ -192,6 +192,11 @@ def sync_url() -> None:
         value = st.session_state.get(key)
         if value is not None and st.query_params.get(key) != str(value):
             st.query_params[key] = str(value)
+    if st.session_state.get(keys.PRESENT):  # a copied link opens presentation mode only while it is on
+        if st.query_params.get("present") != "1":
+            st.query_params["present"] = "1"
+    elif "present" in st.query_params:
+        del st.query_params["present"]
     token = catalogue.preparation_choice(str(st.session_state.get(keys.MODEL)))  # the model's chosen inputs
     if token and st.query_params.get("inputs") != token:
         st.query_params["inputs"] = token

@@ -57,14 +57,8 @@ def summary_in_words(ckpt: Checkpoint) -> str:
     return text + (f" (after {ckpt.spec.provenance})" if ckpt.spec.provenance else "")
 
 
-def pruned_parameters(eng: engine.Engine, k: int) -> int:
-    """Weights removed with K filters: each filter's weights and bias, and its BatchNorm's scale and shift."""
-    conv = eng.conv
-    per_filter = conv.weight[0].numel() + (1 if conv.bias is not None else 0) + (2 if eng.bn_name else 0)
-    return k * per_filter
-
-
 def parameter_count(ckpt: Checkpoint) -> int:
+    """The model's parameters as the slim table counts them (`model.parameters()`: no running statistics)."""
     return sum(v.numel() for k, v in ckpt.state_dict.items() if not k.endswith(("running_mean", "running_var",
                                                                                  "num_batches_tracked")))
 
