@@ -98,6 +98,9 @@ def _checkpoint(args):
     return ckpt
 
 
+_ENGINES: list = []  # the engines this command built
+
+
 def _engine(args):
     from . import engine
 
@@ -115,11 +118,17 @@ def _engine(args):
         split = ckpt.split(train=False, data_root=args.data_root)
     trial.check_on(ckpt, split)  # memory on the meta device, then a few real images: refused in words
     bar = _Bar()
+    from . import store
+
+    kept = None if getattr(args, "no_cache", False) else store.default()
     eng = engine.from_checkpoint(ckpt, layer=args.layer, device=args.device, data_root=args.data_root,
-                                 progress=bar, split=split)
+                                 progress=bar, split=split, store=kept)
+    _ENGINES.append(eng)  # main() keeps what they learn in the store when the command succeeds
     print(f"{args.checkpoint}: {ckpt.arch}, layer {eng.layer} ({eng.channels} channels), "
           f"{eng.total} test images, device {eng.device}, path: {eng.path}; inputs: {ckpt.prep.describe()} "
           f"({ckpt.prep.source})"
+          + (f"; the pass read back from the cache in {kept.root} (--no-cache makes it again)" if eng.restored
+             else "")
           + (f"; {eng.recomputed_batches} batches over the memory budget are recomputed per evaluation"
              if eng.recomputed_batches else ""), file=sys.stderr)
     return ckpt, eng, bar
@@ -437,6 +446,8 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("--image-folder", default=None, metavar="DIR",
                         help="evaluate on your own images: one sub-folder per class (ImageFolder layout)")
         sp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+        sp.add_argument("--no-cache", action="store_true",
+                        help="neither read nor write the engine cache (PRUNE_EXPLORER_CACHE/engines)")
         sp.add_argument("--normalize", default=None, metavar="none|dataset|MEAN,STD", help=normalize_help)
 
     r = sub.add_parser("rank", help="rank the layer's channels (rank 0 = pruned first) to CSV")
@@ -514,8 +525,14 @@ def main(argv: list[str] | None = None) -> int:
     from .untrusted import printable
 
     args = parser().parse_args(argv)
+    _ENGINES.clear()
     try:
-        return args.func(args)
+        code = args.func(args)
+        from .engine import keep_memos
+
+        for eng in _ENGINES:
+            keep_memos(eng)
+        return code
     except (CheckpointError, DataUnavailable, ValueError, RuntimeError, OSError) as exc:
         if args.debug:
             raise

@@ -69,6 +69,27 @@ class Capture:
     fast_reason: str = ""                            # why a mode's read-out did not hold, in words
 
 
+def capture_state(found: Capture) -> dict:
+    """A Capture as plain tensors, lists and numbers (core/store.py keeps it on disk)."""
+    st = found.stats
+    return {"stats": {"mean_map": st.mean_map, "mean_abs_map": st.mean_abs_map, "zero_fraction": st.zero_fraction},
+            "boundaries": [list(b) if b is not None else None for b in found.boundaries],
+            "base_correct": found.base_correct, "boundary_bytes": found.boundary_bytes,
+            "readouts": {mode: cache.state() for mode, cache in found.readouts.items()},
+            "fast_reason": found.fast_reason}
+
+
+def restore(state: dict, readouts: dict[str, ReadoutCache]) -> Capture:
+    """The Capture `capture_state` gave; `readouts`: the engine's empty read-out caches, filled here
+    for the modes the saved pass kept (a mode the pass dropped stays dropped, with its reason)."""
+    stats = ChannelStats(**state["stats"])
+    kept = {mode: readouts[mode] for mode in state["readouts"]}
+    for mode, cache in kept.items():
+        cache.load_state(state["readouts"][mode])
+    return Capture(stats, [tuple(b) if b is not None else None for b in state["boundaries"]],
+                   state["base_correct"], int(state["boundary_bytes"]), kept, str(state["fast_reason"]))
+
+
 def _nbytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 

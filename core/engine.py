@@ -82,7 +82,8 @@ class Engine:
 
     def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, layer: str | None = None,
                  task: str = "multiclass", device: str | torch.device = "auto", batch_size: int = 1000,
-                 progress: Progress | None = None, fast: bool = True, boundary_budget: int | None = None):
+                 progress: Progress | None = None, fast: bool = True, boundary_budget: int | None = None,
+                 saved: dict | None = None):
         self.device = pick_device(device) if isinstance(device, str) else device
         # The boundary tensors of a middle layer are kept up to this many bytes; batches beyond it
         # are recomputed through the prefix when evaluated (exact either way, slower).
@@ -99,7 +100,9 @@ class Engine:
         self.x, self.y = x, y
         self._split, reason = self._make_split()
         self.bn_name = self._split.bn_name if self._split else following_batchnorm(self.model, self.layer)
-        if self._split is None:
+        if saved is not None:  # `state()` of an engine of the same model, data, layer and device (core/store.py)
+            found = capture.restore(saved["capture"], self._readouts(reason)[0] if self._split and fast else {})
+        elif self._split is None:
             found = capture.capture_hooked(self.model, self.layer, self.bn_name, x, self.device, batch_size, progress)
         else:
             readouts, reason = self._readouts(reason) if fast else ({}, reason)
@@ -109,10 +112,46 @@ class Engine:
         self.boundary_bytes, self.fast_reason = found.boundary_bytes, found.fast_reason
         self._readout_caches = found.readouts
         self._boundaries, bounds = found.boundaries, batch_bounds(self.total, batch_size)
+        self._captured = found  # for `state()`; dropped where the boundaries are joined into one chunk
         if self._fits_one_chunk():  # on a GPU with room; one copy for both modes
             self._boundaries, bounds = one_chunk(self._split, self._boundaries), [(0, self.total)]
+            self._captured = None
         self._evaluators: dict[str, Evaluator] = {mode: self._evaluator(mode, bounds) for mode in MODES}
         self._rankings, self._curves, self._answers, self._taylor = Memo(), Memo(), Memo(), Memo()
+        if saved is not None:
+            self._load_memos(saved.get("memos") or {})
+        self.restored = saved is not None  # the pass was read back, not made
+        self.stored_as: tuple | None = None  # (store, key) where `from_checkpoint` keeps it on disk
+        self._memos_saved = 0
+
+    # -- kept on disk (core/store.py) ---------------------------------------------------------
+    def state(self) -> dict | None:
+        """The pass and every memo as plain tensors, lists and numbers, for `Engine(..., saved=...)`;
+        None where the pass is no longer held as it was made (boundaries joined on a GPU)."""
+        if self._captured is None:
+            return None
+        return {"capture": capture.capture_state(self._captured)}
+
+    def memo_state(self) -> dict:
+        """The curves, exact counts and Taylor scores known so far (rankings are recomputed from them)."""
+        return {"curves": [[list(k), v] for k, v in self._curves.items()],
+                "answers": [[list(k), v] for k, v in self._answers.items()],
+                "taylor": [v for _, v in self._taylor.items()]}
+
+    def memo_count(self) -> int:
+        return len(self._curves.items()) + len(self._answers.items()) + len(self._taylor.items())
+
+    def _load_memos(self, memos: dict) -> None:
+        for key, curve in memos.get("curves", []):
+            if len(curve) != self.channels + 1:
+                raise ValueError("a saved curve does not fit this layer")
+            self._curves.put(tuple(key), [int(c) for c in curve])
+        for key, count in memos.get("answers", []):
+            self._answers.put(tuple(key), int(count))
+        for scores in memos.get("taylor", []):
+            if tuple(scores.shape) != (self.channels,):
+                raise ValueError("saved Taylor scores do not fit this layer")
+            self._taylor.put("scores", scores.cpu())
 
     def _make_split(self) -> tuple[Split | None, str]:
         try:
@@ -345,8 +384,42 @@ def default_boundary_budget() -> int:
 
 
 def from_checkpoint(ckpt, layer: str | None = None, device: str = "auto", data_root: str | None = None,
-                    progress: Progress | None = None, split=None) -> Engine:
-    """The engine for a checkpoint on its data set's test split (or on `split`, e.g. one's own images)."""
+                    progress: Progress | None = None, split=None, store=None) -> Engine:
+    """The engine for a checkpoint on its data set's test split (or on `split`, e.g. one's own images).
+    With a `store` (core/store.py) a pass made before, by this process or another, is read back instead
+    of made again, and a new one is kept."""
     split = split if split is not None else ckpt.split(train=False, data_root=data_root)
-    return Engine(ckpt.build_model(), split.x, split.y, layer=layer, task=ckpt.spec.task,
-                  device=device, progress=progress)
+    model = ckpt.build_model()
+    if store is None:
+        return Engine(model, split.x, split.y, layer=layer, task=ckpt.spec.task, device=device, progress=progress)
+    from .store import data_digest
+
+    dev = pick_device(device)
+    key = ("engine", ckpt.digest, data_digest(split.x, split.y), layer or default_layer(model), dev.type)
+    saved = store.load(key, dev)
+    eng = None
+    if saved is not None:
+        saved["memos"] = (store.load(key + ("memos",), "cpu") or {}).get("memos")
+        try:
+            eng = Engine(model, split.x, split.y, layer=layer, task=ckpt.spec.task, device=dev, saved=saved)
+        except Exception:  # a file that does not fit this engine: computed again
+            store.drop(key)
+            store.drop(key + ("memos",))
+    if eng is None:
+        eng = Engine(model, split.x, split.y, layer=layer, task=ckpt.spec.task, device=dev, progress=progress)
+        state = eng.state()
+        if state is not None:
+            store.save(key, state)
+    eng.stored_as = (store, key)
+    eng._memos_saved = eng.memo_count()
+    return eng
+
+
+def keep_memos(eng: Engine) -> None:
+    """Write the engine's curves and counts to its store when it learned something since the last write."""
+    if eng.stored_as is None or eng.memo_count() == eng._memos_saved:
+        return
+    store, key = eng.stored_as
+    count = eng.memo_count()
+    if store.save(key + ("memos",), {"memos": eng.memo_state()}):
+        eng._memos_saved = count

@@ -144,6 +144,18 @@ class ReadoutCache:
     def tensors(self) -> list[torch.Tensor]:
         return [t for batch in self._on + self._off for t in batch] + self._labels
 
+    def state(self) -> dict:
+        """The filled cache as plain tensors and lists (core/store.py keeps it on disk)."""
+        return {"on": [list(b) for b in self._on], "off": [list(b) for b in self._off],
+                "labels": list(self._labels), "starts": list(self._starts)}
+
+    def load_state(self, state: dict) -> None:
+        """Fill an empty cache from `state()`, checked against this read-out's channels."""
+        for on, off, labels in zip(state["on"], state["off"], state["labels"]):
+            self.add_batch(tuple(on), tuple(off), labels)
+        if self._starts != list(state["starts"]):
+            raise ValueError("the saved read-out's batches do not add up")
+
     def labels(self) -> torch.Tensor:
         """Every image's label, in order (N,)."""
         return torch.cat(self._labels)

@@ -33,6 +33,9 @@ os.environ["PRUNE_EXPLORER_PROPAGATE_ERRORS"] = "1"
 # No background warm-up of the bundled models in the tests' servers and AppTest runs: a test that
 # times a page must not share the CPU with it (the warm-up's own test runs it directly).
 os.environ.setdefault("PRUNE_EXPLORER_WARM", "0")
+# No engine kept on disk (core/store.py) unless a test asks for it: each test makes the pass it checks,
+# and no test writes hundreds of megabytes it never reads (tests/test_store.py turns it on).
+os.environ["PRUNE_EXPLORER_DISK_CACHE_GB"] = "0"
 
 
 @dataclass

@@ -14,14 +14,14 @@ import weakref
 
 import streamlit as st
 
-from core import criteria, data, engine, slim
+from core import criteria, data, engine, slim, store
 from core.cache import EngineCache, OverBudget
 from core.checkpoints import Checkpoint
 from ui import catalogue, choices, jobs, keys, words
 
 @st.cache_resource(show_spinner=False)
 def engine_cache() -> EngineCache:
-    return EngineCache(max_entries=int(os.environ.get("PRUNE_EXPLORER_MAX_ENGINES", 4)),
+    return EngineCache(max_entries=int(os.environ.get("PRUNE_EXPLORER_MAX_ENGINES", 8)),
                        max_bytes=int(float(os.environ.get("PRUNE_EXPLORER_MAX_CACHE_GB", 2)) * 2**30))
 
 
@@ -93,7 +93,7 @@ def engine_for(ckpt: Checkpoint, layer: str | None) -> engine.Engine:
             if images is not None:  # chosen for another model: its labels must fit this one's outputs
                 catalogue.fits(ckpt, images)
             eng = cache.get(key, lambda: engine.from_checkpoint(
-                ckpt, layer=layer, device=choices.device(), split=images,
+                ckpt, layer=layer, device=choices.device(), split=images, store=disk_store(ckpt, own),
                 progress=lambda d, t, label: bar.progress(d / t, text=label)))
         except (OverBudget, data.DataUnavailable) as exc:  # one sentence, and the page stops here
             status.update(label=f"{words.plain(ckpt.name)} could not be prepared", state="error", expanded=True)
@@ -103,6 +103,15 @@ def engine_for(ckpt: Checkpoint, layer: str | None) -> engine.Engine:
                       expanded=False)
     _hold_for_session(ckpt, key)
     return eng
+
+
+def disk_store(ckpt: Checkpoint, own: dict | None):
+    """Where a bundled model's engine is kept on disk (core/store.py), shared by restarts and by every
+    server process on this machine; None for a model or images only one session has: an upload is
+    never kept beyond its session."""
+    if own is not None or catalogue.is_session_model(ckpt):
+        return None
+    return store.default()
 
 
 class _Warmer:
@@ -131,7 +140,8 @@ class _Warmer:
             def report(done, total, label, key=key):
                 self.progress[key] = (done, total, label)
             try:
-                eng = cache.get(key, lambda: engine.from_checkpoint(ckpt, layer=key[2], device=dev, progress=report))
+                eng = cache.get(key, lambda: engine.from_checkpoint(ckpt, layer=key[2], device=dev, progress=report,
+                                                                    store=store.default()))
             except Exception:  # a missing data set etc.: the page that needs it shows the reason
                 continue
             finally:
@@ -140,6 +150,7 @@ class _Warmer:
             if eng.path == engine.PATH_FAST:  # both modes' curves: flipping zero/remove is then a lookup
                 for mode in engine.MODES:
                     eng.curve(mode, "mean")
+            engine.keep_memos(eng)
         for eng in built:  # then the other criteria
             if eng.path == engine.PATH_FAST:
                 for name, rule in criteria.CRITERIA.items():
@@ -151,6 +162,7 @@ class _Warmer:
                         continue
                     for mode in engine.MODES:
                         eng.curve(mode, name)
+            engine.keep_memos(eng)
 
 
 @st.cache_resource(show_spinner=False)
@@ -194,6 +206,7 @@ def curve(eng: engine.Engine, mode: str, criterion: str) -> list[float]:
         bar = st.progress(0.0, text=f"Computing the {mode} curve ...")
         counts = eng.curve(mode, criterion, progress=lambda d, t, label: bar.progress(d / t, text=label))
         bar.empty()
+    engine.keep_memos(eng)  # a restart reads it back (a lookup when nothing is new)
     return [c / eng.total for c in counts]
 
 
@@ -211,6 +224,7 @@ def accuracy_at(eng: engine.Engine, k: int, mode: str, criterion: str) -> tuple[
         with jobs.shared().foreground(eng), st.spinner(f"Evaluating K = {k} on every test image ..."):
             eng.correct(k, mode, criterion)
         note.empty()
+        engine.keep_memos(eng)
     known = {kk: c / eng.total for kk, c in eng.answers(mode, criterion).items()}
     return known[k], known
 
