@@ -188,6 +188,7 @@ def test_curve_page_offers_a_coarse_oracle_where_the_read_out_is_not_linear(app_
     at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=600)
     at.session_state[keys.CURVE_MODELS] = ["fmnist_siamese"]  # the page's first run draws only it,
     at.session_state[keys.CURVE_MODES] = ["zero"]  # in one mode (each K of its curve costs a read-out here)
+    at.session_state[keys.COMPARE_CRITERIA] = ["mean"]  # one rule: the coarse oracle is this test's subject
     at.switch_page("pages/3_curve.py").run()
     assert at.multiselect(key=keys.CURVE_MODELS).value == ["fmnist_siamese"]
     at.toggle(key=keys.COMPARE_ORACLE).set_value(True).run()

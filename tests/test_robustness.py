@@ -625,7 +625,7 @@ def test_each_session_keeps_a_bounded_number_of_uploads(monkeypatch):
     for i in range(4):
         at.file_uploader(key="upload").set_value((f"mine{i}.pt", raw, "application/octet-stream")).run()
         assert not at.exception and not at.error, (i, at.exception, [e.value for e in at.error])
-    assert list(at.session_state["uploads"]) == ["mine2.pt", "mine3.pt"]  # the oldest dropped first
+    assert list(at.session_state["uploads"]) == ["upload: mine2.pt", "upload: mine3.pt"]  # the oldest dropped first
 
 
 def test_an_unexpected_error_is_one_sentence_and_the_session_goes_on(caplog, monkeypatch):
@@ -680,13 +680,16 @@ def test_the_warm_up_skips_rules_a_model_refuses_and_warms_the_rest():
     ckpt = checkpoints.load(ROOT / "checkpoints" / "fmnist_pair_cnn.pt")
     layer = catalogue.conv_layers(ckpt)[-1].name
     key = (ckpt.digest, ckpt.dataset, layer, "cpu")
-    engines._Warmer()._run([(key, ckpt, "cpu")])  # raised ValueError from bn_gamma before
+    warmer = engines._Warmer()
+    assert warmer.status() is None
+    warmer._run([(key, ckpt, "cpu")])  # raised ValueError from bn_gamma before
     eng = engines.engine_cache().lookup(key)
     assert eng is not None and eng.bn_name is None and eng.path == engine.PATH_FAST
-    warmed = {name for name, rule in criteria.CRITERIA.items()
-              if rule.looks_at != criteria.GRADIENTS and name != "bn_gamma"}
+    warmed = {name for name in criteria.CRITERIA if name != "bn_gamma"}  # Taylor's backward pass included
     assert all(eng.answers(mode, name) and len(eng.answers(mode, name)) == eng.channels + 1
                for name in warmed for mode in engine.MODES)
+    steps = 1 + len(criteria.CRITERIA)
+    assert warmer.status() == f"Ready: every bundled model, criterion and mode prepared ({steps} steps)."
 
 
 @pytest.mark.slow
@@ -711,3 +714,22 @@ def test_a_sessions_own_engines_are_released_when_the_session_ends(monkeypatch):
     gc.collect()
     assert cache.lookup(own[0]) is None, "the session's own engine outlived it"
     assert all(cache.lookup(key) is not None for key in shared)  # the bundled models' engines stay
+
+
+def test_the_sidebar_shows_the_warm_up_line_until_ready():
+    from ui import engines
+
+    warmer = engines._warmer()  # the server's one warm-up (off in the tests): its counters set by hand
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=300)
+    try:
+        warmer.steps, warmer.done, warmer.label = 10, 3, "fmnist_resnet: APoZ (share of zeros)"
+        at.run()
+        assert not at.exception, at.exception
+        assert "Preparing the lecture: step 3 of 10, fmnist_resnet: APoZ (share of zeros)" in \
+            [c.value for c in at.sidebar.caption]
+        warmer.done = 10
+        at.run()
+        assert "Ready: every bundled model, criterion and mode prepared (10 steps)." in \
+            [c.value for c in at.sidebar.caption]
+    finally:
+        warmer.steps = warmer.done = 0

@@ -7,6 +7,7 @@ slow paths and a labelled sample's estimate while an exact count is made.
 """
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -18,6 +19,13 @@ from core import criteria, data, engine, slim, store
 from core.cache import EngineCache, OverBudget
 from core.checkpoints import Checkpoint
 from ui import catalogue, choices, jobs, keys, words
+
+log = logging.getLogger("prune_explorer")
+if not log.handlers:  # the warm-up's steps reach the server's log (Streamlit configures only its own loggers)
+    _handler = logging.StreamHandler()
+    _handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+    log.addHandler(_handler)
+    log.setLevel(logging.INFO)
 
 @st.cache_resource(show_spinner=False)
 def engine_cache() -> EngineCache:
@@ -116,12 +124,16 @@ def disk_store(ckpt: Checkpoint, own: dict | None):
 
 class _Warmer:
     """Builds the bundled models' engines in one background thread, into the shared cache, under
-    the keys `engine_for` uses; `progress` holds the one being built: {key: (done, total, label)}."""
+    the keys `engine_for` uses, then what a lecture shows of them in order of need: both modes' curves
+    of the default criterion, every other criterion's, the Taylor scores (a backward pass each). With
+    the engine store all of it is read back on a second start. `progress` holds the engine being
+    built: {key: (done, total, label)}; `status()` is the line the sidebar shows."""
 
     def __init__(self):
         self.progress: dict[tuple, tuple[int, int, str]] = {}
         self.thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self.steps, self.done, self.label = 0, 0, ""
 
     def start(self, jobs) -> None:
         """Start the thread unless it was started before; `jobs()` lists (key, checkpoint, device)."""
@@ -131,10 +143,26 @@ class _Warmer:
                                                daemon=True)
                 self.thread.start()
 
+    def status(self) -> str | None:
+        """"Preparing the lecture: ..." while it runs, "Ready: ..." once done; None before it starts."""
+        if not self.steps:
+            return None
+        if self.done < self.steps:
+            return f"Preparing the lecture: step {self.done} of {self.steps}, {self.label}"
+        return f"Ready: every bundled model, criterion and mode prepared ({self.steps} steps)."
+
+    def _step(self, label: str) -> None:
+        self.label = label
+        log.info("warm-up %d/%d: %s", self.done, self.steps, label)
+
     def _run(self, jobs) -> None:
         cache = engine_cache()
         built = []
+        rules = [n for n, rule in criteria.CRITERIA.items() if rule.looks_at != criteria.GRADIENTS]
+        gradients = [n for n, rule in criteria.CRITERIA.items() if rule.looks_at == criteria.GRADIENTS]
+        self.steps = len(jobs) * (1 + len(rules) + len(gradients))
         for key, ckpt, dev in jobs:
+            self._step(f"{ckpt.name}: one pass over the test set")
             self.progress[key] = (0, 1, f"Preparing {ckpt.name}")
 
             def report(done, total, label, key=key):
@@ -143,26 +171,31 @@ class _Warmer:
                 eng = cache.get(key, lambda: engine.from_checkpoint(ckpt, layer=key[2], device=dev, progress=report,
                                                                     store=store.default()))
             except Exception:  # a missing data set etc.: the page that needs it shows the reason
+                self.done += 1 + len(rules) + len(gradients)
                 continue
             finally:
                 self.progress.pop(key, None)
-            built.append(eng)
-            if eng.path == engine.PATH_FAST:  # both modes' curves: flipping zero/remove is then a lookup
-                for mode in engine.MODES:
-                    eng.curve(mode, "mean")
-            engine.keep_memos(eng)
-        for eng in built:  # then the other criteria
-            if eng.path == engine.PATH_FAST:
-                for name, rule in criteria.CRITERIA.items():
-                    if rule.looks_at == criteria.GRADIENTS:  # a backward pass: computed when first asked for
-                        continue
-                    try:
-                        eng.ranking(name)
-                    except ValueError:  # a rule this layer refuses (bn_gamma without a batch norm): none to warm
-                        continue
+            self.done += 1
+            built.append((ckpt, eng))
+            self._curves(ckpt, eng, ["mean"])  # both modes: flipping zero/remove is then a lookup
+        for names in ([n for n in rules if n != "mean"], gradients):  # then the other criteria, backward passes last
+            for ckpt, eng in built:
+                self._curves(ckpt, eng, names)
+        self.done = self.steps  # every step accounted, the models that failed included
+        self._step("ready")
+
+    def _curves(self, ckpt, eng: engine.Engine, names: list[str]) -> None:
+        for name in names:
+            self._step(f"{ckpt.name}: {criteria.CRITERIA[name].label}")
+            if eng.path == engine.PATH_FAST:  # elsewhere each K costs a pass: computed when asked for
+                try:
+                    eng.ranking(name)
                     for mode in engine.MODES:
                         eng.curve(mode, name)
-            engine.keep_memos(eng)
+                except ValueError:  # a rule this layer refuses (bn_gamma without a batch norm): none to warm
+                    pass
+            self.done += 1
+        engine.keep_memos(eng)
 
 
 @st.cache_resource(show_spinner=False)
@@ -186,6 +219,11 @@ def warm_bundled_models() -> None:
         jobs = [(make_key(models[name], models[name].dataset, None, dev), models[name], dev) for name in order]
         return jobs[:engine_cache().max_entries]  # never evict the default model by warming another
     warmer.start(jobs)
+
+
+def warm_status() -> str | None:
+    """The warm-up's status line (None where it is off)."""
+    return _warmer().status()
 
 
 def check_criterion(eng: engine.Engine, criterion: str) -> None:

@@ -16,7 +16,7 @@ import streamlit as st
 import torch
 
 from core import criteria, engine
-from ui import catalogue, choices, engines, guard, keys
+from ui import catalogue, choices, engines, guard, keys, words
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 
@@ -86,10 +86,26 @@ def show(page: Page) -> None:
             _channel_controls()
         else:
             _device_control()
+        _warm_up_line()
     sync_url()
     if st.session_state.get(keys.PRESENT):
         st.button("Exit presentation mode", key=keys.EXIT_PRESENT, on_click=_exit_presentation,
                   type="tertiary", icon=":material/close_fullscreen:")
+
+
+def _warm_up_line() -> None:
+    """The background warm-up's status line, redrawn every two seconds while it runs (a fragment: the
+    page itself is not run again); "Ready: ..." once every bundled model is prepared."""
+    if engines.warm_status() is None:
+        return
+
+    @st.fragment(run_every=2.0 if not engines.warm_status().startswith("Ready") else None)
+    def line() -> None:
+        st.caption(words.plain(engines.warm_status()), help="Every bundled model's pass over the test set, then "
+                   "its curves for every rule and mode, in the background; kept on disk, so a restart reads them "
+                   "back in seconds.")
+
+    line()
 
 
 def _exit_presentation() -> None:
