@@ -63,7 +63,6 @@ def _fold_constant(model: nn.Module, eng: Engine, channels: list[int], mode: str
 
 def slim(eng: Engine, k: int, mode: str = "remove", criterion: str = "mean") -> SlimResult:
     """A new model with the K lowest-ranked channels of the engine's layer cut out (0 <= K < channels)."""
-    import torch_pruning as tp
 
     _check_k(eng, k)
     channels = eng.ranking(criterion)[:k].tolist()
@@ -79,12 +78,7 @@ def slim(eng: Engine, k: int, mode: str = "remove", criterion: str = "mean") -> 
                          "emit a constant; this layer cannot be removed exactly.")
     if not channels:
         return SlimResult(copy.deepcopy(model), [], [], folded)
-    example = torch.zeros(1, *eng.x.shape[1:])
-    for p in model.parameters():  # the dependency graph is traced through autograd
-        p.requires_grad_(True)
-    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example)
-    conv = model.get_submodule(eng.layer)
-    group = graph.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=channels)
+    group = _pruning_group(model, eng, channels)
     names = {m: n for n, m in model.named_modules()}
     shrunk, tied = [], []
     own = {eng.layer, eng.bn_name}
@@ -117,15 +111,20 @@ def removed_per_channel(eng: Engine) -> int:
     copy: the filter, its bias and batch norm, and every reader's weights for that channel (the linear
     read-out's columns, the next conv's input slice). Every channel of a layer costs the same, so K
     channels remove K times this: the number the slider shows is the slim model's count."""
-    import torch_pruning as tp
-
     model = copy.deepcopy(eng.model).cpu().eval()
     before = sum(p.numel() for p in model.parameters())
+    _pruning_group(model, eng, [0]).prune()
+    return before - sum(p.numel() for p in model.parameters())
+
+
+def _pruning_group(model: nn.Module, eng: Engine, channels: list[int]):
+    """Torch-Pruning's group of every layer that shrinks with these output channels of the engine's layer."""
+    import torch_pruning as tp
+
     for p in model.parameters():  # the dependency graph is traced through autograd
         p.requires_grad_(True)
     graph = tp.DependencyGraph().build_dependency(model, example_inputs=torch.zeros(1, *eng.x.shape[1:]))
-    graph.get_pruning_group(model.get_submodule(eng.layer), tp.prune_conv_out_channels, idxs=[0]).prune()
-    return before - sum(p.numel() for p in model.parameters())
+    return graph.get_pruning_group(model.get_submodule(eng.layer), tp.prune_conv_out_channels, idxs=channels)
 
 
 def widths(arch: str, arch_kwargs: dict, model: nn.Module) -> dict | None:

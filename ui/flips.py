@@ -32,15 +32,19 @@ def thumbnail(x: torch.Tensor) -> np.ndarray:
     return (img - low) / (high - low + 1e-12)
 
 
+def _namer(class_names: list[str]):
+    return lambda c: class_names[c] if c < len(class_names) else str(c)
+
+
 def captions(result: dict, which: str, class_names: list[str]) -> list[str]:
     """"answer at K = 0 → answer now" for the first SHOWN images of `which` ("broke" or "fixed"): one form
     for both lists; the true class is the first answer of a broken image and the second of a fixed one."""
-    name = (lambda c: class_names[c] if c < len(class_names) else str(c))
+    name = _namer(class_names)
     return [f"{name(result['before'][i])} → {name(result['after'][i])}" for i in result[which][:SHOWN]]
 
 
 def show(result: dict, x: torch.Tensor, y: torch.Tensor, class_names: list[str], k: int) -> None:
-    name = (lambda c: class_names[c] if c < len(class_names) else str(c))
+    name = _namer(class_names)
     for title, which in (("right at K = 0, wrong now", "broke"), ("wrong at K = 0, right now", "fixed")):
         idx = result[which]
         st.markdown(f"**{len(idx):,} images {title}**" + (f" (the first {SHOWN})" if len(idx) > SHOWN else "")
