@@ -63,7 +63,6 @@ def _fold_constant(model: nn.Module, eng: Engine, channels: list[int], mode: str
 
 def slim(eng: Engine, k: int, mode: str = "remove", criterion: str = "mean") -> SlimResult:
     """A new model with the K lowest-ranked channels of the engine's layer cut out (0 <= K < channels)."""
-
     _check_k(eng, k)
     channels = eng.ranking(criterion)[:k].tolist()
     model = prune_copy(eng.model, eng.layer, channels, mode, eng.bn_name).cpu().eval()
