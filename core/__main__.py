@@ -231,14 +231,14 @@ def cmd_sensitivity(args) -> int:
         fractions = [float(f) for f in args.fractions.split(",") if f.strip()]
     except ValueError:
         raise ValueError(f"--fractions '{args.fractions}' is not a comma list of numbers.") from None
-    split = ckpt.split(train=False, data_root=args.data_root)
-    model = ckpt.build_model()
-    tied = sensitivity.ties(model)
-    rows = []
-    bar = _Bar()
-    for row in sensitivity.sensitivity(model, split.x, split.y, ckpt.spec.task, args.criterion, args.mode,
-                                       fractions, args.device, progress=bar):
-        rows.append(row)
+    from . import store
+
+    kept = None if args.no_cache else store.default()
+    rows, read = sensitivity.kept_map(ckpt, args.criterion, args.mode, fractions, args.device, kept, args.data_root,
+                                      _Bar())
+    if read:
+        print(f"the map read back from the cache in {kept.root} (--no-cache counts it again)", file=sys.stderr)
+    tied = sensitivity.ties(ckpt.build_model())
     _write_csv(args.out, ["layer", "channels", "fraction", "k", "correct", "total", "accuracy"],
                [[r.layer, r.channels, f"{r.fraction:g}", r.k, r.correct, r.total, f"{r.accuracy:.4f}"] for r in rows])
     for layer in dict.fromkeys(r.layer for r in rows):
@@ -252,18 +252,14 @@ def cmd_oracle(args) -> int:
     from . import oracle
 
     ckpt, eng, bar = _engine(args)
-    picker = eng if args.pick_on == "test" else oracle.training_engine(ckpt, eng, args.data_root, bar)
-    if args.kind == "sampled":  # where the read-out is not linear: each channel alone, on a sample
-        found = oracle.sampled_single(picker, args.mode, bar)
-    else:
-        found = oracle.single(picker, args.mode) if args.kind == "single" else oracle.greedy(picker, args.mode, bar)
-    counts = oracle.scored_on(eng, found, args.mode).correct_after if picker is not eng else found.correct_after
+    found = oracle.chosen(eng, args.kind, args.mode, args.pick_on, ckpt, args.data_root, bar)
+    counts = found.correct_after
     _write_csv(args.out, ["rank", "channel", "correct_after"], [[r, c, n] for r, (c, n) in
                                                                 enumerate(zip(found.order, counts))])
     what = {"single": "each channel pruned alone", "greedy": "the first rank+1 channels pruned",
-            "sampled": f"each channel pruned alone, among the first {picker.sample_size:,} images only"}[args.kind]
-    where = ("the test set: an upper bound, not a usable rule" if picker is eng
-             else f"the last {len(picker.y):,} training images, scored on the test set")
+            "sampled": f"each channel pruned alone, among the first {eng.sample_size:,} images only"}[args.kind]
+    where = ("the test set: an upper bound, not a usable rule" if args.pick_on == "test"
+             else f"the last {oracle.training_size(ckpt, args.data_root):,} training images, scored on the test set")
     print(f"wrote {args.out}: {args.kind} oracle order of {eng.channels} channels (mode {args.mode}), picked on "
           f"{where}; correct_after = right test answers with {what}")
     return 0
@@ -498,6 +494,8 @@ def parser() -> argparse.ArgumentParser:
     se.add_argument("--out", required=True)
     se.add_argument("--data-root", default=None)
     se.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    se.add_argument("--no-cache", action="store_true",
+                    help="neither read nor write the map in the engine cache (PRUNE_EXPLORER_CACHE/engines)")
     se.set_defaults(func=cmd_sensitivity)
     m = sub.add_parser("magnitude", help="magnitude pruning with retraining (Han et al. 2015), per step to CSV")
     m.add_argument("checkpoint")

@@ -147,6 +147,14 @@ CRITERIA: dict[str, Criterion] = {c.name: c for c in (
     FPGM(), RandomOrder())}
 
 
+BAND_SEEDS = 20  # the random band: this many seeded random orders
+
+
+def random_orders(n: int = BAND_SEEDS) -> list[str]:
+    """The names of the seeded random orders of the baseline band (seeds 0 to n-1)."""
+    return [RandomOrder(seed).name for seed in range(n)]
+
+
 def get(name: str) -> Criterion:
     """A criterion by name; `random:SEED` is the random order with another seed."""
     seed = name[len("random:"):] if name.startswith("random:") else ""

@@ -415,6 +415,17 @@ def from_checkpoint(ckpt, layer: str | None = None, device: str = "auto", data_r
     return eng
 
 
+def kept(eng: Engine, name: tuple, make: Callable[[], dict], fits: Callable[[dict], bool] = lambda state: True) -> dict:
+    """A further fact about this engine's model, data and layer (an oracle order, say), kept beside the
+    engine in its store when it has one (`from_checkpoint(..., store=)`): made once, read back after."""
+    if eng.stored_as is None:
+        return make()
+    from .store import remembered
+
+    store, key = eng.stored_as
+    return remembered(store, key + name, make, fits)
+
+
 def keep_memos(eng: Engine) -> None:
     """Write the engine's curves and counts to its store when it learned something since the last write."""
     if eng.stored_as is None or eng.memo_count() == eng._memos_saved:

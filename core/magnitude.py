@@ -65,6 +65,43 @@ def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module:
     return pruned
 
 
+# The Magnitude page's slider steps: every 5% to 80%, every 2% to 90%, every 1% to 99%, then the tail where
+# accuracy falls fastest. Each step's accuracy is counted once (`grid_counts`), so the slider is a lookup.
+GRID = tuple(sorted({i / 100 for i in range(0, 80, 5)} | {i / 100 for i in range(80, 90, 2)}
+                    | {i / 100 for i in range(90, 100)} | {0.993, 0.995, 0.997, 0.999}))
+
+
+def grid_counts(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: str = "multiclass", per_layer: bool = False,
+                grid=GRID, progress: Progress | None = None) -> dict:
+    """{"correct": right test answers, "nonzero": weights left} at each sparsity of `grid`: the literal
+    procedure (a pruned copy, every test image) at each step."""
+    order, correct, nonzero = MagnitudeOrder(model), [], []
+    for i, s in enumerate(grid):
+        pruned = apply_masks(model, order.masks(s, per_layer))
+        correct.append(count_correct(pruned, x, y, task=task, device="cpu"))
+        nonzero.append(sparsity_of(pruned).overall_nonzero)
+        if progress:
+            progress(i + 1, len(grid), f"{s:.1%} of the weights pruned")
+    return {"grid": [float(s) for s in grid], "correct": correct, "nonzero": nonzero, "total": order.total}
+
+
+def kept_grid(ckpt, per_layer: bool = False, store=None, data_root: str | None = None,
+              progress: Progress | None = None) -> dict:
+    """`grid_counts` for a checkpoint on its test split, kept in the engine store (core/store.py) where
+    one is given: a restart or another server process reads it back."""
+    split = ckpt.split(train=False, data_root=data_root)
+
+    def make() -> dict:
+        return grid_counts(ckpt.build_model(), split.x, split.y, ckpt.spec.task, per_layer, progress=progress)
+    if store is None:
+        return make()
+    from .store import data_digest, remembered
+
+    key = ("magnitude grid", ckpt.digest, data_digest(split.x, split.y), per_layer, GRID)
+    return remembered(store, key, make, lambda state: state.get("grid") == list(GRID)
+                      and len(state.get("correct", [])) == len(GRID))
+
+
 @dataclass
 class Sparsity:
     nonzero: dict[str, int]

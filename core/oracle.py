@@ -12,11 +12,11 @@ changes the logits by a fixed amount per image:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 
-from .engine import Engine, Progress
+from .engine import Engine, Progress, kept
 from .tasks import image_losses, margin, predictions
 
 
@@ -165,6 +165,33 @@ def scored_on(eng: Engine, found: OracleOrder, mode: str) -> OracleOrder:
         return OracleOrder(found.kind, found.order, [count[c] for c in found.order])
     return OracleOrder("greedy", found.order, [c for _, c in eng.sweep_order(found.order, range(1, eng.channels + 1),
                                                                             mode)])
+
+
+def chosen(eng: Engine, kind: str, mode: str = "zero", pick_on: str = "test", ckpt=None,
+           data_root: str | None = None, progress: Progress | None = None) -> OracleOrder:
+    """The `kind` oracle's order picked on the test images (`pick_on="test"`: an upper bound) or on the
+    last training images of `ckpt`'s data set, with its counts on `eng`'s images. Kept in the engine's
+    store (core/store.py) where it has one: the greedy order costs seconds to minutes, a lookup after."""
+    def make() -> dict:
+        picker = eng if pick_on == "test" else training_engine(ckpt, eng, data_root, progress)
+        found = _run(kind, picker, mode, progress)
+        return asdict(found if picker is eng else scored_on(eng, found, mode))
+
+    def fits(state: dict) -> bool:
+        return sorted(state.get("order", [])) == list(range(eng.channels)) and \
+            len(state.get("correct_after", [])) == eng.channels
+    where = "test" if pick_on == "test" else ("train", training_size(ckpt, data_root))
+    return OracleOrder(**kept(eng, ("oracle", kind, mode, where), make, fits))
+
+
+def _run(kind: str, eng: Engine, mode: str, progress: Progress | None) -> OracleOrder:
+    if kind == "single":
+        return single(eng, mode)
+    if kind == "greedy":
+        return greedy(eng, mode, progress)
+    if kind == "sampled":
+        return sampled_single(eng, mode, progress)
+    raise ValueError(f"Unknown oracle '{kind}'. Oracles: single, greedy, sampled.")
 
 
 @dataclass(frozen=True)

@@ -3,18 +3,20 @@
 One engine per layer, built and dropped in turn (one pass over the test set each, then one pass of
 the rest of the network per fraction; the last layer's read-out makes its row nearly free). Rows
 are yielded as they are computed, so a caller can draw them progressively and stop at any time.
+A finished map is a fact about (checkpoint, test data, rule, mode, fractions, device): `kept_map`
+reads it back from the engine store (core/store.py) or counts it and keeps it there.
 """
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Iterator
 
 import torch
 import torch.fx as fx
 from torch import nn
 
-from .engine import Engine, Progress
+from .engine import Engine, Progress, pick_device
 from .split import conv_layer_names
 from .graph import aten, is_linear
 
@@ -97,3 +99,44 @@ def sensitivity(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: str = 
                 progress(done, steps, f"{layer}: {f:.0%} pruned")
             yield row
         del eng
+
+
+def store_key(ckpt, criterion: str, mode: str, fractions, device: str, data_root: str | None = None) -> tuple:
+    """The engine store's key of a whole map (the test data by content: a replaced file is a new map)."""
+    from .store import data_digest
+
+    split = ckpt.split(train=False, data_root=data_root)
+    return ("sensitivity", ckpt.digest, data_digest(split.x, split.y), criterion, mode,
+            tuple(float(f) for f in fractions), pick_device(device).type)
+
+
+def read_back(store, key: tuple) -> list[Row] | None:
+    """A whole map kept before, or None (none kept, or a file that does not hold rows: then dropped)."""
+    state = store.load(key) if store is not None else None
+    if state is None:
+        return None
+    try:
+        return [Row(**row) for row in state["rows"]]
+    except (KeyError, TypeError):
+        store.drop(key)
+        return None
+
+
+def keep(store, key: tuple, rows: list[Row]) -> None:
+    if store is not None:
+        store.save(key, {"rows": [asdict(r) for r in rows]})
+
+
+def kept_map(ckpt, criterion: str = "mean", mode: str = "zero", fractions=DEFAULT_FRACTIONS, device: str = "auto",
+             store=None, data_root: str | None = None, progress: Progress | None = None) -> tuple[list[Row], bool]:
+    """(the whole map, whether it was read back) for a checkpoint on its data set's test split."""
+    key = store_key(ckpt, criterion, mode, fractions, device, data_root) if store is not None else None
+    rows = read_back(store, key) if key else None
+    if rows is not None:
+        return rows, True
+    split = ckpt.split(train=False, data_root=data_root)
+    rows = list(sensitivity(ckpt.build_model(), split.x, split.y, ckpt.spec.task, criterion, mode, fractions, device,
+                            progress=progress))
+    if key:
+        keep(store, key, rows)
+    return rows, False

@@ -16,7 +16,7 @@ import hashlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Hashable
+from typing import Callable, Hashable
 
 import torch
 
@@ -29,6 +29,23 @@ def default() -> Store | None:
     """The store the app and the CLI use, or None where PRUNE_EXPLORER_DISK_CACHE_GB is 0."""
     gb = float(os.environ.get("PRUNE_EXPLORER_DISK_CACHE_GB", 4))
     return Store(cache_dir() / "engines", int(gb * 2**30)) if gb > 0 else None
+
+
+def remembered(store: Store | None, key: Hashable, make: Callable[[], dict],
+               fits: Callable[[dict], bool] = lambda state: True) -> dict:
+    """`make()`'s result (plain tensors, lists, numbers, strings) for `key`: read back where it was kept
+    before and still `fits`, otherwise made and kept. Without a store it is simply made."""
+    if store is not None:
+        found = store.load(key)
+        if found is not None:
+            found.pop("key", None)
+            if fits(found):
+                return found
+            store.drop(key)
+    made = make()
+    if store is not None:
+        store.save(key, made)
+    return made
 
 
 def data_digest(x: torch.Tensor, y: torch.Tensor) -> str:

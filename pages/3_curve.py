@@ -97,7 +97,7 @@ with sidebar.page(sidebar.CURVE):  # the frame, and one guard: an unexpected err
         try:
             with st.spinner("Ranking the channels by each rule ..."):
                 for name in names:
-                    eng.curve(mode, name)
+                    engines.curve(eng, mode, name)  # kept on disk with the engine
             with st.spinner(f"The random band and the oracle for {chosen[0]}, {mode} ..."):
                 band = compare.random_band(key, mode, eng) if extras else None
                 single, greedy = compare.oracles(key, mode, pick_on, eng, models[chosen[0]]) \

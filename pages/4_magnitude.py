@@ -3,7 +3,7 @@ import numpy as np
 import streamlit as st
 
 from core import magnitude
-from ui import catalogue, figures, keys, magnitude_models, sidebar
+from ui import catalogue, figures, keys, magnitude_models, sidebar, sparsity_slider
 
 with sidebar.page(sidebar.MAGNITUDE):  # the frame, and one guard: an unexpected error is one sentence
     st.title("Magnitude pruning with retraining")
@@ -11,23 +11,25 @@ with sidebar.page(sidebar.MAGNITUDE):  # the frame, and one guard: an unexpected
                "zero (Han et al. 2015, *Learning both Weights and Connections for Efficient Neural Networks*).")
     models = catalogue.available_models()
     names = list(models)
-    c1, c2, c3 = st.columns([0.4, 0.3, 0.3])
-    name = c1.selectbox("Model", names, index=names.index("fmnist_lenet300") if "fmnist_lenet300" in names else 0,
+    c1, c2 = st.columns([0.5, 0.5])
+    name = c1.selectbox("Model", names, index=names.index(catalogue.MAGNITUDE_MODEL)
+                        if catalogue.MAGNITUDE_MODEL in names else 0,
                         key=keys.MAG_MODEL)
     ckpt = models[name]
     per_layer = c2.radio("Threshold", ["global", "per layer"], horizontal=True, key=keys.MAG_THRESHOLD,
                          help="global: one |w| threshold over every layer (the paper's way); per layer: the same "
                               "fraction pruned in each layer.") == "per layer"
-    sparsity = c3.slider("Weights pruned (%)", 0.0, 99.9, 90.0, step=0.1, key=keys.MAG_SPARSITY) / 100
-
-    base_accuracy = magnitude_models.accuracy(ckpt, 0.0, False)
-    accuracy = magnitude_models.accuracy(ckpt, sparsity, per_layer)
+    found = magnitude_models.grid(ckpt, per_layer)
+    total = len(catalogue.test_split(ckpt))
+    base_accuracy = found["correct"][0] / total  # the grid starts at 0%: the model as trained
+    index = sparsity_slider.sparsity_slider(signature=(ckpt.digest, per_layer), grid=found, total_images=total,
+                                            baseline=base_accuracy)
+    sparsity, correct = found["grid"][index], found["correct"][index]
+    accuracy = correct / total
     pruned = magnitude_models.pruned_model(ckpt, sparsity, per_layer)
-    report = magnitude.sparsity_of(pruned)
-    m1, m2, m3 = st.columns(3)
-    m1.metric("Test accuracy (no retraining)", f"{accuracy:.2%}", delta=f"{(accuracy - base_accuracy) * 100:+.2f} pts")
-    m2.metric("Non-zero weights", f"{report.overall_nonzero:,} of {sum(report.total.values()):,}")
-    m3.metric("Compression", f"{report.compression:.1f}x")
+    st.caption(f"Test accuracy with {sparsity:.1%} of the weights pruned, before retraining: **{accuracy:.2%}** "
+               f"({correct:,} of {total:,} right). Drag the slider or use the arrow keys: each of its "
+               f"{len(found['grid'])} steps was counted once over every test image, for this model and threshold.")
 
     retrained = st.session_state.setdefault(keys.MAG_RETRAINED, {}).setdefault(ckpt.digest, [])
     with st.form("retrain"):
@@ -50,8 +52,7 @@ with sidebar.page(sidebar.MAGNITUDE):  # the frame, and one guard: an unexpected
     log_axis = st.radio("Accuracy vs sparsity, x axis", ["log", "linear"], horizontal=True, key=keys.MAG_AXIS,
                         format_func={"log": "weights remaining (log)",
                                      "linear": "weights pruned (linear)"}.get) == "log"
-    grid = [0.0, 0.5, 0.7, 0.8, 0.85, 0.9, 0.92, 0.94, 0.96, 0.97, 0.98, 0.99, 0.995, 0.999]
-    curve = [magnitude_models.accuracy(ckpt, s, per_layer) for s in grid]
+    grid, curve = found["grid"], [c / total for c in found["correct"]]
     st.plotly_chart(figures.accuracy_vs_sparsity((grid, curve), [(r["sparsity"], r["accuracy"]) for r in retrained
                                                                  if r["per_layer"] == per_layer], (sparsity, accuracy),
                                                  log_remaining=log_axis), width="stretch")

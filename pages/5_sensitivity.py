@@ -17,7 +17,7 @@ with sidebar.page(sidebar.SENSITIVITY):  # the frame, and one guard: an unexpect
                "the whole test set. ‡ marks layers whose channels are tied to others by a residual add or a "
                "concatenation: removing them for real would shrink those too.",
                help="Li et al., Pruning Filters for Efficient ConvNets (ICLR 2017), Fig. 2.")
-    complete = sensitivity_map.complete_rows(key)
+    complete = sensitivity_map.complete_rows(key) or sensitivity_map.read_back(ckpt, key, choices.device())
     if complete is None:
         sensitivity_map.progress_view(ckpt, key, layers, tied, criterion, mode, choices.device())
     else:

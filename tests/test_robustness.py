@@ -671,11 +671,15 @@ def test_hostile_url_values_open_the_default_view(query, k):
 
 
 @pytest.mark.slow
-def test_the_warm_up_skips_rules_a_model_refuses_and_warms_the_rest():
+def test_the_warm_up_skips_rules_a_model_refuses_and_warms_the_rest(tmp_path, monkeypatch):
     """The pair model's last conv has no batch norm, so bn_gamma refuses it: the background warm-up
-    must go on to the other rules (and models) instead of dying on that refusal."""
-    from core import checkpoints, criteria, engine
-    from ui import catalogue, engines
+    must go on to the other rules (and models) instead of dying on that refusal; its oracle orders
+    and its sensitivity map end in the engine store, where a page (or another process) reads them."""
+    from core import checkpoints, criteria, engine, oracle, sensitivity, store
+    from ui import catalogue, choices, engines
+
+    monkeypatch.setenv("PRUNE_EXPLORER_DISK_CACHE_GB", "1")
+    monkeypatch.setenv("PRUNE_EXPLORER_CACHE", str(tmp_path))
 
     ckpt = checkpoints.load(ROOT / "checkpoints" / "fmnist_pair_cnn.pt")
     layer = catalogue.conv_layers(ckpt)[-1].name
@@ -688,8 +692,19 @@ def test_the_warm_up_skips_rules_a_model_refuses_and_warms_the_rest():
     warmed = {name for name in criteria.CRITERIA if name != "bn_gamma"}  # Taylor's backward pass included
     assert all(eng.answers(mode, name) and len(eng.answers(mode, name)) == eng.channels + 1
                for name in warmed for mode in engine.MODES)
-    steps = 1 + len(criteria.CRITERIA)
-    assert warmer.status() == f"Ready: every bundled model, criterion and mode prepared ({steps} steps)."
+    steps = 1 + len(criteria.CRITERIA) + 2  # the pass, each rule, the oracles, the sensitivity map
+    kept = store.default()
+    again = engine.from_checkpoint(ckpt, layer=layer, device="cpu", store=kept)
+    assert again.restored and all(again.known(k, "remove", "random:19") is not None for k in (0, eng.channels))
+    assert oracle.why_not_exact(eng, "zero")  # two branches meet after the layer: the coarse oracle is warmed
+    with monkeypatch.context() as m:  # read back, never made again
+        m.setattr(oracle, "sampled_single", lambda *a, **kw: pytest.fail("the coarse oracle was made again"))
+        found = oracle.chosen(again, "sampled", "zero")
+    assert found == oracle.sampled_single(eng, "zero")  # what it reads back is what the search finds
+    rows = sensitivity.read_back(kept, sensitivity.store_key(ckpt, choices.DEFAULT_CRITERION, choices.DEFAULT_MODE,
+                                                             sensitivity.DEFAULT_FRACTIONS, "cpu"))
+    assert rows and {r.layer for r in rows} == {info.name for info in catalogue.conv_layers(ckpt)}
+    assert warmer.status() == f"Ready: every bundled model, criterion, mode, oracle and sensitivity map prepared ({steps} steps)."
 
 
 @pytest.mark.slow
@@ -729,7 +744,7 @@ def test_the_sidebar_shows_the_warm_up_line_until_ready():
             [c.value for c in at.sidebar.caption]
         warmer.done = 10
         at.run()
-        assert "Ready: every bundled model, criterion and mode prepared (10 steps)." in \
+        assert "Ready: every bundled model, criterion, mode, oracle and sensitivity map prepared (10 steps)." in \
             [c.value for c in at.sidebar.caption]
     finally:
         warmer.steps = warmer.done = 0

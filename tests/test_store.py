@@ -137,3 +137,42 @@ def test_the_app_reads_a_bundled_models_engine_back_and_never_keeps_an_upload(tm
     finally:
         cache._engines.clear()
         cache._engines.update(others)
+
+
+def test_oracle_orders_and_the_coarse_oracle_are_read_back_not_searched_again(tmp_path, monkeypatch):
+    from core import oracle
+
+    ckpt = checkpoints.load(BUNDLED["vgg"])
+    split = _subset(ckpt, 500)
+    kept = store.Store(tmp_path, 2**30)
+    fresh = engine.from_checkpoint(ckpt, device="cpu", split=split, store=kept)
+    made = {kind: oracle.chosen(fresh, kind, "zero") for kind in ("single", "greedy", "sampled")}
+    assert made["greedy"] == oracle.greedy(fresh, "zero") and made["single"] == oracle.single(fresh, "zero")
+    again = engine.from_checkpoint(ckpt, device="cpu", split=split, store=kept)
+    def searched(*args, **kwargs):
+        raise AssertionError("an oracle was searched again")
+    for name in ("single", "greedy", "sampled_single"):
+        monkeypatch.setattr(oracle, name, searched)
+    assert {kind: oracle.chosen(again, kind, "zero") for kind in made} == made
+    with pytest.raises(AssertionError):  # another mode is another entry: searched
+        oracle.chosen(again, "single", "remove")
+    store.Store(tmp_path, 2**30).path(again.stored_as[1] + ("oracle", "greedy", "zero", "test")).write_bytes(b"junk")
+    monkeypatch.undo()
+    assert oracle.chosen(again, "greedy", "zero") == made["greedy"]  # a bad entry is searched again, equal
+
+
+def test_a_sensitivity_map_is_counted_once_and_read_back(tmp_path, fmnist_subset, monkeypatch):
+    from core import sensitivity
+
+    ckpt = checkpoints.load(BUNDLED["vgg"])
+    kept = store.Store(tmp_path, 2**30)
+    fractions = (0.0, 0.5, 1.0)
+    rows, read = sensitivity.kept_map(ckpt, "l1_norm", "remove", fractions, "cpu", kept, str(fmnist_subset))
+    assert not read and len(rows) == 3 * len(sensitivity.conv_layer_names(ckpt.build_model()))
+    monkeypatch.setattr(sensitivity, "sensitivity", lambda *a, **kw: pytest.fail("the map was counted again"))
+    assert sensitivity.kept_map(ckpt, "l1_norm", "remove", fractions, "cpu", kept, str(fmnist_subset)) == (rows, True)
+    key = sensitivity.store_key(ckpt, "l1_norm", "remove", fractions, "cpu", str(fmnist_subset))
+    assert sensitivity.read_back(kept, sensitivity.store_key(ckpt, "mean", "remove", fractions, "cpu",
+                                                             str(fmnist_subset))) is None  # another rule
+    kept.save(key, {"rows": [{"layer": "x"}]})  # a file that holds no rows: dropped, counted again
+    assert sensitivity.read_back(kept, key) is None and not kept.path(key).exists()

@@ -18,6 +18,7 @@ from ui import choices, keys
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLED_DIR = ROOT / "checkpoints"
 DEFAULT_MODEL = "fmnist_vgg"
+MAGNITUDE_MODEL = "fmnist_lenet300"  # the Magnitude page's default: the paper's LeNet-300-100
 UPLOAD_PREFIX = "upload: "          # how a session's own models are listed: by where they came from
 FINE_TUNED_PREFIX = "fine-tuned: "
 

@@ -14,6 +14,9 @@ from core import engine
 from ui import keys
 
 
+DEFAULT_CRITERION, DEFAULT_MODE = "mean", "zero"  # what a new session shows (and the warm-up prepares first)
+
+
 @dataclass(frozen=True)
 class Choices:
     model: str       # the model's name in the catalogue
@@ -27,8 +30,8 @@ class Choices:
 
 def current() -> Choices:
     state = st.session_state
-    return Choices(str(state.get(keys.MODEL, "")), state.get(keys.LAYER), state.get(keys.CRITERION, "mean"),
-                   state.get(keys.MODE, "zero"), state.get(keys.CONTRAST, "layer"), state.get(keys.AXIS, "K"),
+    return Choices(str(state.get(keys.MODEL, "")), state.get(keys.LAYER), state.get(keys.CRITERION, DEFAULT_CRITERION),
+                   state.get(keys.MODE, DEFAULT_MODE), state.get(keys.CONTRAST, "layer"), state.get(keys.AXIS, "K"),
                    bool(state.get(keys.PRESENT)))
 
 

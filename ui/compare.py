@@ -12,7 +12,7 @@ from core import criteria, engine, oracle
 from core.checkpoints import Checkpoint
 from ui import engines, keys
 
-SEEDS = 20
+SEEDS = criteria.BAND_SEEDS
 FONT = 15
 
 
@@ -24,21 +24,18 @@ def oracles(key: tuple, mode: str, pick_on: str, _eng: engine.Engine,
             _ckpt: Checkpoint) -> tuple[oracle.OracleOrder, oracle.OracleOrder]:
     """(single, greedy) for one engine and mode, chosen on the test images or on the last training
     images (`oracle.training_size`) and then scored on the test images; raises ValueError where the
-    read-out is not linear."""
-    if pick_on == "test":
-        return oracle.single(_eng, mode), oracle.greedy(_eng, mode)
-    picker = oracle.training_engine(_ckpt, _eng)
-    return (oracle.scored_on(_eng, oracle.single(picker, mode), mode),
-            oracle.scored_on(_eng, oracle.greedy(picker, mode), mode))
+    read-out is not linear. Kept on disk with a bundled model's engine (`oracle.chosen`)."""
+    return tuple(oracle.chosen(_eng, kind, mode, pick_on, _ckpt) for kind in ("single", "greedy"))
 
 
-@st.cache_resource(max_entries=16, show_spinner=False)
-def coarse_oracle(key: tuple, mode: str, _eng: engine.Engine, _progress=None) -> tuple[list[int], list[int]]:
-    """Where the read-out is not linear: the order of each channel's cost alone on a sample of the test
-    images, and its exact counts over every test image at the 17 coarse Ks: (ks, counts)."""
-    found = oracle.sampled_single(_eng, mode, _progress)
-    ks = _eng.coarse_ks()
-    return ks, [c for _, c in _eng.sweep_order(found.order, ks, mode)]
+def coarse_counts(eng: engine.Engine, mode: str, progress=None) -> tuple[list[int], list[int]]:
+    """The coarse oracle's (ks, counts), kept with a bundled model's engine on disk."""
+    def make() -> dict:
+        found = oracle.chosen(eng, "sampled", mode, progress=progress)
+        ks = eng.coarse_ks()
+        return {"ks": ks, "counts": [c for _, c in eng.sweep_order(found.order, ks, mode)]}
+    state = engine.kept(eng, ("coarse oracle", mode), make, lambda state: state.get("ks") == eng.coarse_ks())
+    return state["ks"], state["counts"]
 
 
 def show_coarse(eng: engine.Engine, key: tuple, mode: str, criterion: str, why: str) -> None:
@@ -50,10 +47,8 @@ def show_coarse(eng: engine.Engine, key: tuple, mode: str, criterion: str, why: 
                      help=f"{eng.channels} passes of the rest of the network over the sample, then 17 over every "
                           "test image for the order and 17 for the sidebar's rule; shared by every session."):
         return
-    bar = st.progress(0.0, text="Each channel alone, on a sample ...")
-    ks, counts = coarse_oracle(key, mode, eng, _progress=lambda done, total, label: bar.progress(
-        done / total, text=f"{label}: {done} of {total}"))
-    bar.empty()
+    ks, counts = engines.shared_result(("coarse oracle", key, mode), lambda progress: coarse_counts(eng, mode, progress),
+                                       "Each channel alone, on a sample:")
     engines.check_criterion(eng, criterion)  # the sidebar's rule, drawn beside it, may not apply here
     with st.spinner(f"The sidebar's rule at the same {len(ks)} K, over every test image ..."):
         fig = coarse_figure(eng, mode, criterion, ks, counts)
@@ -82,8 +77,8 @@ def oracle_label(pick_on: str) -> str:
 @st.cache_resource(max_entries=16, show_spinner=False)
 def random_band(key: tuple, mode: str, _eng: engine.Engine) -> tuple[list[float], list[float], list[float]]:
     """Mean, min and max accuracy over 20 seeded random orders, for every K."""
-    curves = [[c / _eng.total for c in _eng.curve(mode, f"random:{seed}" if seed else "random")]
-              for seed in range(SEEDS)]
+    curves = [[c / _eng.total for c in _eng.curve(mode, name)] for name in criteria.random_orders()]
+    engine.keep_memos(_eng)
     by_k = list(zip(*curves))
     return [sum(v) / len(v) for v in by_k], [min(v) for v in by_k], [max(v) for v in by_k]
 

@@ -15,7 +15,7 @@ import weakref
 
 import streamlit as st
 
-from core import criteria, data, engine, slim, store
+from core import criteria, data, engine, magnitude, oracle, sensitivity, slim, store
 from core.cache import EngineCache, OverBudget
 from core.checkpoints import Checkpoint
 from ui import catalogue, choices, jobs, keys, words
@@ -125,8 +125,10 @@ def disk_store(ckpt: Checkpoint, own: dict | None):
 class _Warmer:
     """Builds the bundled models' engines in one background thread, into the shared cache, under
     the keys `engine_for` uses, then what a lecture shows of them in order of need: both modes' curves
-    of the default criterion, every other criterion's, the Taylor scores (a backward pass each). With
-    the engine store all of it is read back on a second start. `progress` holds the engine being
+    of the default criterion, every other criterion's, the Taylor scores (a backward pass each), the
+    Curve page's random band and oracle orders (chosen on the test images, both modes), the
+    Sensitivity page's map of the default rule and mode, and the Magnitude page's grid for its default
+    model (both thresholds). With the engine store all of it is read back on a second start. `progress` holds the engine being
     built: {key: (done, total, label)}; `status()` is the line the sidebar shows."""
 
     def __init__(self):
@@ -135,12 +137,13 @@ class _Warmer:
         self._lock = threading.Lock()
         self.steps, self.done, self.label = 0, 0, ""
 
-    def start(self, jobs) -> None:
-        """Start the thread unless it was started before; `jobs()` lists (key, checkpoint, device)."""
+    def start(self, jobs, magnitude_model=None) -> None:
+        """Start the thread unless it was started before; `jobs()` lists (key, checkpoint, device);
+        `magnitude_model` is the Magnitude page's default checkpoint (or None)."""
         with self._lock:
             if self.thread is None:
-                self.thread = threading.Thread(target=self._run, args=(jobs(),), name="warm-bundled-models",
-                                               daemon=True)
+                self.thread = threading.Thread(target=self._run, args=(jobs(), magnitude_model),
+                                               name="warm-bundled-models", daemon=True)
                 self.thread.start()
 
     def status(self) -> str | None:
@@ -149,18 +152,19 @@ class _Warmer:
             return None
         if self.done < self.steps:
             return f"Preparing the lecture: step {self.done} of {self.steps}, {self.label}"
-        return f"Ready: every bundled model, criterion and mode prepared ({self.steps} steps)."
+        return f"Ready: every bundled model, criterion, mode, oracle and sensitivity map prepared ({self.steps} steps)."
 
     def _step(self, label: str) -> None:
         self.label = label
         log.info("warm-up %d/%d: %s", self.done, self.steps, label)
 
-    def _run(self, jobs) -> None:
+    def _run(self, jobs, magnitude_model=None) -> None:
         cache = engine_cache()
         built = []
         rules = [n for n, rule in criteria.CRITERIA.items() if rule.looks_at != criteria.GRADIENTS]
         gradients = [n for n, rule in criteria.CRITERIA.items() if rule.looks_at == criteria.GRADIENTS]
-        self.steps = len(jobs) * (1 + len(rules) + len(gradients))
+        per_model = 1 + len(rules) + len(gradients) + 2  # the pass, each rule, the oracles, the sensitivity map
+        self.steps = len(jobs) * per_model + (magnitude_model is not None)
         for key, ckpt, dev in jobs:
             self._step(f"{ckpt.name}: one pass over the test set")
             self.progress[key] = (0, 1, f"Preparing {ckpt.name}")
@@ -171,16 +175,22 @@ class _Warmer:
                 eng = cache.get(key, lambda: engine.from_checkpoint(ckpt, layer=key[2], device=dev, progress=report,
                                                                     store=store.default()))
             except Exception:  # a missing data set etc.: the page that needs it shows the reason
-                self.done += 1 + len(rules) + len(gradients)
+                self.done += per_model
                 continue
             finally:
                 self.progress.pop(key, None)
             self.done += 1
             built.append((ckpt, eng))
-            self._curves(ckpt, eng, ["mean"])  # both modes: flipping zero/remove is then a lookup
-        for names in ([n for n in rules if n != "mean"], gradients):  # then the other criteria, backward passes last
+            self._curves(ckpt, eng, [choices.DEFAULT_CRITERION])  # both modes: flipping zero/remove is then a lookup
+        for names in ([n for n in rules if n != choices.DEFAULT_CRITERION], gradients):  # then the other criteria, backward passes last
             for ckpt, eng in built:
                 self._curves(ckpt, eng, names)
+        for ckpt, eng in built:
+            self._oracles(ckpt, eng)
+        for ckpt, eng in built:
+            self._sensitivity(ckpt, eng)
+        if magnitude_model is not None:
+            self._magnitude(magnitude_model)
         self.done = self.steps  # every step accounted, the models that failed included
         self._step("ready")
 
@@ -196,6 +206,50 @@ class _Warmer:
                     pass
             self.done += 1
         engine.keep_memos(eng)
+
+
+    def _oracles(self, ckpt, eng: engine.Engine) -> None:
+        """The Curve page's extras: the random band's curves, and the oracle orders on the test images
+        (the exact ones, or the coarse one where the read-out is not linear), both modes."""
+        self._step(f"{ckpt.name}: the random band and the oracle orders")
+        if eng.path == engine.PATH_FAST:
+            try:
+                for mode in engine.MODES:
+                    for name in criteria.random_orders():
+                        eng.curve(mode, name)
+                    kinds = ("single", "greedy") if oracle.why_not_exact(eng, mode) is None else ("sampled",)
+                    for kind in kinds:
+                        oracle.chosen(eng, kind, mode)
+            except Exception:  # never fatal to the warm-up: the page computes it when asked and says why not
+                log.exception("warm-up: the oracles of %s", ckpt.name)
+            engine.keep_memos(eng)
+        self.done += 1
+
+    def _sensitivity(self, ckpt, eng: engine.Engine) -> None:
+        """The Sensitivity page's map for the default rule and mode, into the engine store (where the page
+        reads it back); without a store there is nowhere to keep it, and it is counted when asked for."""
+        kept = store.default()
+        if kept is not None:
+            self._step(f"{ckpt.name}: the sensitivity map")
+            try:
+                sensitivity.kept_map(ckpt, choices.DEFAULT_CRITERION, choices.DEFAULT_MODE, device=str(eng.device),
+                                     store=kept)
+            except Exception:
+                log.exception("warm-up: the sensitivity map of %s", ckpt.name)
+        self.done += 1
+
+
+    def _magnitude(self, ckpt) -> None:
+        """The Magnitude page's slider grid, both thresholds, into the engine store (the page reads it back)."""
+        kept = store.default()
+        if kept is not None:
+            self._step(f"{ckpt.name}: the magnitude slider's grid")
+            try:
+                for per_layer in (False, True):
+                    magnitude.kept_grid(ckpt, per_layer, kept)
+            except Exception:
+                log.exception("warm-up: the magnitude grid of %s", ckpt.name)
+        self.done += 1
 
 
 @st.cache_resource(show_spinner=False)
@@ -218,7 +272,7 @@ def warm_bundled_models() -> None:
         order = sorted(models, key=lambda name: (name not in first, first.index(name) if name in first else 0, name))
         jobs = [(make_key(models[name], models[name].dataset, None, dev), models[name], dev) for name in order]
         return jobs[:engine_cache().max_entries]  # never evict the default model by warming another
-    warmer.start(jobs)
+    warmer.start(jobs, catalogue.bundled_checkpoints().get(catalogue.MAGNITUDE_MODEL))
 
 
 def warm_status() -> str | None:
@@ -265,6 +319,38 @@ def accuracy_at(eng: engine.Engine, k: int, mode: str, criterion: str) -> tuple[
         engine.keep_memos(eng)
     known = {kk: c / eng.total for kk, c in eng.answers(mode, criterion).items()}
     return known[k], known
+
+
+@st.cache_resource(show_spinner=False)
+def _results() -> tuple[dict, dict, threading.Lock]:
+    """({key: result}, {key: the lock its maker holds}, the lock guarding both dicts)."""
+    return {}, {}, threading.Lock()
+
+
+RESULTS_KEPT = 64
+
+
+def shared_result(key: tuple, make, text: str):
+    """`make(progress)`'s result, made once per server for `key` and shared by every session (never
+    changed after), with a progress bar on this page while it is made (`text`, then what `make` says).
+    Not st.cache_resource: Streamlit records the bar's updates made inside a cached function and
+    replays them into other runs, where the bar no longer exists. Oldest results dropped past 64."""
+    results, makers, guard = _results()
+    if key in results:
+        return results[key]
+    bar = st.progress(0.0, text=text)
+    with guard:
+        maker = makers.setdefault(key, threading.Lock())
+    with maker:  # a second session asking for the same result waits for the first one's
+        if key not in results:
+            found = make(lambda d, t, label: bar.progress(d / max(t, 1), text=f"{text} {label} ({d} of {t})"))
+            with guard:
+                results[key] = found
+                makers.pop(key, None)
+                while len(results) > RESULTS_KEPT:
+                    results.pop(next(iter(results)))
+    bar.empty()
+    return results[key]
 
 
 @st.cache_data(max_entries=64, show_spinner=False)

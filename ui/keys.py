@@ -63,7 +63,8 @@ UPLOAD_IMAGES = "upload_images"
 PREP_MEAN, PREP_STD, PREP_APPLY = "prep_mean", "prep_std", "prep_apply"  # the Load page's custom preparation
 PREP_USE_HINT = "prep_use_hint"  # the Load page's button taking the preparation a sample check suggests
 CURVE_MODELS, CURVE_MODES, CURVE_CRITERIA, CURVE_STEP = "curve_models", "curve_modes", "curve_criteria", "curve_step"
-MAG_MODEL, MAG_THRESHOLD, MAG_SPARSITY = "mag_model", "mag_threshold", "mag_sparsity"
+MAG_MODEL, MAG_THRESHOLD, MAG_SPARSITY = "mag_model", "mag_threshold", "mag_sparsity"  # sparsity: % on the grid
+MAG_SLIDER = "mag_slider"  # the Magnitude page's sparsity slider component (its state holds "index")
 MAG_EPOCHS, MAG_IMAGE, MAG_AXIS, MAG_SHOW = "mag_epochs", "mag_image", "mag_axis", "mag_show"
 
 # Sidebar widgets drawn on every page: kept when the page changes (see `keep_widget_values`).

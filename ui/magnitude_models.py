@@ -1,4 +1,4 @@
-"""The Magnitude page's glue: pruned copies, their accuracies, this session's retrained models.
+"""The Magnitude page's glue: pruned copies, the slider's grid of accuracies, this session's retrained models.
 
 The base model and the order of its weights are built once per checkpoint and shared, read-only;
 every pruned or retrained model is a copy, and a retrained one lives in its session only.
@@ -10,7 +10,7 @@ import streamlit as st
 from core import magnitude
 from core.checkpoints import Checkpoint
 from core.tasks import count_correct
-from ui import catalogue, choices, keys
+from ui import catalogue, choices, engines, keys
 
 
 @st.cache_resource(max_entries=8, show_spinner=False)
@@ -33,15 +33,14 @@ def pruned_model(ckpt: Checkpoint, sparsity: float, per_layer: bool):
     return magnitude.apply_masks(base_model(ckpt), masks)
 
 
-@st.cache_data(max_entries=2000, show_spinner=False)
-def _accuracy(digest: str, sparsity: float, per_layer: bool, _ckpt: Checkpoint) -> float:
-    split = catalogue.test_split(_ckpt)
-    model = pruned_model(_ckpt, sparsity, per_layer)
-    return count_correct(model, split.x, split.y, _ckpt.spec.task) / len(split)
-
-
-def accuracy(ckpt: Checkpoint, sparsity: float, per_layer: bool) -> float:
-    return _accuracy(ckpt.digest, round(sparsity, 4), per_layer, ckpt)
+def grid(ckpt: Checkpoint, per_layer: bool) -> dict:
+    """The slider's grid: exact accuracy and weights left at every step of `magnitude.GRID`, counted once
+    per model and threshold (a progress bar meanwhile), shared by every session, kept on disk for a
+    bundled model (the warm-up counts the default model's)."""
+    return engines.shared_result(
+        ("magnitude grid", ckpt.digest, per_layer),
+        lambda progress: magnitude.kept_grid(ckpt, per_layer, engines.disk_store(ckpt, None), progress=progress),
+        f"Counting the slider's {len(magnitude.GRID)} steps once for this model:")
 
 
 def keep_retrained(ckpt: Checkpoint, sparsity: float, per_layer: bool, model) -> None:

@@ -4,7 +4,9 @@ The map is counted in a background thread (`MapJob`), one per (checkpoint, data 
 mode), so the page stays live: Stop takes effect within one count (one Ks pass, or one batch of a
 layer's first pass), Resume goes on from the rows counted so far, and a job nobody has looked at for
 `UNWATCHED_S` stops by itself (leaving the page stops it). The rows are facts about the checkpoint:
-every session sees the same job; only its thread appends to them. A finished map is kept, shared.
+every session sees the same job; only its thread appends to them. A finished map is kept, shared,
+and for a bundled model also on disk (`sensitivity.kept_map`): a restart or another server process
+reads it back, and the warm-up counts the default rule's map before anyone asks.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from core import sensitivity
 from core.checkpoints import Checkpoint
 from core.split import conv_layer_names
 from core.sensitivity import Row
-from ui import keys
+from ui import engines, keys
 
 FRACTIONS = sensitivity.DEFAULT_FRACTIONS
 FONT = 15
@@ -71,6 +73,24 @@ def complete_rows(key: tuple) -> list[Row] | None:
     return _jobs()[1].get(key)
 
 
+def read_back(ckpt: Checkpoint, key: tuple, device: str) -> list[Row] | None:
+    """The finished map from the engine store (counted by the warm-up, a restart ago, or by another
+    server process), now also kept in memory; None where none is kept."""
+    kept = engines.disk_store(ckpt, None)
+    if kept is None:
+        return None
+    rows = sensitivity.read_back(kept, _store_key(key, device, ckpt))
+    if rows is not None:
+        _jobs()[1].setdefault(key, rows)
+    return rows
+
+
+@st.cache_resource(max_entries=64, show_spinner=False)
+def _store_key(key: tuple, device: str, _ckpt: Checkpoint) -> tuple:
+    """Hashing the test set once per map and device, not on every page run."""
+    return sensitivity.store_key(_ckpt, key[2], key[3], FRACTIONS, device)
+
+
 def job(key: tuple) -> MapJob | None:
     """The map's job, running or stopped (its rows so far), if one was started on this server."""
     return _jobs()[0].get(key)
@@ -89,7 +109,9 @@ def start(ckpt: Checkpoint, criterion: str, mode: str, device: str) -> MapJob:
         if old is not None and old.running:
             return old
         new = MapJob(rows=list(old.rows) if old else [], status="starting ...")
-        new.thread = threading.Thread(target=_count, args=(new, key, ckpt, criterion, mode, device, complete),
+        on_disk = engines.disk_store(ckpt, None)
+        kept = on_disk, _store_key(key, device, ckpt) if on_disk else None  # where a finished map is kept
+        new.thread = threading.Thread(target=_count, args=(new, key, ckpt, criterion, mode, device, complete, kept),
                                       daemon=True, name=f"sensitivity map {criterion} {mode}")
         jobs[key] = new
         new.thread.start()
@@ -97,7 +119,7 @@ def start(ckpt: Checkpoint, criterion: str, mode: str, device: str) -> MapJob:
 
 
 def _count(job_: MapJob, key: tuple, ckpt: Checkpoint, criterion: str, mode: str, device: str,
-           complete: dict) -> None:
+           complete: dict, kept: tuple) -> None:
     def progress(done: int, total: int, what: str) -> None:
         job_.check()
         job_.status = what
@@ -112,6 +134,7 @@ def _count(job_: MapJob, key: tuple, ckpt: Checkpoint, criterion: str, mode: str
                 job_.rows.append(row)
             job_.check()
         complete.setdefault(key, list(job_.rows))
+        sensitivity.keep(*kept, complete[key])
         job_.status = "done"
     except _Stopped as exc:
         job_.status = str(exc)

@@ -116,8 +116,8 @@ def _init_choices() -> None:
     """A session's first run: the defaults that need no model, overridden by the URL."""
     query = st.query_params
     st.session_state[keys.CRITERION] = (query.get("criterion") if query.get("criterion") in criteria.CRITERIA
-                                        else "mean")
-    st.session_state[keys.MODE] = query.get("mode") if query.get("mode") in engine.MODES else "zero"
+                                        else choices.DEFAULT_CRITERION)
+    st.session_state[keys.MODE] = query.get("mode") if query.get("mode") in engine.MODES else choices.DEFAULT_MODE
     st.session_state[keys.DEVICE] = "auto"
     st.session_state[keys.PRESENT] = query.get("present") in ("1", "true", "yes")
     st.session_state[keys.CONTRAST] = "layer"
