@@ -9,6 +9,8 @@ with st.spinner("Starting the explorer ..."):  # the server's first run imports 
     from core import criteria, engine
     from ui import catalogue, choices, engines, jobs, keys, live_slider, sidebar, words
 
+STATUS_SLOT_PX = 80  # a two-line note with its icon, or a progress bar with its line, or one button
+
 with sidebar.page(sidebar.PRUNE):  # the frame, and one guard: an unexpected error is one sentence
     st.markdown("### Prune the least active channels")
     ckpt = catalogue.current_checkpoint()
@@ -24,12 +26,15 @@ with sidebar.page(sidebar.PRUNE):  # the frame, and one guard: an unexpected err
         acc, baseline, known = accuracy[k], accuracy[0], {}
     else:  # a middle layer: each K costs a pass of the rest of the network, computed on release
         accuracy = None
-        acc, known = engines.accuracy_at(eng, k, mode, criterion)  # a sample's estimate first, then the exact count
-        baseline = known[0] if 0 in known else engines.accuracy_at(eng, 0, mode, criterion)[0]
+        # One slot of fixed height above the slider for whatever this view waits on (the sample's estimate
+        # while K is counted, the coarse curve's progress, the button for more points): the slider never moves.
+        waiting = st.container(height=STATUS_SLOT_PX, border=False)
+        acc, known = engines.accuracy_at(eng, k, mode, criterion, waiting)  # a sample's estimate, then the exact count
+        baseline = known[0] if 0 in known else engines.accuracy_at(eng, 0, mode, criterion, waiting)[0]
         jobs.start_coarse_curve(eng, key, mode, criterion)  # every 1/16 of the channels, in the background
         job = key + (mode, criterion)
 
-        @st.fragment(run_every=2)  # above the slider: in sight at 1280x720
+        @st.fragment(run_every=2)  # in the slot above the slider: in sight at 1280x720
         def curve_in_the_background() -> None:
             """The coarse curve's progress, then a button for more points; redraws the page once when a
             background job this session watched has finished (other sessions' counts wait for its next run,
@@ -61,7 +66,8 @@ with sidebar.page(sidebar.PRUNE):  # the frame, and one guard: an unexpected err
                                                                     "points, each where the curve is least known; "
                                                                     "each is exact.")
 
-        curve_in_the_background()
+        with waiting:
+            curve_in_the_background()
 
     live_slider.live_slider(
         engine_key=key + (criterion,), maps=eng.stats.mean_map.numpy(), scores=eng.scores(criterion).numpy(),

@@ -236,36 +236,50 @@ class LiveSlider {
     const big = d.present ? 18 : FONT_PX + 1;
     ctx.setTransform(ratio, 0, 0, ratio, 0, 0);
     ctx.clearRect(0, 0, W, H);
-    const m = { l: 3.6 * big, r: 14, t: 2 * big, b: 2.9 * big };
-    const P = d.channels, pw = W - m.l - m.r, ph = H - m.t - m.b;
-    const X = (k) => m.l + (k / P) * pw, Y = (a) => m.t + (1 - a / 1.02) * ph;
     const text = getComputedStyle(this.root).color || "#31333f";
     ctx.font = `${big}px sans-serif`;
+    const clipped = [];  // any text drawn past the canvas's edge (a browser test reads data-clipped)
+    const put = (s, x, y) => {
+      const w = ctx.measureText(s).width;
+      const left = ctx.textAlign === "center" ? x - w / 2 : ctx.textAlign === "right" ? x - w : x;
+      if (left < -0.5 || left + w > W + 0.5) clipped.push(s);
+      ctx.fillText(s, x, y);
+    };
+    // The title on as many lines as the width needs (split at its " · "), never past the edge.
+    const title = [];
+    for (const part of d.curve_title.split(" · ")) {
+      const last = title.length ? title[title.length - 1] + " · " + part : null;
+      if (last !== null && ctx.measureText(last).width <= W) title[title.length - 1] = last;
+      else title.push(part);
+    }
+    const lastTick = d.axis === "%" ? "100%" : String(d.channels);
+    const m = { l: 3.6 * big, r: Math.max(14, ctx.measureText(lastTick).width / 2 + 4), t: (title.length + 1) * big,
+                b: 2.9 * big };
+    const P = d.channels, pw = W - m.l - m.r, ph = H - m.t - m.b;
+    const X = (k) => m.l + (k / P) * pw, Y = (a) => m.t + (1 - a / 1.02) * ph;
     ctx.fillStyle = text;
-    ctx.textBaseline = "alphabetic";
-    ctx.fillText(d.curve_title, m.l, big + 2);
+    ctx.textBaseline = "alphabetic"; ctx.textAlign = "left";
+    title.forEach((line, i) => put(line, 0, (i + 1) * big + 2));
     // axes and grid lines
     ctx.strokeStyle = "rgba(128,128,128,0.35)"; ctx.lineWidth = 1;
     ctx.textAlign = "right"; ctx.textBaseline = "middle";
     for (let a = 0; a <= 1.0001; a += 0.2) {
       ctx.beginPath(); ctx.moveTo(m.l, Y(a)); ctx.lineTo(m.l + pw, Y(a)); ctx.stroke();
-      ctx.fillText(Math.round(a * 100) + "%", m.l - 6, Y(a));
+      put(Math.round(a * 100) + "%", m.l - 6, Y(a));
     }
     ctx.textAlign = "center"; ctx.textBaseline = "top";
     const ticks = d.axis === "%" ? [0, 0.25, 0.5, 0.75, 1].map((f) => f * P) : d.k_ticks;
     for (const k of ticks) {
       ctx.beginPath(); ctx.moveTo(X(k), m.t); ctx.lineTo(X(k), m.t + ph); ctx.stroke();
-      ctx.fillText(d.axis === "%" ? Math.round(100 * k / P) + "%" : String(Math.round(k)), X(k), m.t + ph + 5);
+      put(d.axis === "%" ? Math.round(100 * k / P) + "%" : String(Math.round(k)), X(k), m.t + ph + 5);
     }
-    ctx.fillText(d.axis === "%" ? "% of channels pruned" : "channels pruned (K)", m.l + pw / 2, m.t + ph + big + 10);
-    // chance level
-    if (d.chance !== null && d.chance !== undefined) {
+    put(d.axis === "%" ? "% of channels pruned" : "channels pruned (K)", m.l + pw / 2, m.t + ph + big + 10);
+    // chance level (its label drawn after the curve, on a white halo, so a curve near chance never hides it)
+    const chance = d.chance !== null && d.chance !== undefined;
+    if (chance) {
       ctx.save(); ctx.setLineDash([5, 5]); ctx.strokeStyle = "grey";
       ctx.beginPath(); ctx.moveTo(m.l, Y(d.chance)); ctx.lineTo(m.l + pw, Y(d.chance)); ctx.stroke();
       ctx.restore();
-      ctx.textAlign = "left"; ctx.textBaseline = "bottom"; ctx.fillStyle = "grey";
-      ctx.fillText("chance", m.l + 6, Y(d.chance) - 3);
-      ctx.fillStyle = text;
     }
     // the curve, or the points known so far
     ctx.strokeStyle = LINE; ctx.lineWidth = 2.5;
@@ -280,6 +294,14 @@ class LiveSlider {
       ctx.fillStyle = LINE;
       for (const [k, a] of d.known) { ctx.beginPath(); ctx.arc(X(k), Y(a), 4, 0, 2 * Math.PI); ctx.fill(); }
     }
+    if (chance) {
+      ctx.save(); ctx.textAlign = "left"; ctx.textBaseline = "bottom";  // left: where the curve is still high
+      ctx.lineWidth = 4; ctx.strokeStyle = "white"; ctx.lineJoin = "round";
+      ctx.strokeText("chance", m.l + 6, Y(d.chance) - 3);
+      ctx.fillStyle = "grey"; put("chance", m.l + 6, Y(d.chance) - 3);
+      ctx.restore();
+    }
+    cv.dataset.clipped = clipped.join(" | ");
     // the current K
     const { acc } = this.accuracyAt(this.k);
     const mk = d.accuracy ? this.k : d.k;

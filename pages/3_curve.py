@@ -11,15 +11,18 @@ with sidebar.page(sidebar.CURVE):  # the frame, and one guard: an unexpected err
     st.title("Accuracy vs channels pruned")
     models = catalogue.channel_models()
     shared = choices.current()  # the sidebar's choices: this page's defaults
-    c1, c2, c3, c4, c5 = st.columns([0.34, 0.16, 0.22, 0.14, 0.14])
+    # Two rows, so that no chip is cut short at 1280 px: what is compared, then how it is drawn.
+    c1, c3 = st.columns([0.55, 0.45])
+    c2, c4, c5 = st.columns([0.3, 0.4, 0.3], vertical_alignment="bottom")
     contrast = [m for m in ("fmnist_vgg", "fmnist_resnet") if m in models]  # a plain VGG against a shortcut
     chosen = c1.multiselect("Models", list(models), default=contrast or [shared.model],
                             key=keys.CURVE_MODELS)
-    modes = c2.pills("Modes", list(engine.MODES), selection_mode="multi", default=list(engine.MODES),
-                     key=keys.CURVE_MODES, help="\n\n".join(f"**{m}**: {text}" for m, text in engine.MODES.items()))
     crits = c3.multiselect("Ranked by", list(criteria.CRITERIA), default=[shared.criterion],
                            key=keys.CURVE_CRITERIA, format_func=lambda c: criteria.CRITERIA[c].label)
+    modes = c2.pills("Modes", list(engine.MODES), selection_mode="multi", default=list(engine.MODES),
+                     key=keys.CURVE_MODES, help="\n\n".join(f"**{m}**: {text}" for m, text in engine.MODES.items()))
     axis = c4.radio("x axis", ["K", "%"], key=keys.AXIS, format_func={"K": "K", "%": "% of channels"}.get,
+                    horizontal=True,
                     help="% of channels compares layers of different widths (64, 128, 512 channels) on one axis.")
     step = c5.number_input("Step in K", min_value=1, max_value=64, value=1, key=keys.CURVE_STEP,
                            help="Every K is exact and cheap here; a step of 32 gives the coarse curve of a sweep "
@@ -72,18 +75,18 @@ with sidebar.page(sidebar.CURVE):  # the frame, and one guard: an unexpected err
             "is not linear"
         compare.show_coarse(eng, key, mode, shared.criterion, why)
     else:
-        left, right = st.columns([0.7, 0.3])
-        names = left.multiselect("Rules", list(criteria.CRITERIA), default=["mean", "apoz", "l1_norm", "taylor"],
-                                 key=keys.COMPARE_CRITERIA, format_func=lambda c: criteria.CRITERIA[c].label,
-                                 help="\n\n".join(f"**{c.label}**: {c.explain} ({c.source}) Looks at "
-                                                   f"{c.looks_at}." for c in criteria.CRITERIA.values()))
-        extras = right.toggle("Random band and greedy oracle", key=keys.COMPARE_ORACLE,
+        names = st.multiselect("Rules", list(criteria.CRITERIA), default=["mean", "apoz", "l1_norm", "taylor"],
+                               key=keys.COMPARE_CRITERIA, format_func=lambda c: criteria.CRITERIA[c].label,
+                               help="\n\n".join(f"**{c.label}**: {c.explain} ({c.source}) Looks at "
+                                                 f"{c.looks_at}." for c in criteria.CRITERIA.values()))
+        left, right = st.columns([0.45, 0.55], vertical_alignment="center")
+        extras = left.toggle("Random band and greedy oracle", key=keys.COMPARE_ORACLE,
                               help="20 seeded random orders, and the best one-at-a-time order, found by trying every "
                                    "channel at every step. The first time for a model and mode this takes 10-30 s on "
                                    "two CPU cores (about twice that when chosen on training images); then every "
                                    "session shares it.")
         pick_on = right.radio("The oracle chooses its order on", list(compare.PICK_ON), format_func=compare.PICK_ON.get,
-                              key=keys.COMPARE_PICK_ON, disabled=catalogue.own_data() is not None,
+                              key=keys.COMPARE_PICK_ON, horizontal=True, disabled=catalogue.own_data() is not None,
                               help="On the test images the oracle sees the labels it is scored on: an upper bound. "
                                    "On the last training images (a sixth of them, at most 10,000) it chooses "
                                    "without them, and its order is then "

@@ -299,3 +299,93 @@ def test_other_sessions_keep_answering_while_the_worst_files_are_uploaded(server
     assert not attacker.locator("[data-testid='stException']").count()
     student.close()
     attacker.close()
+
+
+OVERFLOW = (Path(__file__).parent / "overflow.js").read_text()
+# Every page, and the views where text was cut before: a middle layer with long layer names, a binary model.
+VIEWS = ["", "load", "feature_maps", "curve", "magnitude", "sensitivity",
+         "?model=fmnist_siamese&layer=feature_extractor.4", "?model=fmnist_pair_cnn"]
+
+
+def clipped_text(page) -> list[str]:
+    return page.evaluate("(" + OVERFLOW + ")()")
+
+
+@pytest.mark.parametrize("width,height", [(1280, 720), (1920, 1080)])
+def test_no_text_is_cut_short_on_any_page_in_or_out_of_presentation_mode(server, browser, width, height):
+    page = browser.new_page(viewport={"width": width, "height": height})
+    found = {}
+    for present in (False, True):
+        for view in VIEWS:
+            url = f"{server}/{view}" + ((("&" if "?" in view else "?") + "present=1") if present else "")
+            page.goto(url)
+            settle(page)
+            page.wait_for_timeout(1000)  # the live slider lays itself out after the run
+            settle(page)
+            assert not page.locator("[data-testid='stException']").count(), url
+            cut = clipped_text(page)
+            if cut:
+                found[url] = cut
+    page.close()
+    assert not found, found
+
+
+def test_the_feature_maps_grid_fits_a_1280x720_screen(server, browser):
+    page = browser.new_page(viewport={"width": 1280, "height": 720})
+    page.goto(f"{server}/feature_maps")
+    settle(page)
+    grid = page.locator(".js-plotly-plot").first
+    grid.wait_for(timeout=240_000)
+    page.wait_for_timeout(500)
+    assert inside(grid.bounding_box(), {"width": 1280, "height": 720}), grid.bounding_box()
+    page.close()
+
+
+def test_at_a_middle_layer_the_slider_stays_put_while_k_is_counted(server, browser):
+    """The sample's estimate, the coarse curve's progress and its button share one slot of fixed height
+    above the slider: releasing a K never moves the slider under the lecturer's hand."""
+    page = browser.new_page(viewport={"width": 1280, "height": 720})
+    page.goto(f"{server}/?model=fmnist_vgg&layer=features.4.0")
+    settle(page)
+    slider = page.get_by_role(**SLIDER)
+    slider.wait_for(timeout=240_000)
+    page.wait_for_timeout(500)
+    before = slider.bounding_box()["y"]
+    slider.focus()
+    tops = []
+    for key in ("End", "PageDown", "Home"):
+        slider.press(key)
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:  # while the server counts: the sample's note shows in the slot
+            tops.append(slider.bounding_box()["y"])
+            page.wait_for_timeout(100)
+        settle(page)
+        tops.append(slider.bounding_box()["y"])
+    assert max(abs(t - before) for t in tops) <= 1, (before, sorted(set(tops)))
+    assert inside(slider.bounding_box(), {"width": 1280, "height": 720})
+    page.close()
+
+
+def test_magnitude_slider_shows_each_steps_accuracy_while_moving_and_tells_the_server_on_release(server, browser):
+    from core import checkpoints, magnitude
+
+    ckpt = checkpoints.load(ROOT / "checkpoints" / "fmnist_lenet300.pt")
+    truth = magnitude.kept_grid(ckpt)
+    page = browser.new_page(viewport={"width": 1280, "height": 720})
+    page.goto(f"{server}/magnitude")
+    settle(page)
+    slider = page.get_by_role("slider", name="Weights pruned (a step of the precomputed grid)")
+    slider.wait_for(timeout=240_000)
+    at_90 = magnitude.GRID.index(0.9)
+    assert slider.input_value() == str(at_90)
+    assert page.get_by_test_id("ps-accuracy").inner_text() == f"{truth['correct'][at_90] / 1e4:.2%}"
+    slider.focus()
+    for step in range(1, 4):  # each arrow: the browser shows that step's exact count at once
+        slider.press("ArrowRight")
+        i = at_90 + step
+        assert page.get_by_test_id("ps-accuracy").inner_text() == f"{truth['correct'][i] / 1e4:.2%}"
+        assert page.get_by_test_id("ps-nonzero").inner_text() == f"{truth['nonzero'][i]:,} of {truth['total']:,}"
+    page.wait_for_function("s => [...document.querySelectorAll('[data-testid=stCaptionContainer]')]"
+                           ".some(e => e.innerText.includes(`with ${s} of the weights pruned`))",
+                           arg=f"{magnitude.GRID[at_90 + 3]:.1%}", timeout=60_000)
+    page.close()

@@ -84,12 +84,15 @@ def engine_for(ckpt: Checkpoint, layer: str | None) -> engine.Engine:
     """The shared engine for a checkpoint and layer (None: the last conv); the first build shows progress."""
     key = engine_key(ckpt, layer)
     layer, own = key[2], catalogue.own_data()
+    # The preparation's place, made on every run, built or not: the elements below keep their places in the
+    # page from one run to the next, so nothing shifts (Streamlit matches elements by their position).
+    holder = st.empty()
     cache = engine_cache()
     cached = cache.lookup(key)
     if cached is not None:
         _hold_for_session(ckpt, key)
         return cached
-    with st.status(f"Preparing {words.plain(ckpt.name)}: one pass over the test set ...", expanded=True) as status:
+    with holder.status(f"Preparing {words.plain(ckpt.name)}: one pass over the test set ...", expanded=True) as status:
         bar = st.progress(0.0)
         warming = _warmer().progress
         while key in warming and cache.lookup(key) is None:  # the background warm-up is building it
@@ -107,8 +110,8 @@ def engine_for(ckpt: Checkpoint, layer: str | None) -> engine.Engine:
             status.update(label=f"{words.plain(ckpt.name)} could not be prepared", state="error", expanded=True)
             st.error(words.plain(getattr(exc, "public", str(exc))))  # never the server's paths
             st.stop()
-        status.update(label=f"{words.plain(ckpt.name)} ready: {eng.total:,} test images seen once", state="complete",
-                      expanded=False)
+    holder.empty()
+    st.toast(f"{words.plain(ckpt.name)} ready: {eng.total:,} test images seen once", icon=":material/check:")
     _hold_for_session(ckpt, key)
     return eng
 
@@ -302,20 +305,22 @@ def curve(eng: engine.Engine, mode: str, criterion: str) -> list[float]:
     return [c / eng.total for c in counts]
 
 
-def accuracy_at(eng: engine.Engine, k: int, mode: str, criterion: str) -> tuple[float, dict[int, float]]:
+def accuracy_at(eng: engine.Engine, k: int, mode: str, criterion: str, where=None) -> tuple[float, dict[int, float]]:
     """One K's exact accuracy where the whole curve is not precomputed (a middle layer), and every
     accuracy of this engine, mode and criterion known so far (the engine remembers them: they are
     facts about the model, shared by every session). While the exact count runs (a pass of the rest
-    of the network over every test image), an estimate from a fixed sample is shown, labelled as one."""
+    of the network over every test image), an estimate from a fixed sample is shown, labelled as one,
+    in `where` (a container of fixed height above the slider, so that the slider never moves)."""
     if eng.known(k, mode, criterion) is None:
         sample = eng.sample_answer(k, mode, criterion)
         low, high = sample.interval()
-        note = st.info(f"K = {k}: about **{sample.accuracy:.1%}** on a sample (the first {sample.n:,} test images; "
-                       f"95% interval {low:.1%} to {high:.1%}). The exact count over all {sample.total:,} images "
-                       "follows ...", icon=":material/hourglass_top:")
-        with jobs.shared().foreground(eng), st.spinner(f"Evaluating K = {k} on every test image ..."):
-            eng.correct(k, mode, criterion)
-        note.empty()
+        with where if where is not None else st.container():
+            note = st.info(f"K = {k}: about **{sample.accuracy:.1%}** on a sample (the first {sample.n:,} test images; "
+                           f"95% interval {low:.1%} to {high:.1%}). The exact count over all {sample.total:,} images "
+                           "follows ...", icon=":material/hourglass_top:")
+            with jobs.shared().foreground(eng), st.spinner(f"Evaluating K = {k} on every test image ..."):
+                eng.correct(k, mode, criterion)
+            note.empty()
         engine.keep_memos(eng)
     known = {kk: c / eng.total for kk, c in eng.answers(mode, criterion).items()}
     return known[k], known
@@ -359,9 +364,12 @@ def feature_map_figure(key: tuple, criterion: str, k: int, by_score: bool, contr
     from ui import figures
 
     ranks = _eng.ranking(criterion).argsort().numpy()
-    rows, _ = figures.grid_shape(_eng.channels)
+    rows, cols = figures.grid_shape(_eng.channels)
+    # Square tiles across the main column of a 1280-px screen (about 800 px), never taller than what is left of
+    # a 720-px screen under the page's title and controls; a wider screen leaves room at the sides instead.
+    height = int(min(460, max(300, rows * 800 / cols + 50)))
     return figures.feature_map_grid(_eng.stats.mean_map.numpy(), _eng.scores(criterion).numpy(), ranks, k, by_score,
-                                    contrast=contrast, height=max(420, 34 * rows + 60))
+                                    contrast=contrast, height=height)
 
 
 @st.cache_data(max_entries=64, show_spinner=False)
