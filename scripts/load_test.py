@@ -50,6 +50,8 @@ from streamlit.proto.ForwardMsg_pb2 import ForwardMsg
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "scripts"))
+from serve_replicas import COOKIE, Deployment  # noqa: E402  (after the paths)
 MODELS = {"fmnist_vgg": "fmnist_vgg.pt", "fmnist_resnet": "fmnist_resnet.pt"}
 GUARD = "Something went wrong on this page"  # ui/guard.py's sentence for an unexpected error
 RUN_LIMIT = 600  # seconds a session waits for one run before it counts as failed
@@ -116,6 +118,7 @@ class Tab:
 
     def __init__(self, url: str):
         self.url = url
+        self.route = uuid.uuid4().hex  # behind the replicas' proxy: this tab's sticky route (scripts/serve_replicas.py)
         self.ws = None
         self.session_id = ""
         self.pages: dict[str, str] = {}  # URL path -> page script hash ("" is the Prune page)
@@ -125,7 +128,8 @@ class Tab:
     async def open(self) -> None:
         self.ws = await websockets.connect(self.url.replace("http", "ws", 1) + "/_stcore/stream",
                                            subprotocols=["streamlit"], max_size=None, open_timeout=300,
-                                           ping_interval=None)  # a browser sends no pings
+                                           ping_interval=None,  # a browser sends no pings
+                                           additional_headers={"Cookie": f"{COOKIE}={self.route}"})
 
     async def close(self) -> None:
         await self.ws.close()
@@ -200,7 +204,7 @@ class Tab:
         while (fwd := await self.receive()).WhichOneof("type") != "file_urls_response":
             pass
         urls = fwd.file_urls_response.file_urls[0]
-        await asyncio.to_thread(_put, self.url + "/" + urls.upload_url.lstrip("/"), name, raw)
+        await asyncio.to_thread(_put, self.url + "/" + urls.upload_url.lstrip("/"), name, raw, self.route)
         state = _widget(self.widgets[label])
         info = state.file_uploader_state_value.uploaded_file_info.add()
         info.file_id, info.name, info.size = urls.file_id, name, len(raw)
@@ -213,17 +217,20 @@ def _widget(widget_id: str):
     return state
 
 
-def _put(url: str, name: str, raw: bytes) -> None:
-    """A multipart PUT with the XSRF token the server set on the health endpoint, as the browser sends it."""
+def _put(url: str, name: str, raw: bytes, route: str) -> None:
+    """A multipart PUT with the XSRF token the server set on the health endpoint, as the browser sends it
+    (both with the tab's route: behind the proxy they reach the replica that holds its session)."""
     base = url.split("/_stcore/")[0]
-    cookie = urllib.request.urlopen(base + "/_stcore/health").headers.get("Set-Cookie", "")
+    sticky = f"{COOKIE}={route}"
+    cookie = urllib.request.urlopen(urllib.request.Request(base + "/_stcore/health", headers={"Cookie": sticky})) \
+        .headers.get("Set-Cookie", "")
     token = re.search(r"_streamlit_xsrf=([^;]+)", cookie)
     boundary = uuid.uuid4().hex
     body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"UploadedFile\"; filename=\"{name}\"\r\n"
             f"Content-Type: application/octet-stream\r\n\r\n").encode() + raw + f"\r\n--{boundary}--\r\n".encode()
-    headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    headers = {"Content-Type": f"multipart/form-data; boundary={boundary}", "Cookie": sticky}
     if token:
-        headers.update({"X-Xsrftoken": token.group(1), "Cookie": f"_streamlit_xsrf={token.group(1)}"})
+        headers.update({"X-Xsrftoken": token.group(1), "Cookie": f"{sticky}; _streamlit_xsrf={token.group(1)}"})
     urllib.request.urlopen(urllib.request.Request(url, data=body, method="PUT", headers=headers), timeout=600)
 
 
@@ -314,6 +321,32 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))] if ordered else float("nan")
 
 
+def serve_replicated(args, truth, files, zips):
+    """The class through nginx to `args.replicas` replicas sharing one engine store. The lecturer opens
+    each replica once, in turn, and waits until it is idle (its warm-up done): the first computes, the
+    others read what it stored. Returns (run's out, first replica's peak MB, health, report lines)."""
+    warm = []
+
+    def ready(proc, port, log):
+        start, used = time.perf_counter(), cpu_seconds(proc.pid)
+        asyncio.run(lecturer(f"http://127.0.0.1:{port}", proc.pid))
+        warm.append((port, time.perf_counter() - start, cpu_seconds(proc.pid) - used))
+
+    with Deployment(args.replicas, cache=tempfile.mkdtemp(prefix="pe-shared-cache-"), ready=ready) as dep:
+        used = [cpu_seconds(p.pid) for p in dep.procs[:-1]]
+        out = asyncio.run(run(args, dep.url, truth, files, zips, None))
+        out["warm"] = warm[0][1]
+        peak = memory_mb(dep.procs[0].pid, "VmHWM")
+        alive = urllib.request.urlopen(dep.url + "/_stcore/health", timeout=5).read() == b"ok"
+        lines = []
+        for i, (proc, log, (port, took, cpu)) in enumerate(zip(dep.procs, dep.logs, warm)):
+            text = log.read_text(errors="replace")
+            lines.append(f"replica {i + 1} (port {port}): warm-up {took:.0f} s, {cpu:.0f} CPU s; engines read back "
+                         f"from the shared store {text.count('read back from the engine store')}, passes made "
+                         f"{text.count('images made')}; CPU s during the class {cpu_seconds(proc.pid) - used[i]:.0f}")
+    return out, peak, alive, lines
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sessions", type=int, default=30)
@@ -324,6 +357,9 @@ def main() -> int:
                              "arrives once the server's warm-up of the bundled models is done")
     parser.add_argument("--think", type=float, nargs=2, default=(1.0, 4.0), metavar=("MIN", "MAX"),
                         help="seconds a student looks before the next release, drawn uniformly")
+    parser.add_argument("--replicas", type=int, default=1,
+                        help="serve the class from this many Streamlit processes behind nginx, sharing one engine "
+                             "store (scripts/serve_replicas.py); each is warmed in turn, the first alone")
     args = parser.parse_args()
 
     from core import checkpoints, engine
@@ -339,24 +375,29 @@ def main() -> int:
     assert len(files) == len(HOSTILE), f"not in tests/test_robustness.py: {set(HOSTILE) - set(files)}"
     files.update({n: (raw, WORST_REASONS[n]) for n, raw in worst_files(Path(tempfile.mkdtemp())).items()})
     zips = hostile_zips()
-    port = free_port()
-    server = start_server(port, tempfile.mkdtemp())
-    try:
-        out = asyncio.run(run(args, f"http://127.0.0.1:{port}", truth, files, zips, server.pid))
-        peak = memory_mb(server.pid, "VmHWM")
-        alive = urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=5).read() == b"ok"
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
+    if args.replicas > 1:
+        out, peak, alive, replicas = serve_replicated(args, truth, files, zips)
+    else:
+        port = free_port()
+        server = start_server(port, tempfile.mkdtemp())
+        try:
+            out = asyncio.run(run(args, f"http://127.0.0.1:{port}", truth, files, zips, server.pid))
+            peak = memory_mb(server.pid, "VmHWM")
+            alive = urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=5).read() == b"ok"
+        finally:
+            server.terminate()
+            server.wait(timeout=60)
+        replicas = []
     times = out["times"]
     print(f"{args.sessions} slider sessions x {args.rounds} releases (think {args.think[0]:g}-{args.think[1]:g} s, "
           f"arrivals {args.stagger:g} s apart) + 1 session uploading {len(files)} hostile checkpoints and {len(zips)} "
           f"image zips; the class took {out['class']:.0f} s, "
           f"{os.cpu_count()} CPU cores; Streamlit's websocket protocol, no browser")
-    print("a cold server: the class arrived at once" if args.cold else
+    print((f"{args.replicas} replicas behind nginx (sticky by cookie), one shared engine store; " if args.replicas > 1
+           else "") + ("a cold server: the class arrived at once" if args.cold else
           f"the lecturer opened the app {out['warm']:.0f} s before the class "
           + ("(the server never went idle: a warm-up that does not end, or other work on this machine)"
-             if out["warm"] >= IDLE_LIMIT else "(until the server's warm-up was done)"))
+             if out["warm"] >= IDLE_LIMIT else "(until the server's warm-up was done)")))
     print(f"first page (each session's first run of the Prune page): median {statistics.median(out['first']):.1f} s, "
           f"max {max(out['first']):.1f} s")
     print(f"slider: {len(times)} answers, median {statistics.median(times) if times else float('nan'):.2f} s, "
@@ -370,6 +411,8 @@ def main() -> int:
     print(f"exceptions or error sentences shown to a session: {len(out['exceptions'])} {out['exceptions'][:3]}; "
           f"sessions failed: {len(out['failed'])} {out['failed'][:3]}")
     print(f"server peak memory (VmHWM): {peak:,.0f} MB; health endpoint answering at the end: {alive}")
+    for line in replicas:
+        print(line)
     return 1 if out["wrong"] or out["missed"] or out["exceptions"] or out["failed"] or not alive else 0
 
 

@@ -111,9 +111,15 @@ def engine_for(ckpt: Checkpoint, layer: str | None) -> engine.Engine:
             st.error(words.plain(getattr(exc, "public", str(exc))))  # never the server's paths
             st.stop()
     holder.empty()
+    log.info("%s, layer %s: %s", ckpt.name, layer, _how_made(eng))
     st.toast(f"{words.plain(ckpt.name)} ready: {eng.total:,} test images seen once", icon=":material/check:")
     _hold_for_session(ckpt, key)
     return eng
+
+
+def _how_made(eng: engine.Engine) -> str:
+    """For the server's log: whether the pass was read back (another process or a restart made it)."""
+    return "read back from the engine store" if eng.restored else f"one pass over {eng.total:,} images made"
 
 
 def disk_store(ckpt: Checkpoint, own: dict | None):
@@ -183,6 +189,7 @@ class _Warmer:
             finally:
                 self.progress.pop(key, None)
             self.done += 1
+            log.info("%s: %s", ckpt.name, _how_made(eng))
             built.append((ckpt, eng))
             self._curves(ckpt, eng, [choices.DEFAULT_CRITERION])  # both modes: flipping zero/remove is then a lookup
         for names in ([n for n in rules if n != choices.DEFAULT_CRITERION], gradients):  # then the other criteria, backward passes last
