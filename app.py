@@ -3,6 +3,8 @@
 One live slider (ui/live_slider.py) moves the grid's pruned overlay, the accuracy and the curve's
 marker in the browser while it is dragged; the server hears K on release.
 """
+import contextlib
+
 import streamlit as st
 
 with st.spinner("Starting the explorer ..."):  # the server's first run imports PyTorch: show a frame meanwhile
@@ -22,7 +24,11 @@ with sidebar.page(sidebar.PRUNE):  # the frame, and one guard: an unexpected err
     k = choices.k(eng.channels)
 
     if eng.path == engine.PATH_FAST:  # the whole curve from one pass: every K is known in the browser
-        accuracy = engines.curve(eng, mode, criterion)
+        made = eng.known(eng.channels, mode, criterion) is not None
+        with contextlib.nullcontext() if made else st.spinner(  # not made yet: the new choice's name meanwhile
+                f"{words.plain(ckpt.name)}: ranking by {criteria.CRITERIA[criterion].label}, mode {mode}, and the "
+                "accuracy at every K ..."):
+            accuracy = engines.curve(eng, mode, criterion)
         acc, baseline, known = accuracy[k], accuracy[0], {}
     else:  # a middle layer: each K costs a pass of the rest of the network, computed on release
         accuracy = None
