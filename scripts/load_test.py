@@ -52,6 +52,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "scripts"))
 from serve_replicas import COOKIE, Deployment  # noqa: E402  (after the paths)
+
+# The servers' environment, as it is before main() imports the tests' helpers: tests/conftest.py turns
+# the engine store and the warm-up off and makes errors propagate, for the test process only.
+SERVER_ENV = dict(os.environ)
 MODELS = {"fmnist_vgg": "fmnist_vgg.pt", "fmnist_resnet": "fmnist_resnet.pt"}
 GUARD = "Something went wrong on this page"  # ui/guard.py's sentence for an unexpected error
 RUN_LIMIT = 600  # seconds a session waits for one run before it counts as failed
@@ -71,7 +75,7 @@ def start_server(port: int, cache: str) -> subprocess.Popen:
         [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true", "--server.port", str(port),
          "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"],
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", "PRUNE_EXPLORER_CACHE": cache})
+        env={**SERVER_ENV, "PYTHONUNBUFFERED": "1", "PRUNE_EXPLORER_CACHE": cache})
     deadline = time.time() + 180
     while time.time() < deadline:
         try:
@@ -332,7 +336,8 @@ def serve_replicated(args, truth, files, zips):
         asyncio.run(lecturer(f"http://127.0.0.1:{port}", proc.pid))
         warm.append((port, time.perf_counter() - start, cpu_seconds(proc.pid) - used))
 
-    with Deployment(args.replicas, cache=tempfile.mkdtemp(prefix="pe-shared-cache-"), ready=ready) as dep:
+    with Deployment(args.replicas, cache=tempfile.mkdtemp(prefix="pe-shared-cache-"), ready=ready,
+                    env=SERVER_ENV) as dep:
         used = [cpu_seconds(p.pid) for p in dep.procs[:-1]]
         out = asyncio.run(run(args, dep.url, truth, files, zips, None))
         out["warm"] = warm[0][1]

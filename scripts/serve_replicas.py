@@ -94,8 +94,8 @@ def healthy(url: str, limit: float = 180) -> bool:
     return False
 
 
-def start_replica(port: int, cache: str, log: Path, warm: bool = True) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PRUNE_EXPLORER_CACHE": cache,
+def start_replica(port: int, cache: str, log: Path, warm: bool = True, env: dict | None = None) -> subprocess.Popen:
+    env = {**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1", "PRUNE_EXPLORER_CACHE": cache,
            "PRUNE_EXPLORER_WARM": "1" if warm else "0"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true", "--server.port", str(port),
@@ -162,10 +162,11 @@ class Deployment:
     """Replicas and their proxy, started together and stopped together (a context manager).
 
     `logs[i]` is replica i's log (the warm-up's steps, "read back from the engine store" lines);
-    `ready(proc, port, log)`, where given, is called after each replica starts, before the next one."""
+    `ready(proc, port, log)`, where given, is called after each replica starts, before the next one;
+    `env`: the replicas' environment (default: this process's)."""
 
     def __init__(self, replicas: int = 2, port: int | None = None, cache: str | None = None, warm: bool = True,
-                 workdir: Path | None = None, ready=None):
+                 workdir: Path | None = None, ready=None, env: dict | None = None):
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="pe-replicas-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.cache = cache or str(self.workdir / "cache")
@@ -173,13 +174,13 @@ class Deployment:
         self.ports = [free_port() for _ in range(replicas)]
         self.logs = [self.workdir / f"replica{i}.log" for i in range(replicas)]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.warm, self.ready = warm, ready
+        self.warm, self.ready, self.env = warm, ready, env
         self.procs: list[subprocess.Popen] = []
 
     def __enter__(self) -> Deployment:
         try:
             for port, log in zip(self.ports, self.logs):
-                self.procs.append(start_replica(port, self.cache, log, self.warm))
+                self.procs.append(start_replica(port, self.cache, log, self.warm, self.env))
                 if self.ready:  # e.g. its warm-up, before the next replica starts and reads what it stored
                     self.ready(self.procs[-1], port, log)
             self.procs.append(start_nginx(self.port, [f"127.0.0.1:{p}" for p in self.ports], self.workdir))

@@ -139,6 +139,7 @@ def test_the_app_reads_a_bundled_models_engine_back_and_never_keeps_an_upload(tm
         cache._engines.update(others)
 
 
+@pytest.mark.slow
 def test_oracle_orders_and_the_coarse_oracle_are_read_back_not_searched_again(tmp_path, monkeypatch):
     from core import oracle
 
@@ -161,6 +162,7 @@ def test_oracle_orders_and_the_coarse_oracle_are_read_back_not_searched_again(tm
     assert oracle.chosen(again, "greedy", "zero") == made["greedy"]  # a bad entry is searched again, equal
 
 
+@pytest.mark.slow
 def test_a_sensitivity_map_is_counted_once_and_read_back(tmp_path, fmnist_subset, monkeypatch):
     from core import sensitivity
 

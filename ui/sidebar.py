@@ -101,9 +101,10 @@ def _warm_up_line() -> None:
 
     @st.fragment(run_every=2.0 if not engines.warm_status().startswith("Ready") else None)
     def line() -> None:
-        st.caption(words.plain(engines.warm_status()), help="Every bundled model's pass over the test set, then "
-                   "its curves for every rule and mode, in the background; kept on disk, so a restart reads them "
-                   "back in seconds.")
+        st.caption(words.plain(engines.warm_status()), help="In the background, in order of need: every bundled "
+                   "model's pass over the test set, its curves for every rule and mode, the Taylor scores, the "
+                   "Curve page's random band and oracle orders, the Sensitivity page's map, the Magnitude page's "
+                   "grid. Kept on disk, so a restart reads them back in seconds.")
 
     line()
 
