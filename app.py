@@ -14,12 +14,12 @@ with st.spinner("Starting the explorer ..."):  # the server's first run imports 
 STATUS_SLOT_PX = 80  # a two-line note with its icon, or a progress bar with its line, or one button
 
 with sidebar.page(sidebar.PRUNE):  # the frame, and one guard: an unexpected error is one sentence
-    st.markdown("### Prune the least active channels")
+    chosen = choices.current()
+    mode, criterion = chosen.mode, chosen.criterion
+    st.markdown(f"### Prune K channels, ranked by {criteria.get(criterion).label}")  # the rule in use, always
     ckpt = catalogue.current_checkpoint()
     eng = engines.current_engine()
     key = engines.current_engine_key()
-    chosen = choices.current()
-    mode, criterion = chosen.mode, chosen.criterion
     engines.check_criterion(eng, criterion)
     k = choices.k(eng.channels)
 

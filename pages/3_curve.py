@@ -115,7 +115,8 @@ with sidebar.page(sidebar.CURVE):  # the frame, and one guard: an unexpected err
             train_images = oracle.training_size(models[chosen[0]]) if pick_on == "train" else 0
             st.dataframe(compare.scoreboard(eng, mode, names, single, greedy, pick_on, train_images),
                          hide_index=True, width="stretch")
-            st.caption(f"{words.plain(chosen[0])}, layer {eng.layer}, mode {mode}. Area: mean accuracy over every K. "
+            st.caption(f"{words.plain(chosen[0])}, layer {eng.layer}, mode {mode}. Area: mean accuracy over every K; "
+                       "an empty 'first K losing 1 point': the rule never loses one. "
                        + ("The oracle looks at the test images' labels, so it is an upper bound, not a rule you could "
                           "use; " if pick_on == "test" else f"The greedy order was chosen on the last {train_images:,} "
                           "training images and is scored here on the test images: a rule you could use; ")

@@ -164,6 +164,16 @@ def test_switching_to_resnet_keeps_k_and_accuracy_at_k_512(app):
     assert float(accuracy_text(app).rstrip("%")) > 50
 
 
+def test_a_switch_to_a_narrower_layer_keeps_the_share_of_channels_pruned(app):
+    set_k(app, 200)
+    app.selectbox(key="model").set_value("fmnist_vgg").run()
+    app.selectbox(key="layer").set_value("features.2.0").run()  # 64 channels: 200 of 512 is 25 of 64
+    assert not app.exception, app.exception
+    assert app.session_state["k"] == 25 and live(app)["k"] == 25
+    app.selectbox(key="layer").set_value("features.6.0").run()  # and back: 25 of 64 is 200 of 512
+    assert app.session_state["k"] == 200 and live(app)["k"] == 200
+
+
 def test_every_page_runs(app):
     for page in ("pages/1_load.py", "pages/2_feature_maps.py", "pages/3_curve.py", "pages/4_magnitude.py",
                  "pages/5_sensitivity.py", "app.py"):

@@ -1,8 +1,8 @@
 """The session's shared choices, read in one place: the sidebar's widgets and K.
 
 Pages and helpers read `choices.current()` instead of `st.session_state[...]`, and K through
-`choices.k(channels)`, the one place it is clipped to the layer in use (a model or layer switch
-keeps K where it still fits).
+`choices.k(channels)`, the one place it is fitted to the layer in use (a model or layer switch keeps K
+between layers of one width, and its share of the channels between widths).
 """
 from __future__ import annotations
 
@@ -36,9 +36,15 @@ def current() -> Choices:
 
 
 def k(channels: int) -> int:
-    """The session's K, clipped to the layer's channels (and kept so)."""
-    value = st.session_state[keys.K] = max(0, min(int(st.session_state.get(keys.K, 0)), channels))
-    return value
+    """The session's K for a layer of `channels` (and kept so): the same K where the layer is as wide as
+    the one K was used on (two models compared at the same K), otherwise the same share of its channels
+    (K = 200 of 512 becomes 25 of 64, not all 64 pruned); always within 0 to `channels`."""
+    state = st.session_state
+    value, of = int(state.get(keys.K, 0)), state.get(keys.K_OF)
+    if of and of != channels:
+        value = round(value * channels / of)
+    state[keys.K], state[keys.K_OF] = max(0, min(value, channels)), channels
+    return state[keys.K]
 
 
 def set_k(value: int) -> None:

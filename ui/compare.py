@@ -105,9 +105,10 @@ def scoreboard(eng: engine.Engine, mode: str, names: list[str], single: oracle.O
 
 def _row(label: str, s: oracle.Score, looks_at: str, beats: int | None) -> dict:
     return {"rule": label, "area under the curve": f"{s.area:.2%}",
-            "first K losing 1 point": "never" if s.first_point_lost is None else s.first_point_lost,
-            "Spearman vs single-removal oracle": "" if s.spearman is None else f"{s.spearman:+.2f}",
-            "K where it beats the greedy oracle": "" if beats is None else beats,
+            # One type per column (Arrow refuses a column mixing words and numbers): numbers or None.
+            "first K losing 1 point": s.first_point_lost,
+            "Spearman vs single-removal oracle": None if s.spearman is None else round(s.spearman, 2),
+            "K where it beats the greedy oracle": beats,
             "looks at": looks_at}
 
 

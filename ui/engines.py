@@ -137,8 +137,9 @@ class _Warmer:
     of the default criterion, every other criterion's, the Taylor scores (a backward pass each), the
     Curve page's random band and oracle orders (chosen on the test images, both modes), the
     Sensitivity page's map of the default rule and mode, and the Magnitude page's grid for its default
-    model (both thresholds). With the engine store all of it is read back on a second start. `progress` holds the engine being
-    built: {key: (done, total, label)}; `status()` is the line the sidebar shows."""
+    model (both thresholds). With the engine store all of it is read back on a second start.
+    `progress` holds the engine being built: {key: (done, total, label)}; `status()` is the line the
+    sidebar shows."""
 
     def __init__(self):
         self.progress: dict[tuple, tuple[int, int, str]] = {}
@@ -192,7 +193,8 @@ class _Warmer:
             log.info("%s: %s", ckpt.name, _how_made(eng))
             built.append((ckpt, eng))
             self._curves(ckpt, eng, [choices.DEFAULT_CRITERION])  # both modes: flipping zero/remove is then a lookup
-        for names in ([n for n in rules if n != choices.DEFAULT_CRITERION], gradients):  # then the other criteria, backward passes last
+        others = [n for n in rules if n != choices.DEFAULT_CRITERION]
+        for names in (others, gradients):  # then the other criteria, backward passes last
             for ckpt, eng in built:
                 self._curves(ckpt, eng, names)
         for ckpt, eng in built:

@@ -27,7 +27,8 @@ CONTRAST = "contrast"      # grid colour scale: "layer" (one range for all maps)
 AXIS = "axis"              # x axis of the curve and the slider readout: "K" or "%"
 
 # --- values that are not widgets ---------------------------------------------------------------
-K = "k"                    # channels pruned; survives page switches and model switches where it fits
+K = "k"                    # channels pruned; kept across pages and models (as a share where widths differ)
+K_OF = "k_of"              # the channel count of the layer K was last used on
 INITIALISED = "initialised"  # defaults and URL applied once per session
 LINK_MODEL_MISSING = "link_model_missing"  # the URL's model, when this server has no such model (said once)
 HANDOFFS = "handoffs"      # {widget key: value} to apply before the next run's sidebar (see above)

@@ -200,7 +200,8 @@ def heatmap(rows: list[Row], tied: dict[str, str], layers: list[str]) -> go.Figu
                                hovertemplate="%{y}<br>%{x} of its channels pruned<br>accuracy %{z:.2%}"
                                              "<extra></extra>"))
     fig.update_layout(font=dict(size=FONT), height=max(320, 60 + 42 * len(layers)), margin=dict(l=10, r=10, t=40, b=40),
-                      title="Test accuracy with one layer pruned", xaxis_title="fraction of the layer's channels pruned",
+                      title="Test accuracy with one layer pruned",
+                      xaxis=dict(title="share of the layer's channels pruned", type="category"),  # "10%": labels
                       yaxis=dict(autorange="reversed"))
     return fig
 
