@@ -270,6 +270,8 @@ async def slider_session(url: str, model: str, args, truth: dict, seed: int, out
 
 
 async def hostile_session(url: str, files: dict, zips: dict, truth: dict, out: dict) -> None:
+    from conftest import shown  # how the page shows a sentence (escaped markdown); main() imported conftest
+
     tab = Tab(url)
     await tab.open()
     own = "fmnist_resnet"
@@ -368,7 +370,6 @@ def main() -> int:
     args = parser.parse_args()
 
     from core import checkpoints, engine
-    from conftest import shown
     from test_hostile_programs import WORST_REASONS, worst_files
     from test_robustness import hostile_checkpoints, hostile_zips
 
