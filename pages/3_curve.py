@@ -82,9 +82,10 @@ with sidebar.page(sidebar.CURVE):  # the frame, and one guard: an unexpected err
         left, right = st.columns([0.45, 0.55], vertical_alignment="center")
         extras = left.toggle("Random band and greedy oracle", key=keys.COMPARE_ORACLE,
                               help="20 seeded random orders, and the best one-at-a-time order, found by trying every "
-                                   "channel at every step. The first time for a model and mode this takes 10-30 s on "
-                                   "two CPU cores (about twice that when chosen on training images); then every "
-                                   "session shares it.")
+                                   "channel at every step. For the bundled models the warm-up finds it beforehand "
+                                   "(chosen on the test images, both modes), and it is kept on disk. Otherwise it "
+                                   "takes 2-8 s for a bundled model and mode on two CPU cores, 5-16 s when chosen on "
+                                   "training images; then every session shares it.")
         pick_on = right.radio("The oracle chooses its order on", list(compare.PICK_ON), format_func=compare.PICK_ON.get,
                               key=keys.COMPARE_PICK_ON, horizontal=True, disabled=catalogue.own_data() is not None,
                               help="On the test images the oracle sees the labels it is scored on: an upper bound. "

@@ -79,9 +79,9 @@ def main() -> int:
             page.get_by_text("Ready:").first.wait_for(timeout=args.ready_timeout * 1000)
             print(f"warm-up ready {time.perf_counter() - start:.0f} s after the first visit", flush=True)
             settle(page)
-            label = {m: m for m in models}
-            for model in models[1:] + models[:1]:  # every model, ending on the default one
-                waits.append(("model", model, timed(page, lambda: choose(page, "Checkpoint", label[model]))))
+            order = [m for m in models if m != catalogue.DEFAULT_MODEL] + [catalogue.DEFAULT_MODEL]
+            for model in order:  # every model, ending on the default one (where the rules and modes are clicked)
+                waits.append(("model", model, timed(page, lambda: choose(page, "Checkpoint", model))))
             for name, rule in list(criteria.CRITERIA.items())[1:] + list(criteria.CRITERIA.items())[:1]:
                 waits.append(("rule", name, timed(page, lambda: choose(page, "Rank channels by", rule.label))))
             for mode in ("remove", "zero"):
