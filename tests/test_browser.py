@@ -316,7 +316,7 @@ def test_no_text_is_cut_short_on_any_page_in_or_out_of_presentation_mode(server,
     page = browser.new_page(viewport={"width": width, "height": height})
     found = {}
     for present in (False, True):
-        for view in VIEWS:
+        for view in VIEWS if not present else VIEWS[:5]:  # presentation mode: the pages, not every model again
             url = f"{server}/{view}" + ((("&" if "?" in view else "?") + "present=1") if present else "")
             page.goto(url)
             settle(page)

@@ -141,6 +141,8 @@ class _Warmer:
     `progress` holds the engine being built: {key: (done, total, label)}; `status()` is the line the
     sidebar shows."""
 
+    SENSITIVITY_FRACTIONS = sensitivity.DEFAULT_FRACTIONS  # what the Sensitivity page shows (a test may take fewer)
+
     def __init__(self):
         self.progress: dict[tuple, tuple[int, int, str]] = {}
         self.thread: threading.Thread | None = None
@@ -244,8 +246,8 @@ class _Warmer:
         if kept is not None:
             self._step(f"{ckpt.name}: the sensitivity map")
             try:
-                sensitivity.kept_map(ckpt, choices.DEFAULT_CRITERION, choices.DEFAULT_MODE, device=str(eng.device),
-                                     store=kept)
+                sensitivity.kept_map(ckpt, choices.DEFAULT_CRITERION, choices.DEFAULT_MODE, self.SENSITIVITY_FRACTIONS,
+                                     device=str(eng.device), store=kept)
             except Exception:
                 log.exception("warm-up: the sensitivity map of %s", ckpt.name)
         self.done += 1
