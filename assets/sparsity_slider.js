@@ -12,6 +12,7 @@ class SparsitySlider {
     this.q = (sel) => root.querySelector(sel);
     this.range = this.q(".ps-range");
     this.index = 0;
+    this.sent = new Set();  // steps sent to the server whose echo has not come back yet
     this.keyTimer = null;
     this.range.addEventListener("input", () => this.show(Number(this.range.value)));
     this.range.addEventListener("change", () => this.commit());
@@ -26,7 +27,12 @@ class SparsitySlider {
     const fresh = !this.data || this.data.signature !== data.signature;
     this.data = data;
     this.range.max = String(data.grid.length - 1);
-    if (fresh || data.index !== this.serverIndex) this.index = this.committed = data.index;
+    // Adopt the server's step when the server changed it (a new model, a link), not when it echoes a
+    // step this slider sent: each arrow press commits one, and their answers arrive after newer presses.
+    if (fresh) this.sent.clear();
+    if (fresh || (data.index !== this.serverIndex && !this.sent.delete(data.index))) {
+      this.index = this.committed = data.index;
+    }
     this.serverIndex = data.index;
     this.range.value = String(this.index);
     this.show(this.index);
@@ -52,6 +58,7 @@ class SparsitySlider {
     clearTimeout(this.keyTimer);
     if (this.index === this.committed) return;
     this.committed = this.index;
+    this.sent.add(this.index);
     this.setTriggerValue("index", this.index);
   }
 }

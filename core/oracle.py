@@ -180,8 +180,16 @@ def chosen(eng: Engine, kind: str, mode: str = "zero", pick_on: str = "test", ck
     def fits(state: dict) -> bool:
         return sorted(state.get("order", [])) == list(range(eng.channels)) and \
             len(state.get("correct_after", [])) == eng.channels
-    where = "test" if pick_on == "test" else ("train", training_size(ckpt, data_root))
+    where = "test" if pick_on == "test" else ("train",) + _training_digest(ckpt, data_root)
     return OracleOrder(**kept(eng, ("oracle", kind, mode, where), make, fits))
+
+
+def _training_digest(ckpt, data_root: str | None) -> tuple[int, str]:
+    """The training images an order is chosen on, by count and content (another --data-root: another key)."""
+    from .store import data_digest
+
+    train, n = ckpt.split(train=True, data_root=data_root), training_size(ckpt, data_root)
+    return n, data_digest(train.x[-n:], train.y[-n:])
 
 
 def _run(kind: str, eng: Engine, mode: str, progress: Progress | None) -> OracleOrder:

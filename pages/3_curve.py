@@ -102,7 +102,7 @@ with sidebar.page(sidebar.CURVE):  # the frame, and one guard: an unexpected err
             with st.spinner("Ranking the channels by each rule ..."):
                 for name in names:
                     engines.curve(eng, mode, name)  # kept on disk with the engine
-            with st.spinner(f"The random band and the oracle for {chosen[0]}, {mode} ..."):
+            with st.spinner(f"The random band and the oracle for {words.plain(chosen[0])}, {mode} ..."):
                 band = compare.random_band(key, mode, eng) if extras else None
                 single, greedy = compare.oracles(key, mode, pick_on, eng, models[chosen[0]]) \
                     if extras and why is None else (None, None)

@@ -329,7 +329,7 @@ def accuracy_at(eng: engine.Engine, k: int, mode: str, criterion: str, where=Non
             note = st.info(f"K = {k}: about **{sample.accuracy:.1%}** on a sample (the first {sample.n:,} test images; "
                            f"95% interval {low:.1%} to {high:.1%}). The exact count over all {sample.total:,} images "
                            "follows ...", icon=":material/hourglass_top:")
-            with jobs.shared().foreground(eng), st.spinner(f"Evaluating K = {k} on every test image ..."):
+            with jobs.shared().foreground(eng):  # the note says what runs: a spinner too would not fit the slot
                 eng.correct(k, mode, criterion)
             note.empty()
         engine.keep_memos(eng)
@@ -352,13 +352,15 @@ def shared_result(key: tuple, make, text: str):
     Not st.cache_resource: Streamlit records the bar's updates made inside a cached function and
     replays them into other runs, where the bar no longer exists. Oldest results dropped past 64."""
     results, makers, guard = _results()
-    if key in results:
-        return results[key]
+    found = results.get(key)  # one read: another session may drop the oldest result meanwhile
+    if found is not None:
+        return found
     bar = st.progress(0.0, text=text)
     with guard:
         maker = makers.setdefault(key, threading.Lock())
     with maker:  # a second session asking for the same result waits for the first one's
-        if key not in results:
+        found = results.get(key)  # made by the session this one waited for
+        if found is None:
             found = make(lambda d, t, label: bar.progress(d / max(t, 1), text=f"{text} {label} ({d} of {t})"))
             with guard:
                 results[key] = found
@@ -366,7 +368,7 @@ def shared_result(key: tuple, make, text: str):
                 while len(results) > RESULTS_KEPT:
                     results.pop(next(iter(results)))
     bar.empty()
-    return results[key]
+    return found
 
 
 @st.cache_data(max_entries=64, show_spinner=False)
