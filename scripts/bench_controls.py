@@ -14,16 +14,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
-from serve_replicas import free_port, healthy  # noqa: E402
+from serve_replicas import free_port, start_replica  # noqa: E402
 
 IDLE = "[data-testid='stApp'][data-test-script-state='notRunning']"
 CHROMIUM = "/usr/bin/chromium"
@@ -62,15 +60,12 @@ def main() -> int:
 
     models = [m for m, c in catalogue.bundled_checkpoints().items() if catalogue.conv_layers(c)]
     port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true", "--server.port", str(port),
-         "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    from core.data import cache_dir
+
+    proc = start_replica(port, str(cache_dir()), Path(os.devnull))  # the usual engine store, its warm-up on
     url = f"http://127.0.0.1:{port}"
     waits: list[tuple[str, str, float]] = []
     try:
-        if not healthy(url):
-            raise SystemExit("streamlit did not start")
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
             page = browser.new_page(viewport={"width": 1280, "height": 720})

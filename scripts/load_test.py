@@ -32,9 +32,7 @@ import json
 import os
 import random
 import re
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -51,7 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "scripts"))
-from serve_replicas import COOKIE, Deployment  # noqa: E402  (after the paths)
+from serve_replicas import COOKIE, Deployment, free_port, start_replica  # noqa: E402  (after the paths)
 
 # The servers' environment, as it is before main() imports the tests' helpers: tests/conftest.py turns
 # the engine store and the warm-up off and makes errors propagate, for the test process only.
@@ -62,29 +60,6 @@ RUN_LIMIT = 600  # seconds a session waits for one run before it counts as faile
 STATED = re.compile(r"Test accuracy at K = (\d+): \*\*([0-9.]+)%\*\*")
 HOSTILE = ("bomb_arch.pt", "bomb_key.pt", "bomb_dataset.pt", "width.pt", "expand.pt", "storage.pt", "deflated.pt",
            "complex.pt", "accuracy_text.pt", "pairs.pt", "in_channels.pt")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(port: int, cache: str) -> subprocess.Popen:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true", "--server.port", str(port),
-         "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        env={**SERVER_ENV, "PYTHONUNBUFFERED": "1", "PRUNE_EXPLORER_CACHE": cache})
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        try:
-            if urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2).read() == b"ok":
-                return proc
-        except OSError:
-            time.sleep(0.5)
-    proc.kill()
-    raise SystemExit("streamlit did not start")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -385,7 +360,7 @@ def main() -> int:
         out, peak, alive, replicas = serve_replicated(args, truth, files, zips)
     else:
         port = free_port()
-        server = start_server(port, tempfile.mkdtemp())
+        server = start_replica(port, tempfile.mkdtemp(), Path(os.devnull), env=SERVER_ENV)
         try:
             out = asyncio.run(run(args, f"http://127.0.0.1:{port}", truth, files, zips, server.pid))
             peak = memory_mb(server.pid, "VmHWM")
