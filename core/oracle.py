@@ -168,14 +168,16 @@ def scored_on(eng: Engine, found: OracleOrder, mode: str) -> OracleOrder:
 
 
 def chosen(eng: Engine, kind: str, mode: str = "zero", pick_on: str = "test", ckpt=None,
-           data_root: str | None = None, progress: Progress | None = None) -> OracleOrder:
+           data_root: str | None = None, progress: Progress | None = None, picker=None) -> OracleOrder:
     """The `kind` oracle's order picked on the test images (`pick_on="test"`: an upper bound) or on the
     last training images of `ckpt`'s data set, with its counts on `eng`'s images. Kept in the engine's
-    store (core/store.py) where it has one: the greedy order costs seconds to minutes, a lookup after."""
+    store (core/store.py) where it has one: the greedy order costs seconds to minutes, a lookup after.
+    `picker`: a callable giving the training images' engine, where several orders share one pass."""
     def make() -> dict:
-        picker = eng if pick_on == "test" else training_engine(ckpt, eng, data_root, progress)
-        found = _run(kind, picker, mode, progress)
-        return asdict(found if picker is eng else scored_on(eng, found, mode))
+        if pick_on == "test":
+            return asdict(_run(kind, eng, mode, progress))
+        train = picker() if picker is not None else training_engine(ckpt, eng, data_root, progress)
+        return asdict(scored_on(eng, _run(kind, train, mode, progress), mode))
 
     def fits(state: dict) -> bool:
         return sorted(state.get("order", [])) == list(range(eng.channels)) and \

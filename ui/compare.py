@@ -5,6 +5,8 @@ shared by every session (Streamlit's resource cache), never changed afterwards.
 """
 from __future__ import annotations
 
+import functools
+
 import plotly.graph_objects as go
 import streamlit as st
 
@@ -25,7 +27,8 @@ def oracles(key: tuple, mode: str, pick_on: str, _eng: engine.Engine,
     """(single, greedy) for one engine and mode, chosen on the test images or on the last training
     images (`oracle.training_size`) and then scored on the test images; raises ValueError where the
     read-out is not linear. Kept on disk with a bundled model's engine (`oracle.chosen`)."""
-    return tuple(oracle.chosen(_eng, kind, mode, pick_on, _ckpt) for kind in ("single", "greedy"))
+    picker = functools.cache(lambda: oracle.training_engine(_ckpt, _eng))  # one pass for both orders, if any
+    return tuple(oracle.chosen(_eng, kind, mode, pick_on, _ckpt, picker=picker) for kind in ("single", "greedy"))
 
 
 def coarse_counts(eng: engine.Engine, mode: str, progress=None) -> tuple[list[int], list[int]]:
