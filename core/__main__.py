@@ -1,4 +1,5 @@
-"""CLI: `python -m core {info,export,rank,sweep,finetune,slim,oracle,sensitivity,magnitude,train} ...` (see README)."""
+"""CLI: `python -m core {info,export,rank,sweep,finetune,slim,oracle,sensitivity,compress,tradeoff,magnitude,train} ...`
+(see docs/cli.md)."""
 from __future__ import annotations
 
 import argparse
@@ -350,6 +351,145 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def _network(args):
+    """The checkpoint, its network (statistics kept in the store unless --no-cache) and the store."""
+    from . import store, tradeoff
+
+    ckpt = _checkpoint(args)
+    kept = None if args.no_cache else store.default()
+    net = tradeoff.network_for(ckpt, args.device, kept, args.data_root, progress=_Bar())
+    print(f"{args.checkpoint}: {ckpt.arch}, {net.base_macs:,} MACs, {net.base_params:,} parameters; units: "
+          + "; ".join(f"{u.name} ({u.channels})" for u in net.units)
+          + "".join(f"; left out: {x.layer} ({x.reason})" for x in net.left_out), file=sys.stderr)
+    return ckpt, net, kept
+
+
+def _settings(args):
+    from . import tradeoff
+
+    cap = None if str(args.max_ratio).lower() in ("off", "none", "1", "1.0") else float(args.max_ratio)
+    if cap is not None and not 0 < cap < 1:
+        raise ValueError(f"--max-ratio {args.max_ratio}: a per-layer cap between 0 and 1 (0.9), or off")
+    return tradeoff.Settings(args.criterion, args.mode, args.normaliser, cap,
+                             "params" if getattr(args, "target_params", None) is not None else "macs")
+
+
+def _sensitivity_rows(args, ckpt, kept):
+    from . import sensitivity
+
+    rows, _ = sensitivity.kept_map(ckpt, args.criterion, args.mode, device=args.device, store=kept,
+                                   data_root=args.data_root, progress=_Bar())
+    return rows
+
+
+def _parse_ratios(spec: str) -> dict[str, float]:
+    out = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        layer, _, value = part.rpartition("=")
+        try:
+            out[layer] = float(value)
+        except ValueError:
+            raise ValueError(f"--ratios '{part}' is not LAYER=FRACTION (features.0.0=0.5)") from None
+    return out
+
+
+def cmd_compress(args) -> int:
+    import json
+    import time
+
+    from . import compress, compressed, program, slim, tradeoff
+
+    ckpt, net, kept = _network(args)
+    s = _settings(args)
+    target = args.target_params if args.target_params is not None else args.target_macs
+    if args.strategy == "manual":
+        if not args.ratios:
+            raise ValueError("--strategy manual needs --ratios LAYER=FRACTION,...")
+    elif target is None:
+        raise ValueError(f"--strategy {args.strategy} needs --target-macs F or --target-params F (0.5 keeps half)")
+    rows = _sensitivity_rows(args, ckpt, kept) if args.strategy == "sensitivity" else None
+    plan = compress.plan_for(net, args.strategy, target, s.of, s.criterion, s.mode, s.normaliser, s.cap,
+                             _parse_ratios(args.ratios or ""), rows)
+    counted = compressed.count(net, plan)
+    pt = tradeoff.Point(args.strategy, float(target or 0), list(plan.pruned), plan.layers, counted.correct,
+                        counted.total, net.macs(list(plan.pruned)), net.params(list(plan.pruned)), counted.how,
+                        list(plan.notes), plan.wiped(net))
+    for note in plan.notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(f"{args.strategy}: pruned per unit "
+          + ", ".join(f"{u.name} {k}/{u.channels}" for u, k in zip(net.units, plan.pruned))
+          + f"; right {counted.correct}/{counted.total} ({counted.accuracy:.4f}), counted on {counted.how}"
+          + (f", {counted.recounted} close calls counted again" if counted.recounted else ""))
+    model = None
+    if not plan.wiped(net):
+        model = compressed.slim_model(net, plan)
+        m = slim.measure(model, net.input_shape, repeats=args.repeats, devices=(net.device.type,))
+        if (m.macs, m.parameters) != (pt.macs, pt.params):
+            raise RuntimeError(f"the slim model counts {m.macs:,} MACs and {m.parameters:,} parameters, the plan's "
+                               f"arithmetic {pt.macs:,} and {pt.params:,}")
+        pt.latency_b1_ms, pt.latency_b256_ms = m.latency_ms[(net.device.type, 1)], m.latency_ms[(net.device.type, 256)]
+        why = compressed.removal_exact(net, plan)
+        if why:
+            own = compressed.count_model(model, net)
+            print(f"note: {why}: the slim model gets {own}/{len(net.y)} right")
+    if args.finetune_steps:
+        train = ckpt.split(train=True, data_root=args.data_root)
+        bar, began = _Bar(), time.perf_counter()
+        recipe = compressed.FinetuneRecipe(steps=args.finetune_steps, seed=args.seed)
+        model, _ = compressed.finetune(net, plan, train.x, train.y, recipe,
+                                       progress=lambda d, t, loss: bar(d, t, "fine-tuning"))
+        pt.correct_finetuned = compressed.count_model(model, net)
+        print(f"fine-tuned {args.finetune_steps} steps in {time.perf_counter() - began:.0f} s: right "
+              f"{pt.correct_finetuned}/{pt.total} ({pt.accuracy_finetuned:.4f})")
+    _write_csv(args.out, tradeoff.ROW_COLUMNS, [tradeoff.row(net, pt)])
+    with open(args.plan_out, "w") as f:
+        json.dump(plan.to_json(), f, indent=1)
+    print(f"wrote {args.out} and {args.plan_out}: {pt.macs / net.base_macs:.1%} of the MACs, "
+          f"{pt.params / net.base_params:.1%} of the parameters kept")
+    if args.save:
+        if model is None:
+            raise ValueError("this plan wipes out a layer, so there is no slim model to save")
+        meta = ckpt.saved_meta(test_correct=pt.correct_finetuned if pt.correct_finetuned is not None else pt.correct,
+                               test_total=pt.total, compressed={"from": ckpt.name, **plan.to_json(),
+                                                                "strategy": args.strategy, "target": target,
+                                                                "finetune_steps": args.finetune_steps})
+        program.save(model, net.input_shape, args.save, meta)
+        print(f"wrote {args.save}" + ("" if not compressed.removal_exact(net, plan) else
+                                      " (zero mode: the fine-tuned masked model, at full size)"))
+    return 0
+
+
+def cmd_tradeoff(args) -> int:
+    from . import tradeoff
+
+    ckpt, net, kept = _network(args)
+    s = _settings(args)
+    lines = [v for v in args.strategies.split(",") if v.strip()]
+    bad = [v for v in lines if v not in tradeoff.LINES]
+    if bad:
+        raise ValueError(f"--strategies: unknown '{bad[0]}'; lines: {', '.join(tradeoff.LINES)}")
+    targets = [float(v) for v in args.targets.split(",") if v.strip()]
+    if not targets or any(not 0 < t <= 1 for t in targets):
+        raise ValueError("--targets: shares of the MACs to keep, between 0 and 1 (0.9,0.5,0.25)")
+    rows = _sensitivity_rows(args, ckpt, kept) if "sensitivity" in lines else None
+    points = list(tradeoff.chart(net, s, rows, lines, targets, args.seeds, progress=_Bar()))
+    if args.latency:
+        points = [tradeoff.measured(net, p, s) for p in points]
+    if args.finetune_steps:
+        from . import compressed
+
+        train = ckpt.split(train=True, data_root=args.data_root)
+        recipe = compressed.FinetuneRecipe(steps=args.finetune_steps, seed=args.seed)
+        points = [tradeoff.finetuned(net, p, s, train.x, train.y, recipe)[0] if not p.wiped else p for p in points]
+    _write_csv(args.out, tradeoff.ROW_COLUMNS, [tradeoff.row(net, p) for p in points])
+    for p in points:
+        print(f"{p.line:16s} {p.target:4.0%}  MACs kept {p.macs / net.base_macs:6.1%}  accuracy {p.accuracy:.4f}"
+              + (f" -> {p.accuracy_finetuned:.4f} fine-tuned" if p.correct_finetuned is not None else "")
+              + (f"  wiped out: {', '.join(p.wiped)}" if p.wiped else ""))
+    print(f"wrote {args.out}: {len(points)} points")
+    return 0
+
+
 def cmd_magnitude(args) -> int:
     from . import checkpoints, magnitude
     from .engine import pick_device
@@ -392,6 +532,9 @@ def cmd_magnitude(args) -> int:
             checkpoints.save(args.save_checkpoint, ckpt.arch, ckpt.arch_kwargs, final, meta)
         print(f"saved the pruned model to {args.save_checkpoint}")
     return 0
+
+
+COMPRESS_FINETUNE_STEPS = 2000  # the recipe that meets the README's targets (docs/compress.md)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -497,6 +640,42 @@ def parser() -> argparse.ArgumentParser:
     se.add_argument("--no-cache", action="store_true",
                     help="neither read nor write the map in the engine cache (PRUNE_EXPLORER_CACHE/engines)")
     se.set_defaults(func=cmd_sensitivity)
+    def compressing(sp):
+        sp.add_argument("checkpoint")
+        sp.add_argument("--dataset", default=None, choices=sorted(DATASETS))
+        sp.add_argument("--criterion", default="l1_norm", help="the ranking criterion (any of rank's, or random:SEED)")
+        sp.add_argument("--mode", default="remove", choices=list(MODES))
+        sp.add_argument("--normaliser", default="none", choices=["none", "mean", "max", "lamp"],
+                        help="global: how each layer's scores are normalised before one ranking")
+        sp.add_argument("--max-ratio", default="0.9", help="the most of a layer's channels a plan may prune (off: no cap)")
+        sp.add_argument("--finetune-steps", type=int, default=None, help="fine-tuning steps of 128 images (0: none)")
+        sp.add_argument("--seed", type=int, default=0, help="fine-tuning's seed")
+        sp.add_argument("--out", required=True, help="CSV file to write")
+        sp.add_argument("--data-root", default=None)
+        sp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+        sp.add_argument("--no-cache", action="store_true", help="neither read nor write the engine cache")
+        sp.add_argument("--normalize", default=None, metavar="none|dataset|MEAN,STD", help=normalize_help)
+        sp.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+
+    c = sub.add_parser("compress", help="prune every layer at once to a target (a plan), count it exactly, "
+                                        "remove it for real, fine-tune, measure: one CSV row and plan.json")
+    compressing(c)
+    c.add_argument("--strategy", required=True, choices=["uniform", "global", "sensitivity", "manual"])
+    goal = c.add_mutually_exclusive_group()
+    goal.add_argument("--target-macs", type=float, default=None, help="the share of the MACs to keep (0.5)")
+    goal.add_argument("--target-params", type=float, default=None, help="the share of the parameters to keep")
+    goal.add_argument("--ratios", default=None, help="manual: LAYER=FRACTION,... pruned per layer")
+    c.add_argument("--plan-out", required=True, help="plan.json: mode, criterion, each layer's pruned channels")
+    c.add_argument("--save", default=None, help="write the slim model (fine-tuned where it was) as a .pt2 program")
+    c.add_argument("--repeats", type=int, default=20, help="timed runs at least per latency")
+    c.set_defaults(func=cmd_compress, finetune_default=COMPRESS_FINETUNE_STEPS)
+    tr = sub.add_parser("tradeoff", help="the Compress page's chart: every strategy at every target, to CSV")
+    compressing(tr)
+    tr.add_argument("--strategies", default="uniform,global,global-uncapped,sensitivity")
+    tr.add_argument("--targets", default="0.9,0.75,0.6,0.5,0.4,0.3,0.2", help="shares of the MACs to keep")
+    tr.add_argument("--seeds", type=int, default=3, help="random orders in the baseline band")
+    tr.add_argument("--latency", action="store_true", help="also measure each slim model's latency")
+    tr.set_defaults(func=cmd_tradeoff, finetune_default=0)
     m = sub.add_parser("magnitude", help="magnitude pruning with retraining (Han et al. 2015), per step to CSV")
     m.add_argument("checkpoint")
     m.add_argument("--dataset", default=None, choices=sorted(DATASETS),
@@ -523,6 +702,8 @@ def main(argv: list[str] | None = None) -> int:
     from .untrusted import printable
 
     args = parser().parse_args(argv)
+    if getattr(args, "finetune_steps", 0) is None:
+        args.finetune_steps = args.finetune_default
     _ENGINES.clear()
     try:
         code = args.func(args)
