@@ -148,7 +148,8 @@ def measured(net: Network, pt: Point, settings: Settings, repeats: int = 5) -> P
 
     def make() -> dict:
         model = compressed.slim_model(net, as_plan(net, pt, settings))
-        m = slim.measure(model, net.input_shape, repeats=repeats, devices=(net.device.type,), max_seconds=5.0)
+        m = slim.measure_together([model], net.input_shape, repeats=repeats, devices=(net.device.type,),
+                                  max_seconds=5.0)[0]
         return {"b1": m.latency_ms[(net.device.type, 1)], "b256": m.latency_ms[(net.device.type, 256)],
                 "macs": m.macs, "params": m.parameters}
 

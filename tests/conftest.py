@@ -112,7 +112,7 @@ def bundled(request):
 # page (these fixtures), drives a real browser (these modules), or is marked `@pytest.mark.slow`
 # itself (a long check: over about 4 s on two cores; `--durations` shows them).
 SLOW_FIXTURES = {"bundled", "app", "app_engines", "vgg_engine", "bundled_programs", "student", "pair_engine"}
-SLOW_MODULES = {"test_browser.py", "test_app.py", "test_replicas.py"}
+SLOW_MODULES = {"test_browser.py", "test_app.py", "test_replicas.py", "test_compress_page.py"}
 
 
 def pytest_collection_modifyitems(items):

@@ -176,7 +176,7 @@ class _Warmer:
         rules = [n for n, rule in criteria.CRITERIA.items() if rule.looks_at != criteria.GRADIENTS]
         gradients = [n for n, rule in criteria.CRITERIA.items() if rule.looks_at == criteria.GRADIENTS]
         per_model = 1 + len(rules) + len(gradients) + 2  # the pass, each rule, the oracles, the sensitivity map
-        self.steps = len(jobs) * per_model + (magnitude_model is not None)
+        self.steps = len(jobs) * per_model + (magnitude_model is not None) + bool(jobs)
         for key, ckpt, dev in jobs:
             self._step(f"{ckpt.name}: one pass over the test set")
             self.progress[key] = (0, 1, f"Preparing {ckpt.name}")
@@ -205,6 +205,8 @@ class _Warmer:
             self._sensitivity(ckpt, eng)
         if magnitude_model is not None:
             self._magnitude(magnitude_model)
+        if jobs:
+            self._compress(jobs[0][1], jobs[0][2])
         self.done = self.steps  # every step accounted, the models that failed included
         self._step("ready")
 
@@ -252,6 +254,24 @@ class _Warmer:
                 log.exception("warm-up: the sensitivity map of %s", ckpt.name)
         self.done += 1
 
+
+    def _compress(self, ckpt, dev: str) -> None:
+        """The Compress page's chart of the default model (default settings, before fine-tuning; its sensitivity
+        map too), into the engine store: "Compute the chart" then reads every point back in seconds."""
+        from core import tradeoff
+
+        kept = store.default()
+        if kept is not None:
+            self._step(f"{ckpt.name}: the Compress page's chart")
+            try:
+                s = tradeoff.Settings()
+                net = tradeoff.network_for(ckpt, dev, kept)
+                rows, _ = sensitivity.kept_map(ckpt, s.criterion, s.mode, device=dev, store=kept)
+                for _ in tradeoff.chart(net, s, rows):
+                    pass
+            except Exception:
+                log.exception("warm-up: the Compress chart of %s", ckpt.name)
+        self.done += 1
 
     def _magnitude(self, ckpt) -> None:
         """The Magnitude page's slider grid, both thresholds, into the engine store (the page reads it back)."""

@@ -67,6 +67,14 @@ CURVE_MODELS, CURVE_MODES, CURVE_CRITERIA, CURVE_STEP = "curve_models", "curve_m
 MAG_MODEL, MAG_THRESHOLD, MAG_SPARSITY = "mag_model", "mag_threshold", "mag_sparsity"  # sparsity: % on the grid
 MAG_SLIDER = "mag_slider"  # the Magnitude page's sparsity slider component (its state holds "index")
 MAG_EPOCHS, MAG_IMAGE, MAG_AXIS, MAG_SHOW = "mag_epochs", "mag_image", "mag_axis", "mag_show"
+# the Compress page: its settings, the chart job, the selected point, fine-tuning and downloads
+CMP_CRITERION, CMP_MODE, CMP_NORMALISER, CMP_CAP, CMP_AXIS = "cmp_criterion", "cmp_mode", "cmp_normaliser", "cmp_cap", "cmp_axis"
+CMP_START, CMP_STOP, CMP_CSV, CMP_CHART = "cmp_start", "cmp_stop", "cmp_csv", "cmp_chart"
+CMP_LINE, CMP_TARGET = "cmp_line", "cmp_target"  # the selected point
+CMP_PICKED = "cmp_picked"    # (line, target) the user chose, on the chart or in the two boxes
+CMP_CLICKED = "cmp_clicked"  # the chart selection last applied (a new click moves the choice)
+CMP_STEPS, CMP_FT_START, CMP_FT_ALL, CMP_FT_STOP = "cmp_steps", "cmp_ft_start", "cmp_ft_all", "cmp_ft_stop"
+CMP_DOWNLOAD, CMP_DOWNLOAD_STATE = "cmp_download", "cmp_download_state"
 
 # Sidebar widgets drawn on every page: kept when the page changes (see `keep_widget_values`).
 SHARED_WIDGETS = (MODEL, LAYER, CRITERION, MODE, DEVICE, USE_OWN_DATA, PRESENT, CONTRAST, AXIS)

@@ -28,6 +28,7 @@ class Page:
     icon: str
     url_path: str  # its address ("" for the Prune page, the default)
     channel_controls: bool = True  # model, layer, criterion and mode apply to this page
+    model_control: bool = False    # without the channel controls: the model still applies
 
 
 PRUNE = Page("app.py", "Prune", ":material/content_cut:", "")
@@ -36,7 +37,9 @@ FEATURE_MAPS = Page("pages/2_feature_maps.py", "Feature maps", ":material/grid_v
 CURVE = Page("pages/3_curve.py", "Curve", ":material/show_chart:", "curve", channel_controls=False)
 MAGNITUDE = Page("pages/4_magnitude.py", "Magnitude", ":material/filter_alt:", "magnitude", channel_controls=False)
 SENSITIVITY = Page("pages/5_sensitivity.py", "Sensitivity", ":material/grid_on:", "sensitivity")
-PAGES = (PRUNE, LOAD, FEATURE_MAPS, CURVE, SENSITIVITY, MAGNITUDE)
+COMPRESS = Page("pages/6_compress.py", "Compress", ":material/compress:", "compress", channel_controls=False,
+                model_control=True)
+PAGES = (PRUNE, LOAD, FEATURE_MAPS, CURVE, SENSITIVITY, COMPRESS, MAGNITUDE)
 
 # Query parameters a link carries, so that it reopens the same view.
 URL_KEYS = (keys.MODEL, keys.LAYER, keys.CRITERION, keys.MODE, keys.K)
@@ -85,6 +88,8 @@ def show(page: Page) -> None:
         if page.channel_controls:
             _channel_controls()
         else:
+            if page.model_control:
+                _model_control()
             _device_control()
         _warm_up_line()
     sync_url()
@@ -157,13 +162,18 @@ def _model_label(models: dict) -> callable:
     return label
 
 
-def _channel_controls() -> None:
+def _model_control() -> None:
     models = catalogue.channel_models()
     st.header("Model")
     st.selectbox("Checkpoint", list(models), key=keys.MODEL, format_func=_model_label(models),
                  help="The bundled models were trained on Fashion-MNIST; the Load page lists them.")
     ckpt = catalogue.current_checkpoint()
-    st.caption(f"{ckpt.arch} · {ckpt.dataset}")
+    st.caption(f"{words.plain(ckpt.arch)} · {words.plain(ckpt.dataset)}")
+
+
+def _channel_controls() -> None:
+    _model_control()
+    ckpt = catalogue.current_checkpoint()
     layers = catalogue.conv_layers(ckpt)
     names = [info.name for info in layers]
     if st.session_state.get(keys.LAYER) not in names:  # first run, or a model without that layer
