@@ -672,7 +672,7 @@ def parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("tradeoff", help="the Compress page's chart: every strategy at every target, to CSV")
     compressing(tr)
     tr.add_argument("--strategies", default="uniform,global,global-uncapped,sensitivity")
-    tr.add_argument("--targets", default="0.9,0.75,0.6,0.5,0.4,0.3,0.2", help="shares of the MACs to keep")
+    tr.add_argument("--targets", default="0.9,0.75,0.6,0.5,0.4,0.3,0.25,0.2", help="shares of the MACs to keep")
     tr.add_argument("--seeds", type=int, default=3, help="random orders in the baseline band")
     tr.add_argument("--latency", action="store_true", help="also measure each slim model's latency")
     tr.set_defaults(func=cmd_tradeoff, finetune_default=0)

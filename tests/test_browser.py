@@ -434,3 +434,25 @@ def test_every_control_shows_its_new_choice_and_reports_its_longest_wait(server,
             worst[control] = (value, seconds)
     print("longest wait per control (a cold test server): "
           + "; ".join(f"{c} {s:.2f} s ({v})" for c, (v, s) in worst.items()))
+
+
+def test_the_compress_chart_fills_in_line_by_line_and_fits_the_screen(server, browser):
+    """The lecture's first step on the Compress page: press the button, see the lines appear while the
+    rest is counted, every label inside the page; Stop leaves a Resume button."""
+    page = browser.new_page(viewport={"width": 1280, "height": 720})
+    page.goto(f"{server}/compress")
+    settle(page)
+    page.get_by_role("button", name="Compute the chart").click()
+    began = time.monotonic()
+    # one plotly trace per line, band and the unpruned star: at least the four lines of the first target
+    page.wait_for_function("document.querySelectorAll('.js-plotly-plot .scatterlayer .trace').length >= 4",
+                           timeout=240_000)
+    print(f"four traces on the chart {time.monotonic() - began:.1f} s after the click (no store: the pass included)")
+    page.get_by_role("button", name="Stop").click()
+    page.get_by_role("button", name="Resume").wait_for(timeout=60_000)
+    settle(page)
+    assert not page.locator("[data-testid='stException']").count()
+    assert page.get_by_text("Test accuracy").count() and page.get_by_text("MACs kept").count()
+    assert not clipped_text(page)
+    shoot(page, "compress")
+    page.close()

@@ -28,6 +28,7 @@ from core.compress import NORMALISERS, TARGETS
 from ui import engines, keys, words
 
 UNWATCHED_S = 20.0
+NETWORKS_KEPT = 6  # whole-network views kept in memory, oldest dropped first
 FINETUNE_STEPS = 2000
 COLOURS = {"uniform": "#1f77b4", "global": "#d62728", "global-uncapped": "#ff7f0e", "sensitivity": "#2ca02c"}
 LABELS = {"uniform": "uniform", "global": "global (capped)", "global-uncapped": "global, cap off",
@@ -81,7 +82,7 @@ def _jobs() -> tuple[dict, threading.Lock]:
     return {}, threading.Lock()
 
 
-@st.cache_resource(max_entries=8, show_spinner=False)
+@st.cache_resource(show_spinner=False)
 def _networks() -> dict:
     """{(digest, data set, device): Network} made by the jobs: read-only once made (rankings only grow)."""
     return {}
@@ -119,9 +120,12 @@ def _start(key: tuple, target, name: str, carry: dict | None = None) -> Job:
 def network(ckpt: Checkpoint, device: str, progress=None):
     nets = _networks()
     nkey = (ckpt.digest, ckpt.dataset, device)
-    if nkey not in nets:
-        nets[nkey] = tradeoff.network_for(ckpt, device, engines.disk_store(ckpt, None), progress=progress)
-    return nets[nkey]
+    found = nets.get(nkey)
+    if found is None:
+        found = nets[nkey] = tradeoff.network_for(ckpt, device, engines.disk_store(ckpt, None), progress=progress)
+        while len(nets) > NETWORKS_KEPT:  # each holds its test split and a copy of the model
+            nets.pop(next(iter(nets)), None)
+    return found
 
 
 def start_chart(ckpt: Checkpoint, s: tradeoff.Settings, device: str) -> Job:
@@ -268,7 +272,7 @@ def chart(points: dict, tuned: dict, net, axis: str, chance: float | None, selec
     if chance is not None:
         fig.add_hline(y=chance, line_dash="dot", line_color="grey", annotation_text="chance",
                       annotation_position="bottom right")
-    xaxis = dict(title=AXES[axis], tickformat=".0%", autorange="reversed") if axis != "latency" else \
+    xaxis = dict(title=AXES[axis], tickformat=".0%", range=[0, 1.04]) if axis != "latency" else \
         dict(title=AXES[axis] + " (ms, median of the runs)")
     fig.update_layout(font=dict(size=FONT), height=470, margin=dict(l=10, r=10, t=30, b=10), xaxis=xaxis,
                       yaxis=dict(title="test accuracy", tickformat=".0%", range=[0, 1.02]),
@@ -302,9 +306,13 @@ def points_csv(net, points: dict, tuned: dict) -> str:
 
 def slim_program(ckpt: Checkpoint, net, s: tradeoff.Settings, pt, model) -> tuple[bytes, torch.nn.Module]:
     """The point's model as a .pt2 program (fine-tuned where it was, else the slim model), with its meta."""
+    plan = tradeoff.as_plan(net, pt, s)
     if model is None:
-        model = compressed.slim_model(net, tradeoff.as_plan(net, pt, s))
-    right = pt.correct_finetuned if pt.correct_finetuned is not None else pt.correct
+        model = compressed.slim_model(net, plan)
+        # in zero mode the slim model lacks the pruned channels' constants: its own count, not the plan's
+        right = compressed.count_model(model, net) if compressed.removal_exact(net, plan) else pt.correct
+    else:
+        right = pt.correct_finetuned if pt.correct_finetuned is not None else pt.correct
     meta = ckpt.saved_meta(test_correct=right, test_total=pt.total, test_accuracy=right / pt.total,
                            compressed={"from": ckpt.name, "strategy": pt.line, "target": pt.target,
                                        "mode": s.mode, "criterion": s.criterion,
@@ -405,7 +413,6 @@ def point_panel(ckpt: Checkpoint, s: tradeoff.Settings, device: str, ckey: tuple
     net = network(ckpt, device)
     base = points.get(UNPRUNED)
     steps = int(st.session_state[keys.CMP_STEPS])
-    tuned = tuned_points(ckey, steps).get(where)
     m = st.columns(4)
     m[0].metric("Test accuracy", f"{pt.accuracy:.2%}",
                 delta=f"{100 * (pt.accuracy - base.accuracy):+.2f} pts" if base else None)
@@ -444,7 +451,7 @@ def _finetune_part(ckpt: Checkpoint, s: tradeoff.Settings, device: str, ckey: tu
         b.button("Fine-tune this point", type="primary", key=keys.CMP_FT_START, icon=":material/model_training:",
                  on_click=lambda: start_finetune(ckpt, s, device, steps, [pt]))
         every = [p for w, p in points.items() if w[0] in tradeoff.LINES and not p.wiped]
-        c.button(f"Fine-tune all {len(every)} points", key=keys.CMP_FT_ALL,
+        c.button(f"Fine-tune every point ({len(every)})", key=keys.CMP_FT_ALL,
                  help="One after another in the background; the dashed lines show them as they finish.",
                  on_click=lambda: start_finetune(ckpt, s, device, steps, every))
 
@@ -475,7 +482,9 @@ def _finetune_part(ckpt: Checkpoint, s: tradeoff.Settings, device: str, ckey: tu
         st.caption("Counted a restart ago (kept on disk); fine-tune it again here to download that model.")
     blob, model = _program_bytes(ckey, where, steps if model is not None else 0, ckpt, s, done if model else pt, model)
     d1, d2 = st.columns(2)
-    d1.download_button("Download the slim model (.pt2)" + (", fine-tuned" if model is not None and tuned else ""),
+    what = "the slim model" if not compressed.removal_exact(network(ckpt, device), tradeoff.as_plan(
+        network(ckpt, device), pt, s)) else "the model (zero mode: not removable exactly)"
+    d1.download_button(f"Download {what} (.pt2)" + (", fine-tuned" if model is not None and tuned else ""),
                        blob, file_name=f"{ckpt.name}_{pt.line}_{round(pt.target * 100)}macs.pt2", key=keys.CMP_DOWNLOAD,
                        icon=":material/download:")
     state, why = state_dict_file(ckpt, model)

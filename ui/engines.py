@@ -136,8 +136,8 @@ class _Warmer:
     the keys `engine_for` uses, then what a lecture shows of them in order of need: both modes' curves
     of the default criterion, every other criterion's, the Taylor scores (a backward pass each), the
     Curve page's random band and oracle orders (chosen on the test images, both modes), the
-    Sensitivity page's map of the default rule and mode, and the Magnitude page's grid for its default
-    model (both thresholds). With the engine store all of it is read back on a second start.
+    Sensitivity page's map of the default rule and mode, the Magnitude page's grid for its default
+    model (both thresholds), and the Compress page's chart of the default model. With the engine store all of it is read back on a second start.
     `progress` holds the engine being built: {key: (done, total, label)}; `status()` is the line the
     sidebar shows."""
 
@@ -149,12 +149,13 @@ class _Warmer:
         self._lock = threading.Lock()
         self.steps, self.done, self.label = 0, 0, ""
 
-    def start(self, jobs, magnitude_model=None) -> None:
+    def start(self, jobs, magnitude_model=None, compress_model=None) -> None:
         """Start the thread unless it was started before; `jobs()` lists (key, checkpoint, device);
-        `magnitude_model` is the Magnitude page's default checkpoint (or None)."""
+        `magnitude_model` is the Magnitude page's default checkpoint, `compress_model` the Compress page's
+        (or None)."""
         with self._lock:
             if self.thread is None:
-                self.thread = threading.Thread(target=self._run, args=(jobs(), magnitude_model),
+                self.thread = threading.Thread(target=self._run, args=(jobs(), magnitude_model, compress_model),
                                                name="warm-bundled-models", daemon=True)
                 self.thread.start()
 
@@ -170,13 +171,13 @@ class _Warmer:
         self.label = label
         log.info("warm-up %d/%d: %s", self.done, self.steps, label)
 
-    def _run(self, jobs, magnitude_model=None) -> None:
+    def _run(self, jobs, magnitude_model=None, compress_model=None) -> None:
         cache = engine_cache()
         built = []
         rules = [n for n, rule in criteria.CRITERIA.items() if rule.looks_at != criteria.GRADIENTS]
         gradients = [n for n, rule in criteria.CRITERIA.items() if rule.looks_at == criteria.GRADIENTS]
         per_model = 1 + len(rules) + len(gradients) + 2  # the pass, each rule, the oracles, the sensitivity map
-        self.steps = len(jobs) * per_model + (magnitude_model is not None) + bool(jobs)
+        self.steps = len(jobs) * per_model + (magnitude_model is not None) + (compress_model is not None)
         for key, ckpt, dev in jobs:
             self._step(f"{ckpt.name}: one pass over the test set")
             self.progress[key] = (0, 1, f"Preparing {ckpt.name}")
@@ -205,8 +206,8 @@ class _Warmer:
             self._sensitivity(ckpt, eng)
         if magnitude_model is not None:
             self._magnitude(magnitude_model)
-        if jobs:
-            self._compress(jobs[0][1], jobs[0][2])
+        if compress_model is not None:
+            self._compress(compress_model, str(engine.pick_device("auto")))
         self.done = self.steps  # every step accounted, the models that failed included
         self._step("ready")
 
@@ -306,7 +307,8 @@ def warm_bundled_models() -> None:
         order = sorted(models, key=lambda name: (name not in first, first.index(name) if name in first else 0, name))
         jobs = [(make_key(models[name], models[name].dataset, None, dev), models[name], dev) for name in order]
         return jobs[:engine_cache().max_entries]  # never evict the default model by warming another
-    warmer.start(jobs, catalogue.bundled_checkpoints().get(catalogue.MAGNITUDE_MODEL))
+    bundled = catalogue.bundled_checkpoints()
+    warmer.start(jobs, bundled.get(catalogue.MAGNITUDE_MODEL), bundled.get(catalogue.DEFAULT_MODEL))
 
 
 def warm_status() -> str | None:

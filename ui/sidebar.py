@@ -109,7 +109,7 @@ def _warm_up_line() -> None:
         st.caption(words.plain(engines.warm_status()), help="In the background, in order of need: every bundled "
                    "model's pass over the test set, its curves for every rule and mode, the Taylor scores, the "
                    "Curve page's random band and oracle orders, the Sensitivity page's map, the Magnitude page's "
-                   "grid. Kept on disk, so a restart reads them back in seconds.")
+                   "grid, the Compress page's chart. Kept on disk, so a restart reads them back in seconds.")
 
     line()
 
