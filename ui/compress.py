@@ -413,7 +413,7 @@ def point_panel(ckpt: Checkpoint, s: tradeoff.Settings, device: str, ckey: tuple
     net = network(ckpt, device)
     base = points.get(UNPRUNED)
     steps = int(st.session_state[keys.CMP_STEPS])
-    m = st.columns(4)
+    m = st.columns(2) + st.columns(2)  # two by two: four in a row do not fit beside the chart
     m[0].metric("Test accuracy", f"{pt.accuracy:.2%}",
                 delta=f"{100 * (pt.accuracy - base.accuracy):+.2f} pts" if base else None)
     m[1].metric("MACs kept", f"{pt.macs / net.base_macs:.1%}", help=f"{pt.macs:,} of {net.base_macs:,} per image, counted")
